@@ -1,0 +1,4 @@
+from pijax.model.llama import LlamaModel
+from pijax.model.metadata import AttentionMetadata
+
+__all__ = ["AttentionMetadata", "LlamaModel"]

@@ -1,0 +1,208 @@
+"""The Llama-family decoder (Llama 2/3, Qwen2/2.5, Mistral) in flax NNX.
+
+One implementation, two ways in:
+  * `__call__` runs a ragged, paged step: a flattened token axis, K/V written into the pool and
+    attention through `pijax.kernels.dispatch` (the engine's path);
+  * `forward_dense` runs ordinary causal attention over `[batch, length]` tokens with no cache
+    (training and parity checks).
+
+The engine never holds a live module: it splits it into a graph definition and a state pytree
+(`nnx.split`) and merges them inside the jitted step, so the step stays a pure function of arrays.
+Parameters carry logical axis names (`LOGICAL_AXES`), mapped to mesh axes in `pijax.sharding`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from pijax.config import ModelConfig, RopeScaling
+from pijax.kernels import dispatch
+from pijax.kernels.dispatch import AttentionImpl
+from pijax.kv_pool import KVPool, LayerKV
+from pijax.model.metadata import AttentionMetadata
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if cfg.rope_scaling is not None:
+        inv = _llama3_scale(inv, cfg.rope_scaling)
+    return inv
+
+
+def _llama3_scale(inv_freq: jnp.ndarray, rs: RopeScaling) -> jnp.ndarray:
+    # Llama 3.1 frequency-dependent scaling: long wavelengths are divided by `factor`, short ones
+    # kept, and the band between interpolated smoothly.
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor
+    )
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    mid = (1 - smooth) * inv_freq / rs.factor + smooth * inv_freq
+    is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_mid, mid, scaled)
+
+
+def apply_rope(x: Float[Array, "... H D"], positions: Int[Array, "..."], inv_freq) -> Array:
+    """Rotate-half rotary embedding (the HF convention), computed in float32."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [..., D/2]
+    cos = jnp.cos(angles)[..., None, :]
+    sin = jnp.sin(angles)[..., None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def _linear(din, dout, bias, dtype, rngs, scale=None):
+    init = nnx.initializers.normal(stddev=scale if scale is not None else 1.0 / math.sqrt(din))
+    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, kernel_init=init,
+                      bias_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, impl: AttentionImpl, rngs: nnx.Rngs):
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.q_proj = _linear(h, cfg.num_heads * d, cfg.attention_bias, dtype, rngs)
+        self.k_proj = _linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, rngs)
+        self.v_proj = _linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, rngs)
+        self.o_proj = _linear(cfg.num_heads * d, h, False, dtype, rngs)
+        self.impl = impl
+        self.sm_scale = 1.0 / math.sqrt(d)
+
+    def _qkv(self, x, positions, inv_freq):
+        lead = x.shape[:-1]
+        q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def __call__(self, x: Float[Array, "T E"], positions, inv_freq, cache: LayerKV,
+                 meta: AttentionMetadata) -> tuple[Array, LayerKV]:
+        q, k, v = self._qkv(x, positions, inv_freq)
+        kp, vp, ks, vs = dispatch.write_kv(cache.k, cache.v, k, v, meta.slot_mapping,
+                                           cache.k_scale, cache.v_scale, impl=self.impl)
+        out = dispatch.paged_attention(
+            q, kp, vp, meta.kv_lens, meta.block_tables, meta.cu_q_lens, meta.num_seqs,
+            sm_scale=self.sm_scale, impl=self.impl, k_scales=ks, v_scales=vs)
+        out = out.reshape(x.shape[0], self.num_heads * self.head_dim)
+        return self.o_proj(out), LayerKV(kp, vp, ks, vs)
+
+    def forward_dense(self, x: Float[Array, "B L E"], positions, inv_freq):
+        q, k, v = self._qkv(x, positions, inv_freq)
+        b, length = x.shape[:2]
+        group = self.num_heads // self.num_kv_heads
+        qg = q.reshape(b, length, self.num_kv_heads, group, self.head_dim).astype(jnp.float32)
+        s = jnp.einsum("bqkgd,blkd->bkgql", qg, k.astype(jnp.float32)) * self.sm_scale
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        s = jnp.where(causal, s, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1)
+        o = jnp.einsum("bkgql,blkd->bqkgd", p, v.astype(jnp.float32)).astype(x.dtype)
+        return self.o_proj(o.reshape(b, length, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, rngs)
+        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, rngs)
+        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, False, dtype, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, impl: AttentionImpl, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, dtype, impl, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(self, x, positions, inv_freq, cache, meta):
+        h, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, cache, meta)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+    def forward_dense(self, x, positions, inv_freq):
+        x = x + self.self_attn.forward_dense(self.input_layernorm(x), positions, inv_freq)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nnx.Module):
+    """Decoder + LM head. Parameter names follow HF's, so loading is a transpose, not a puzzle."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32,
+                 attention_impl: AttentionImpl = AttentionImpl.AUTO, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = cfg
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                      param_dtype=dtype,
+                                      embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, attention_impl, rngs)
+                                for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else _linear(
+            cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
+
+    def _logits(self, x):
+        x = self.norm(x)
+        if self.lm_head is None:
+            return self.embed_tokens.attend(x).astype(jnp.float32)
+        return self.lm_head(x).astype(jnp.float32)
+
+    def __call__(self, tokens: Int[Array, "T"], positions: Int[Array, "T"], kv_pool: KVPool,
+                 meta: AttentionMetadata, logits_indices: Int[Array, "S"]
+                 ) -> tuple[Float[Array, "S V"], KVPool]:
+        """Ragged paged forward: logits only at `logits_indices` (each sequence's last token)."""
+        inv_freq = rope_inv_freq(self.config)
+        x = self.embed_tokens(tokens)
+        new_pool = []
+        for layer, cache in zip(self.layers, kv_pool, strict=True):
+            x, cache = layer(x, positions, inv_freq, cache, meta)
+            new_pool.append(cache)
+        return self._logits(x[logits_indices]), tuple(new_pool)
+
+    def forward_dense(self, tokens: Int[Array, "B L"]) -> Float[Array, "B L V"]:
+        inv_freq = rope_inv_freq(self.config)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer.forward_dense(x, positions, inv_freq)
+        return self._logits(x)
+
+
+# Logical axes of each parameter, by the last two names of its path. `pijax.sharding` maps them to
+# mesh axes; anything unlisted is replicated.
+LOGICAL_AXES: dict[tuple[str, str], tuple[str | None, ...]] = {
+    ("q_proj", "kernel"): ("embed", "heads"),
+    ("q_proj", "bias"): ("heads",),
+    ("k_proj", "kernel"): ("embed", "kv_heads"),
+    ("k_proj", "bias"): ("kv_heads",),
+    ("v_proj", "kernel"): ("embed", "kv_heads"),
+    ("v_proj", "bias"): ("kv_heads",),
+    ("o_proj", "kernel"): ("heads", "embed"),
+    ("gate_proj", "kernel"): ("embed", "mlp"),
+    ("up_proj", "kernel"): ("embed", "mlp"),
+    ("down_proj", "kernel"): ("mlp", "embed"),
+    ("embed_tokens", "embedding"): ("vocab", "embed"),
+    ("lm_head", "kernel"): ("embed", "vocab"),
+}

@@ -282,5 +282,20 @@ def load_preset(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def is_checkpoint_dir(path: str | Path) -> bool:
-    return Path(path).is_dir()
+DEFAULT_PRESET = "tiny-random"
+
+_CACHE_KEYS = {"page_size", "num_pages", "memory_fraction", "kv_cache_dtype"}
+_SCHED_KEYS = {"max_num_seqs", "max_num_batched_tokens", "max_model_len",
+               "enable_chunked_prefill", "max_waiting"}
+_ENGINE_KEYS = {"dtype", "mesh_shape", "attention_impl", "compilation_cache_dir", "seed"}
+
+
+def engine_config_from_overrides(**overrides) -> EngineConfig:
+    """Flat keyword overrides (as `LLM(...)` and the scripts take them) -> EngineConfig."""
+    unknown = set(overrides) - _CACHE_KEYS - _SCHED_KEYS - _ENGINE_KEYS
+    if unknown:
+        raise ConfigError(f"unknown engine option(s) {sorted(unknown)}; allowed: "
+                          f"{sorted(_CACHE_KEYS | _SCHED_KEYS | _ENGINE_KEYS)}")
+    pick = lambda keys: {k: v for k, v in overrides.items() if k in keys and v is not None}  # noqa: E731
+    return EngineConfig(cache=CacheConfig(**pick(_CACHE_KEYS)),
+                        scheduler=SchedulerConfig(**pick(_SCHED_KEYS)), **pick(_ENGINE_KEYS))

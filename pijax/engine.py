@@ -1,0 +1,311 @@
+"""The engine: requests in, streamed deltas out. `LLM` is the offline API on top.
+
+    engine.add_request("r1", "text", SamplingParams(max_tokens=32))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            print(out.request_id, out.new_text)
+
+One `step()` = schedule on the host, build the fixed-shape batch, run the jitted step on device,
+fold the sampled tokens back in, and emit deltas. All validation happens in `add_request`, before
+anything is queued: a bad request raises `InvalidRequestError` (a `ValueError`) naming the field,
+and nothing already accepted is disturbed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from pijax.batch import Buckets, build_step_input
+from pijax.block_manager import BlockManager
+from pijax.config import EngineConfig
+from pijax.kv_pool import allocate_pool, num_pages_for_budget, pool_sharding, scale_sharding
+from pijax.model.loader import LoadedModel, load_model
+from pijax.model.tokenizer import IncrementalDetokenizer
+from pijax.request import (
+    FinishReason,
+    InvalidRequestError,
+    OverloadedError,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SamplingParams,
+)
+from pijax.scheduler import Scheduler
+from pijax.sharding import make_mesh
+from pijax.step import StepFunction
+
+log = logging.getLogger(__name__)
+
+Prompt = str | Sequence[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    pool_usage: float  # used pages / usable pages
+    num_free_pages: int
+    num_preemptions: int
+    compile_count: int
+
+
+class Engine:
+    def __init__(self, model: LoadedModel, config: EngineConfig, mesh: jax.sharding.Mesh):
+        self.config = config
+        self.model = model
+        self.model_config = model.config
+        self.tokenizer = model.tokenizer
+        self.mesh = mesh
+        self.max_model_len = min(config.scheduler.max_model_len,
+                                 model.config.max_position_embeddings)
+        cache = config.cache
+        num_pages = num_pages_for_budget(model.config, cache, config.dtype.jnp, None)
+        self.kv_pool = allocate_pool(model.config, cache, num_pages, config.dtype.jnp, mesh)
+        self.blocks = BlockManager(num_pages, cache.page_size)
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.buckets = Buckets.for_limits(config.scheduler.max_num_batched_tokens,
+                                          config.scheduler.max_num_seqs, self.max_model_len,
+                                          cache.page_size)
+        quantized = self.kv_pool[0].k_scale is not None
+        layer_sh = type(self.kv_pool[0])(
+            pool_sharding(mesh), pool_sharding(mesh),
+            scale_sharding(mesh) if quantized else None, scale_sharding(mesh) if quantized else None)
+        self._step = StepFunction(model.graphdef, mesh, tuple(layer_sh for _ in self.kv_pool))
+        self._requests: dict[str, Request] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._emitted_chars: dict[str, int] = {}
+        self._arrivals = itertools.count()
+        self._seed_rng = np.random.default_rng(config.seed)
+        log.info("engine ready: %d pages of %d tokens, max_model_len=%d, mesh=%s",
+                 num_pages, cache.page_size, self.max_model_len, dict(mesh.shape))
+
+    @classmethod
+    def from_source(cls, source: str, config: EngineConfig | None = None) -> Engine:
+        """Build from an HF checkpoint dir, a converted orbax checkpoint dir, or a preset name."""
+        config = config or EngineConfig()
+        if config.compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+        mesh = make_mesh(config.mesh_shape)
+        model = load_model(source, dtype=config.dtype, mesh=mesh,
+                           attention_impl=config.attention_impl, seed=config.seed)
+        make_mesh(config.mesh_shape, model.config)  # validates the model axis against kv heads
+        return cls(model, config, mesh)
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must be a non-empty string or token list; got ''")
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt must be a non-empty string or token list; got []")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]!r}")
+        return [int(t) for t in ids]
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
+                    *, priority: int = 0) -> None:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be SamplingParams; got {type(params).__name__}")
+        if not request_id or request_id in self._requests:
+            raise InvalidRequestError(
+                f"request_id must be non-empty and not in use; got {request_id!r}")
+        ids = self.encode_prompt(prompt)
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt tokens ({len(ids)}) + max_tokens ({params.max_tokens}) must be <= "
+                f"max_model_len={self.max_model_len}; got {total}")
+        if self.blocks.pages_needed("", total) > self.blocks.num_usable_pages:
+            raise InvalidRequestError(
+                f"prompt + max_tokens = {total} tokens exceeds the KV pool "
+                f"({self.blocks.num_usable_pages * self.blocks.page_size} tokens)")
+        if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
+            raise OverloadedError(
+                f"waiting queue is full ({self.config.scheduler.max_waiting} requests)")
+        seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**32))
+        req = Request(request_id=request_id, prompt_token_ids=ids, params=params,
+                      eos_token_ids=self.model.eos_token_ids, seed=seed, priority=priority,
+                      arrival_order=next(self._arrivals))
+        self._requests[request_id] = req
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer)
+        self._emitted_chars[request_id] = 0
+        self.scheduler.add(req)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Free everything the request holds, at any stage. Unknown ids are ignored."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        self._finish(req, FinishReason.ABORT)
+        return self._output(req, [], "")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        batch = build_step_input(plan, self.blocks, self.buckets, self.model_config.vocab_size,
+                                 self._bitmasks(plan))
+        packed, self.kv_pool = self._step(self.model.params, self.kv_pool, batch)
+        sampled = StepFunction.unpack(np.asarray(packed), len(plan.seqs))
+        return [self._emit(req) for req in self.scheduler.update(plan, sampled)]
+
+    def _bitmasks(self, plan) -> dict[str, np.ndarray] | None:
+        words = -(-self.model_config.vocab_size // 32)
+        out = {}
+        for s in plan.seqs:
+            c = s.request.constraint
+            if c is not None and s.samples:
+                row = np.zeros(words, np.int32)
+                c.fill_bitmask(row)
+                out[s.request.request_id] = row
+        return out or None
+
+    def _emit(self, req: Request) -> RequestOutput:
+        now = time.monotonic()
+        if req.timings.first_token is None:
+            req.timings.first_token = now
+        req.timings.token_times.append(now)
+        token = req.output_token_ids[-1]
+        p = req.params
+        if req.constraint is not None:
+            req.constraint.accept(token)
+        is_eos = token in req.eos_token_ids and not p.ignore_eos
+        reason = cut = None
+        if is_eos or token in p.stop_token_ids:
+            reason = FinishReason.STOP
+        else:
+            req.output_text += self._detok[req.request_id].push(token)
+            cut = _find_stop(req.output_text, p.stop)
+            if cut is not None:
+                req.output_text = req.output_text[:cut]
+                reason = FinishReason.STOP
+            elif req.constraint is not None and req.constraint.is_stopped():
+                reason = FinishReason.STOP
+            elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+                reason = FinishReason.LENGTH
+        if reason is not None:
+            if cut is None:
+                req.output_text += self._detok[req.request_id].flush()
+            self._finish(req, reason)
+        # Hold back a possible stop-string prefix until it is decided.
+        hold = 0 if req.is_finished else max((len(s) - 1 for s in p.stop), default=0)
+        start = self._emitted_chars[req.request_id]
+        end = max(start, len(req.output_text) - hold)
+        self._emitted_chars[req.request_id] = end
+        return self._output(req, [token], req.output_text[start:end])
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        if req.is_finished:
+            return
+        self.scheduler.remove(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.timings.finish = time.monotonic()
+        del self._requests[req.request_id]
+        self._detok.pop(req.request_id, None)
+
+    def _output(self, req: Request, new_ids: list[int], new_text: str) -> RequestOutput:
+        if req.is_finished:
+            self._emitted_chars.pop(req.request_id, None)
+        return RequestOutput(
+            request_id=req.request_id, new_token_ids=new_ids, new_text=new_text,
+            token_ids=list(req.output_token_ids), text=req.output_text, finished=req.is_finished,
+            finish_reason=req.finish_reason, num_prompt_tokens=len(req.prompt_token_ids),
+            num_cached_tokens=req.num_cached_prompt_tokens,
+            logprobs=list(req.output_logprobs) if req.params.logprobs else None,
+            timings=req.timings)
+
+    # --- introspection --------------------------------------------------------------------------
+
+    @property
+    def compile_count(self) -> int:
+        return self._step.compile_count
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            pool_usage=self.blocks.usage(), num_free_pages=self.blocks.num_free_pages(),
+            num_preemptions=self.scheduler.num_preemptions, compile_count=self.compile_count)
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    logprobs: list[float] | None = None
+
+
+class LLM:
+    """Offline API: `LLM(source).generate(prompts, SamplingParams(...))`.
+
+    `source` is an HF checkpoint directory, a converted orbax checkpoint, or a preset name
+    (`None` = the embedded default). Keyword overrides: page_size, num_pages, memory_fraction,
+    kv_cache_dtype, max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill,
+    mesh_shape, dtype, attention_impl, seed, compilation_cache_dir.
+    """
+
+    def __init__(self, source: str | None = None, **overrides):
+        from pijax.config import DEFAULT_PRESET, engine_config_from_overrides
+
+        self.engine = Engine.from_source(source or DEFAULT_PRESET,
+                                         engine_config_from_overrides(**overrides))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[CompletionOutput]:
+        """Runs all prompts concurrently; returns one output per prompt, in order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        params_list = (list(params) if isinstance(params, Sequence)
+                       else [params or SamplingParams()] * len(prompts))
+        if len(params_list) != len(prompts):
+            raise InvalidRequestError(
+                f"params must be one SamplingParams or one per prompt ({len(prompts)}); "
+                f"got {len(params_list)}")
+        ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        # Validate every prompt before queueing any, so a bad one leaves nothing half-queued.
+        encoded = [self.engine.encode_prompt(p) for p in prompts]
+        try:
+            for rid, p, sp in zip(ids, encoded, params_list, strict=True):
+                self.engine.add_request(rid, p, sp)
+        except (ValueError, OverloadedError):
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        final: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [CompletionOutput(rid, p, final[rid].token_ids, final[rid].text,
+                                 final[rid].finish_reason, final[rid].logprobs)
+                for rid, p in zip(ids, encoded, strict=True)]

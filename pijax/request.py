@@ -1,0 +1,187 @@
+"""Host-side request records: what a caller asks for, and what the engine streams back.
+
+`SamplingParams` validates itself at construction, so a bad value is refused before anything is
+queued. `Request` is the engine's mutable per-request state; callers see only `RequestOutput`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import time
+from typing import Protocol
+
+import numpy as np
+
+
+class InvalidRequestError(ValueError):
+    """A request field is outside its allowed values. The message names the field."""
+
+
+class OverloadedError(RuntimeError):
+    """The waiting queue is full; the caller should back off (gRPC: RESOURCE_EXHAUSTED)."""
+
+
+def _check(cond: bool, field: str, allowed: str, got) -> None:
+    if not cond:
+        raise InvalidRequestError(f"{field} must be {allowed}; got {got!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling. `temperature == 0` is greedy; `top_k == 0` disables top-k."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def __post_init__(self):
+        _check(isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+               and self.temperature >= 0, "temperature", "a finite number >= 0", self.temperature)
+        _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p",
+               "in (0, 1]", self.top_p)
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k",
+               "an integer >= 0 (0 disables top-k)", self.top_k)
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens",
+               "an integer >= 1", self.max_tokens)
+        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**32),
+               "seed", "None or an integer in [0, 2**32)", self.seed)
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        _check(all(isinstance(s, str) and s for s in stop), "stop", "non-empty strings", self.stop)
+        object.__setattr__(self, "stop", stop)
+        ids = tuple(self.stop_token_ids)
+        _check(all(isinstance(t, int) and t >= 0 for t in ids), "stop_token_ids",
+               "non-negative integers", self.stop_token_ids)
+        object.__setattr__(self, "stop_token_ids", ids)
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # eos, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the model's context
+    ABORT = "abort"
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class RequestTimings:
+    """Wall-clock marks (time.monotonic seconds). TPOT is `(finish - first_token) / (n - 1)`:
+    the mean gap between output tokens after the first, the usual definition."""
+
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    finish: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled is None else self.first_scheduled - self.arrival
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.finish is None else self.finish - self.arrival
+
+    @property
+    def tpot(self) -> float | None:
+        n = len(self.token_times)
+        if n < 2 or self.finish is None or self.first_token is None:
+            return None
+        return (self.finish - self.first_token) / (n - 1)
+
+    @property
+    def inter_token_latencies(self) -> list[float]:
+        t = self.token_times
+        return [b - a for a, b in zip(t, t[1:])]
+
+
+class TokenConstraint(Protocol):
+    """Constrained decoding (e.g. a JSON schema). The engine asks for the allowed-token bitmask
+    before each sampling step and reports each sampled token back."""
+
+    def fill_bitmask(self, out: np.ndarray) -> None:
+        """Write the allowed tokens as bits into `out` (int32, shape [ceil(vocab / 32)])."""
+
+    def accept(self, token_id: int) -> None: ...
+
+    def is_stopped(self) -> bool:
+        """True once the constraint allows nothing further (the grammar is complete)."""
+
+
+@dataclasses.dataclass
+class Request:
+    """Engine-side state of one request.
+
+    Invariant: `num_computed_tokens <= len(all_token_ids)`. The tokens still to run through the
+    model are `all_token_ids[num_computed_tokens:]`: the prompt (possibly in chunks), then each
+    sampled token once. Prefill, chunked prefill, decode and recompute after preemption are the
+    same path: a step computes some of those tokens, and samples when it reaches the end.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: tuple[int, ...]
+    seed: int
+    priority: int = 0
+    arrival_order: int = 0
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    output_logprobs: list[float] = dataclasses.field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_prompt_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    output_text: str = ""
+    constraint: TokenConstraint | None = None
+    timings: RequestTimings = dataclasses.field(
+        default_factory=lambda: RequestTimings(arrival=time.monotonic()))
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """One streamed delta. `token_ids`/`text` hold everything so far; `new_*` only this step's."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    logprobs: list[float] | None = None
+    timings: RequestTimings | None = None

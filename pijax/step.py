@@ -1,0 +1,51 @@
+"""The jitted step: `step(params, kv_pool, batch) -> (packed_results, kv_pool)`, pool donated.
+
+A pure function of arrays: the model's graph definition is closed over (static), its state is an
+argument, and nothing outside the returned values changes. Results come back packed in one
+`int32[2, S]` array (token ids; log-probs bit-cast) so the host pays one device->host copy per
+step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pijax.batch import StepInput
+from pijax.kv_pool import KVPool
+from pijax.sampling import sample
+
+
+class StepFunction:
+    """Holds the jitted step and counts its compilations (one trace per new input shape)."""
+
+    def __init__(self, graphdef: nnx.GraphDef, mesh: Mesh, pool_shardings):
+        self.compile_count = 0
+        self._mesh = mesh
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+
+        def step(params: nnx.State, kv_pool: KVPool, batch: StepInput):
+            self.compile_count += 1  # Python runs only while tracing: this counts compilations
+            model = nnx.merge(graphdef, params)
+            logits, kv_pool = model(batch.tokens, batch.positions, kv_pool, batch.meta,
+                                    batch.logits_indices)
+            tokens, logprobs = sample(logits, batch.sampling)
+            packed = jnp.stack([tokens, jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
+            return packed, kv_pool
+
+        self._jitted = jax.jit(step, donate_argnums=(1,),
+                               out_shardings=(self._replicated, pool_shardings))
+
+    def __call__(self, params, kv_pool: KVPool, batch: StepInput):
+        """Dispatches asynchronously; returns (device result, new pool)."""
+        batch = jax.device_put(batch, self._replicated)
+        return self._jitted(params, kv_pool, batch)
+
+    @staticmethod
+    def unpack(packed: np.ndarray, num_seqs: int) -> list[tuple[int, float]]:
+        tokens = packed[0, :num_seqs]
+        logprobs = packed[1, :num_seqs].view(np.float32)
+        return list(zip(tokens.tolist(), logprobs.tolist()))

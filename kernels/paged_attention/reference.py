@@ -20,13 +20,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from pijax.kernels.quantization import dequantize, quantize_int8
+
 _TOKEN_CHUNK = 32  # tokens per gather chunk: bounds the [chunk, context, kv_heads, dim] gather
-
-
-def dequantize_pages(pages: Array, scales: Array | None) -> Float[Array, "P S K D"]:
-    if scales is None:
-        return pages.astype(jnp.float32)
-    return pages.astype(jnp.float32) * scales[..., None].astype(jnp.float32)
 
 
 def ragged_paged_attention_reference(
@@ -62,8 +58,8 @@ def ragged_paged_attention_reference(
     def attend(chunk):
         qc, seqc, posc, validc = chunk  # [C,H,D], [C], [C], [C]
         pages = block_tables[seqc]  # [C, W]
-        k = dequantize_pages(k_pages[pages], None if k_scales is None else k_scales[pages])
-        v = dequantize_pages(v_pages[pages], None if v_scales is None else v_scales[pages])
+        k = dequantize(k_pages[pages], None if k_scales is None else k_scales[pages])
+        v = dequantize(v_pages[pages], None if v_scales is None else v_scales[pages])
         c = qc.shape[0]
         k = k.reshape(c, context, num_kv_heads, head_dim)
         v = v.reshape(c, context, num_kv_heads, head_dim)
@@ -96,15 +92,6 @@ def ragged_paged_attention_reference(
     )
     out = jax.lax.map(attend, parts).reshape(num_tokens, num_heads, head_dim)
     return out.astype(q.dtype)
-
-
-def quantize_int8(x: Float[Array, "... D"]) -> tuple[Array, Float[Array, "..."]]:
-    """Symmetric int8 with one scale per vector over the last axis (per token, per kv head)."""
-    x = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x), axis=-1)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    qx = jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8)
-    return qx, scale
 
 
 def write_kv_reference(

@@ -81,19 +81,13 @@ def build_step_input(plan: SchedulePlan, blocks: BlockManager, buckets: Buckets,
     T, S, W = buckets.pick(plan.num_tokens, len(seqs), max(widths, default=1))
     words = -(-vocab_size // 32)
 
-    tokens = np.zeros(T, np.int32)
-    positions = np.zeros(T, np.int32)
-    slot_mapping = np.zeros(T, np.int32)  # padding writes into the null page
-    kv_lens = np.zeros(S, np.int32)
-    block_tables = np.full((S, W), NULL_PAGE, np.int32)
-    cu_q_lens = np.zeros(S + 1, np.int32)
-    logits_indices = np.zeros(S, np.int32)
-    temperature = np.zeros(S, np.float32)
-    top_k = np.zeros(S, np.int32)
-    top_p = np.ones(S, np.float32)
-    seed = np.zeros(S, np.uint32)
-    sample_pos = np.zeros(S, np.int32)
-    bitmask = np.full((S, words), -1, np.int32)
+    batch = empty_step_input(T, S, W, words)
+    tokens, positions, logits_indices = batch.tokens, batch.positions, batch.logits_indices
+    meta, sp = batch.meta, batch.sampling
+    slot_mapping, kv_lens, block_tables, cu_q_lens = (meta.slot_mapping, meta.kv_lens,
+                                                      meta.block_tables, meta.cu_q_lens)
+    temperature, top_k, top_p, seed = sp.temperature, sp.top_k, sp.top_p, sp.seed
+    sample_pos, bitmask = sp.position, sp.token_bitmask
 
     t = 0
     for i, s in enumerate(seqs):
@@ -105,27 +99,35 @@ def build_step_input(plan: SchedulePlan, blocks: BlockManager, buckets: Buckets,
         positions[t:t + n] = pos
         slot_mapping[t:t + n] = table[pos // page_size] * page_size + pos % page_size
         kv_lens[i] = start + n
-        m = min(len(table), W)
-        block_tables[i, :m] = table[:m]
+        width = min(len(table), W)
+        block_tables[i, :width] = table[:width]
         t += n
         cu_q_lens[i + 1] = t
         logits_indices[i] = t - 1
         p = req.params
         temperature[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
-        seed[i] = req.seed
+        seed[i] = np.uint32(req.seed).view(np.int32)
         sample_pos[i] = start + n
         if bitmasks and req.request_id in bitmasks:
             bitmask[i] = bitmasks[req.request_id]
     cu_q_lens[len(seqs) + 1:] = t
 
+    meta.num_seqs = np.asarray(len(seqs), np.int32)
+    return batch
+
+
+def empty_step_input(T: int, S: int, W: int, words: int) -> StepInput:
+    """An all-padding batch of the given bucket: no sequence, every write into the null page."""
     return StepInput(
-        tokens=tokens,
-        positions=positions,
-        logits_indices=logits_indices,
-        meta=AttentionMetadata(slot_mapping=slot_mapping, kv_lens=kv_lens,
-                               block_tables=block_tables, cu_q_lens=cu_q_lens,
-                               num_seqs=np.asarray(len(seqs), np.int32)),
-        sampling=SamplingInput(temperature=temperature, top_k=top_k, top_p=top_p,
-                               seed=seed.view(np.int32), position=sample_pos,
-                               token_bitmask=bitmask),
+        tokens=np.zeros(T, np.int32),
+        positions=np.zeros(T, np.int32),
+        logits_indices=np.zeros(S, np.int32),
+        meta=AttentionMetadata(slot_mapping=np.zeros(T, np.int32), kv_lens=np.zeros(S, np.int32),
+                               block_tables=np.full((S, W), NULL_PAGE, np.int32),
+                               cu_q_lens=np.zeros(S + 1, np.int32),
+                               num_seqs=np.asarray(0, np.int32)),
+        sampling=SamplingInput(temperature=np.zeros(S, np.float32), top_k=np.zeros(S, np.int32),
+                               top_p=np.ones(S, np.float32), seed=np.zeros(S, np.int32),
+                               position=np.zeros(S, np.int32),
+                               token_bitmask=np.full((S, words), -1, np.int32)),
     )

@@ -168,6 +168,22 @@ class Engine:
         sampled = StepFunction.unpack(np.asarray(packed), len(plan.seqs))
         return [self._emit(req) for req in self.scheduler.update(plan, sampled)]
 
+    def warmup(self) -> int:
+        """Compile the step for every bucket shape the batch builder can produce, so serving
+        never compiles. Returns the number of shapes. The warm-up batches are all padding: they
+        write only into the null page."""
+        from pijax.batch import empty_step_input
+
+        words = -(-self.model_config.vocab_size // 32)
+        shapes = list(self.buckets.grid())
+        packed = None
+        for T, S, W in shapes:
+            packed, self.kv_pool = self._step(self.model.params, self.kv_pool,
+                                              empty_step_input(T, S, W, words))
+        jax.block_until_ready(packed)
+        log.info("warm-up compiled %d step shapes", len(shapes))
+        return len(shapes)
+
     def _bitmasks(self, plan) -> dict[str, np.ndarray] | None:
         words = -(-self.model_config.vocab_size // 32)
         out = {}

@@ -1,0 +1,13 @@
+"""Shared fixtures. Engines are built once per module where possible: compilation dominates."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_llm():
+    from pijax import LLM
+
+    return LLM("tiny-random", num_pages=192, max_num_seqs=16, max_num_batched_tokens=64,
+               max_model_len=512)

@@ -32,10 +32,12 @@ from pijax.request import (
     FinishReason,
     InvalidRequestError,
     OverloadedError,
+    PromptSegment,
     Request,
     RequestOutput,
     RequestStatus,
     SamplingParams,
+    TokenConstraint,
 )
 from pijax.scheduler import Scheduler
 from pijax.sharding import make_mesh
@@ -100,7 +102,15 @@ class Engine:
 
     # --- requests -------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: Prompt) -> list[int]:
+    def encode_prompt(self, prompt: Prompt | Sequence[PromptSegment]) -> list[int]:
+        """Token ids of a prompt: text, token ids, or a list of scoped segments (concatenated)."""
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], PromptSegment):
+            ids = []
+            for seg in prompt:
+                content = seg.content
+                ids += (self.tokenizer.encode(content) if isinstance(content, str)
+                        else self.encode_prompt(list(content)))
+            return self.encode_prompt(ids)
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt must be a non-empty string or token list; got ''")
@@ -115,8 +125,17 @@ class Engine:
                 f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]!r}")
         return [int(t) for t in ids]
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
-                    *, priority: int = 0) -> None:
+    def add_request(self, request_id: str, prompt: Prompt | Sequence[PromptSegment],
+                    params: SamplingParams | None = None, *, priority: int = 0,
+                    tenant: str = "default", session_id: str | None = None,
+                    constraint: TokenConstraint | None = None) -> None:
+        """Queue a request, or raise `InvalidRequestError`/`OverloadedError` and queue nothing.
+
+        `prompt` is text, token ids, or scoped `PromptSegment`s. `tenant` is the authenticated
+        tenant (the caller vouches for it); `constraint` masks tokens (structured output).
+        Scopes, tenants and sessions drive prefix reuse (scheduler issue); until that lands every
+        segment is computed privately.
+        """
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be SamplingParams; got {type(params).__name__}")
@@ -139,7 +158,8 @@ class Engine:
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**32))
         req = Request(request_id=request_id, prompt_token_ids=ids, params=params,
                       eos_token_ids=self.model.eos_token_ids, seed=seed, priority=priority,
-                      arrival_order=next(self._arrivals))
+                      arrival_order=next(self._arrivals), tenant=tenant,
+                      session_id=session_id, constraint=constraint)
         self._requests[request_id] = req
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer)
         self._emitted_chars[request_id] = 0

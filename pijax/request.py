@@ -62,6 +62,50 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", ids)
 
 
+class ScopeKind(enum.Enum):
+    PRIVATE = "private"
+    TENANT = "tenant"
+    SESSION = "session"
+    SHARED = "shared"
+
+
+_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    """A prompt segment's cache scope: `private` (default), `tenant`, `session:<id>`,
+    `shared:<zone>`. See DESIGN.md, trust zones. `name` is the session id or zone name."""
+
+    kind: ScopeKind = ScopeKind.PRIVATE
+    name: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Scope:
+        allowed = "'private', 'tenant', 'session:<id>' or 'shared:<zone>' (names: letters, " \
+                  "digits, '_', '-', '.'; 1-128 chars)"
+        kind, _, name = (text or "private").partition(":")
+        try:
+            k = ScopeKind(kind)
+        except ValueError:
+            raise InvalidRequestError(f"scope must be {allowed}; got {text!r}") from None
+        needs_name = k in (ScopeKind.SESSION, ScopeKind.SHARED)
+        if needs_name != bool(name) or (name and (len(name) > 128 or set(name) - _NAME_OK)):
+            raise InvalidRequestError(f"scope must be {allowed}; got {text!r}")
+        return cls(k, name)
+
+    def __str__(self) -> str:
+        return self.kind.value + (f":{self.name}" if self.name else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSegment:
+    """A piece of a prompt with its cache scope. `content` is text or token ids."""
+
+    content: str | tuple[int, ...]
+    scope: Scope = Scope()
+
+
 class FinishReason(enum.Enum):
     STOP = "stop"  # eos, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the model's context
@@ -141,6 +185,8 @@ class Request:
     seed: int
     priority: int = 0
     arrival_order: int = 0
+    tenant: str = "default"
+    session_id: str | None = None
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
     num_computed_tokens: int = 0

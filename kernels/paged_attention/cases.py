@@ -14,7 +14,6 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
-
 from pijax.kernels.quantization import quantize_int8
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
-
 from pijax.kernels.quantization import dequantize, quantize_int8
 
 _TOKEN_CHUNK = 32  # tokens per gather chunk: bounds the [chunk, context, kv_heads, dim] gather
@@ -29,9 +28,9 @@ def ragged_paged_attention_reference(
     q: Float[Array, "T H D"],
     k_pages: Array,
     v_pages: Array,
-    kv_lens: Int[Array, "S"],
+    kv_lens: Int[Array, S],
     block_tables: Int[Array, "S W"],
-    cu_q_lens: Int[Array, "S1"],
+    cu_q_lens: Int[Array, S1],
     num_seqs: Int[Array, ""],
     *,
     sm_scale: float,
@@ -99,7 +98,7 @@ def write_kv_reference(
     v_pages: Array,
     k_new: Float[Array, "T K D"],
     v_new: Float[Array, "T K D"],
-    slot_mapping: Int[Array, "T"],
+    slot_mapping: Int[Array, T],
     k_scales: Array | None = None,
     v_scales: Array | None = None,
 ):

@@ -1,0 +1,162 @@
+"""Pieces shared by the Pallas kernels: input validation, the ragged query-tile map, and one
+online-softmax step over a K/V tile.
+
+Everything here is plain jnp on values, so the same step lowers through Triton (GPU), Mosaic
+(TPU) and the interpreter; kernels differ only in how a K/V tile gets into registers/VMEM.
+
+Query tiles. A kernel program owns `rows = tokens_per_tile * group_pad` query rows: up to
+`tokens_per_tile` consecutive tokens of ONE sequence, each with all the query heads of one kv
+head (padded to a power of two). Row `r` is token `r // group_pad`, head `r % group_pad` of the
+group. Tiles never straddle sequences, so a tile has one block table and one causal frontier;
+the number of tiles is bounded by `cdiv(T, tokens_per_tile) + max_seqs`, a static grid size.
+`tile_map` computes the tile -> (sequence, first token, live tokens, first position) table
+outside the kernel; it is a few hundred int32s, passed to the kernel as data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+MASKED = -jnp.inf  # logits outside the causal / window range
+M_INIT = -1e30  # running max starts finite so exp(MASKED - m) is 0, never nan
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, k_scales, v_scales):
+    if q.ndim != 3 or k_pages.ndim != 4:
+        raise ValueError(f"q must be [T, H, D] and k_pages [P, PS, K, D]; got {q.shape}, "
+                         f"{k_pages.shape}")
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages {k_pages.shape} and v_pages {v_pages.shape} differ")
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads = k_pages.shape[2]
+    if k_pages.shape[3] != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"q heads/dim {q.shape[1:]} do not fit kv heads/dim "
+                         f"{k_pages.shape[2:]}")
+    num_seqs_max = block_tables.shape[0]
+    if kv_lens.shape != (num_seqs_max,) or cu_q_lens.shape != (num_seqs_max + 1,):
+        raise ValueError(f"kv_lens {kv_lens.shape} / cu_q_lens {cu_q_lens.shape} do not match "
+                         f"block_tables {block_tables.shape}")
+    if (k_scales is None) != (v_scales is None):
+        raise ValueError("k_scales and v_scales must both be given or both be None")
+    if k_scales is not None and k_scales.shape != k_pages.shape[:3]:
+        raise ValueError(f"scales must be [P, PS, K] = {k_pages.shape[:3]}; got {k_scales.shape}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TileMap:
+    seq: jax.Array  # [NT] sequence of the tile
+    first_token: jax.Array  # [NT] row of the ragged q axis where the tile starts
+    count: jax.Array  # [NT] live tokens in the tile (0 for unused tiles)
+    first_pos: jax.Array  # [NT] position in its sequence of the tile's first token
+    tile_start: jax.Array  # [S] first tile of each sequence
+
+
+def tile_map(kv_lens, cu_q_lens, num_seqs, *, num_tokens: int, tokens_per_tile: int) -> TileMap:
+    max_seqs = kv_lens.shape[0]
+    live = jnp.arange(max_seqs) < num_seqs
+    q_lens = jnp.where(live, cu_q_lens[1:] - cu_q_lens[:-1], 0)
+    tiles = (q_lens + tokens_per_tile - 1) // tokens_per_tile
+    ends = jnp.cumsum(tiles)
+    starts = ends - tiles
+    num_tiles = -(-num_tokens // tokens_per_tile) + max_seqs
+    t = jnp.arange(num_tiles, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(ends, t, side="right"), max_seqs - 1).astype(jnp.int32)
+    j = t - starts[seq]
+    used = t < ends[-1]
+    count = jnp.where(used, jnp.clip(q_lens[seq] - j * tokens_per_tile, 0, tokens_per_tile), 0)
+    first_pos = kv_lens[seq] - q_lens[seq] + j * tokens_per_tile
+    first_token = jnp.where(used, cu_q_lens[seq] + j * tokens_per_tile, 0)
+    return TileMap(seq, first_token.astype(jnp.int32), count.astype(jnp.int32),
+                   first_pos.astype(jnp.int32), starts.astype(jnp.int32))
+
+
+def gather_query_tiles(q, tm: TileMap, *, num_kv_heads: int, tokens_per_tile: int,
+                       group_pad: int):
+    """[T, H, D] -> [K, NT, tokens_per_tile * group_pad, D] (rows of dead tokens are copies)."""
+    num_tokens, num_heads, head_dim = q.shape
+    group = num_heads // num_kv_heads
+    tok = jnp.minimum(tm.first_token[:, None] + jnp.arange(tokens_per_tile), num_tokens - 1)
+    qt = q[tok].reshape(-1, tokens_per_tile, num_kv_heads, group, head_dim)
+    qt = jnp.pad(qt, ((0, 0), (0, 0), (0, 0), (0, group_pad - group), (0, 0)))
+    qt = qt.transpose(2, 0, 1, 3, 4)
+    return qt.reshape(num_kv_heads, -1, tokens_per_tile * group_pad, head_dim)
+
+
+def scatter_output_tiles(out_tiles, tm: TileMap, cu_q_lens, num_seqs, *, num_heads: int,
+                         num_tokens: int, tokens_per_tile: int):
+    """Inverse of `gather_query_tiles`: [K, NT, rows, D] -> [T, H, D]; padded rows are zero."""
+    num_kv_heads, num_tiles, _, head_dim = out_tiles.shape
+    group = num_heads // num_kv_heads
+    o = out_tiles.reshape(num_kv_heads, num_tiles, tokens_per_tile, -1, head_dim)[..., :group, :]
+    o = o.transpose(1, 2, 0, 3, 4).reshape(num_tiles * tokens_per_tile, num_heads, head_dim)
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.searchsorted(cu_q_lens[1:], t, side="right").clip(0, cu_q_lens.shape[0] - 2)
+    off = t - cu_q_lens[seq]
+    row = (tm.tile_start[seq] + off // tokens_per_tile) * tokens_per_tile + off % tokens_per_tile
+    valid = t < cu_q_lens[num_seqs]
+    return jnp.where(valid[:, None, None], o[jnp.where(valid, row, 0)], 0).astype(out_tiles.dtype)
+
+
+def dot_nt(a, b):
+    """a @ b.T with float32 accumulation; f32 inputs get full precision (no TF32 on GPU)."""
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)
+
+
+def dot_nn(a, b):
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)
+
+
+def softmax_step(carry, q, k, v, k_scale, v_scale, key_pos, row_pos, row_live, *,
+                 sm_scale: float, soft_cap, sliding_window):
+    """One flash-attention step of the query tile over a K/V tile.
+
+    q: [R, D]; k, v: [N, D] in the pool dtype (int8 is cast to q's dtype, which is exact for
+    |x| <= 127 in bf16 and f32); k_scale, v_scale: [1, N] float32 or None; key_pos: [1, N];
+    row_pos, row_live: [R, 1]. Int8 scales fold into the logits' columns (K) and into the
+    probabilities' columns (V), so the tile is never expanded to float.
+    """
+    o, m, l = carry
+    s = dot_nt(q, k.astype(q.dtype))
+    if k_scale is not None:
+        s = s * k_scale
+    s = s * sm_scale
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    mask = (key_pos <= row_pos) & row_live
+    if sliding_window is not None:
+        mask &= key_pos > row_pos - sliding_window
+    s = jnp.where(mask, s, MASKED)
+    m_next = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    correction = jnp.exp(m - m_next)
+    p = jnp.exp(s - m_next)
+    l = l * correction + jnp.sum(p, axis=1, keepdims=True)
+    if v_scale is not None:
+        p = p * v_scale
+    pv_dtype = jnp.float32 if v.dtype == jnp.int8 and q.dtype == jnp.float32 else q.dtype
+    o = o * correction + dot_nn(p.astype(pv_dtype), v.astype(pv_dtype))
+    return o, m_next, l
+
+
+def init_carry(rows: int, head_dim: int):
+    return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows, 1), M_INIT, jnp.float32),
+            jnp.zeros((rows, 1), jnp.float32))
+
+
+def kv_range(first_pos, count, kv_len, sliding_window):
+    """Key positions [lo, hi) a tile of `count` tokens starting at `first_pos` can see."""
+    hi = jnp.where(count > 0, jnp.minimum(kv_len, first_pos + count), 0)
+    lo = 0 if sliding_window is None else jnp.maximum(0, first_pos - sliding_window + 1)
+    return lo, hi

@@ -21,7 +21,7 @@ from jaxtyping import Array, Float
 INT8_MAX = 127.0
 
 
-def quantize_int8(x: Float[Array, "... D"]) -> tuple[Array, Float[Array, ...]]:
+def quantize_int8(x: Float[Array, "... D"]) -> tuple[Array, Float[Array, "..."]]:
     """Symmetric int8 with one scale per vector over the last axis (per token, per kv head)."""
     x = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=-1)
@@ -30,7 +30,7 @@ def quantize_int8(x: Float[Array, "... D"]) -> tuple[Array, Float[Array, ...]]:
     return qx, scale
 
 
-def dequantize(pages: Array, scales: Array | None) -> Float[Array, ...]:
+def dequantize(pages: Array, scales: Array | None) -> Float[Array, "..."]:
     """Float32 values of `pages`; `scales` has the pages' shape without the last (head) axis."""
     if scales is None:
         return pages.astype(jnp.float32)

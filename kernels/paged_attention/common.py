@@ -25,6 +25,13 @@ MASKED = -jnp.inf  # logits outside the causal / window range
 M_INIT = -1e30  # running max starts finite so exp(MASKED - m) is 0, never nan
 
 
+def cdiv(a, b: int):
+    """Ceil-divide of non-negative in-kernel ints. Truncating `lax.div` rather than `//`: floor
+    division lowers through `sign`, which Mosaic lowers per TPU generation (and which a
+    non-negative operand does not need)."""
+    return lax.div(a + (b - 1), b)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 

@@ -43,8 +43,8 @@ def _kernel(kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *rest, pages_per_block: in
     kv_len = kv_lens_ref[seq]
     pos = kv_len - 1  # the one new token; kv_len == 0 (padded sequence) leaves nothing to do
     lo, hi = common.kv_range(pos, jnp.minimum(kv_len, 1), kv_len, sliding_window)
-    blk_lo, blk_hi = lo // block_keys, pl.cdiv(hi, block_keys)
-    per_split = pl.cdiv(blk_hi - blk_lo, num_splits)
+    blk_lo, blk_hi = lax.div(lo, block_keys), common.cdiv(hi, block_keys)
+    per_split = common.cdiv(blk_hi - blk_lo, num_splits)
     start = blk_lo + split * per_split
     stop = jnp.minimum(start + per_split, blk_hi)
 

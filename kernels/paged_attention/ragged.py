@@ -45,7 +45,7 @@ def _kernel(seq_ref, count_ref, pos_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_re
     page_size = k_ref.shape[1]
     block_keys = pages_per_block * page_size
 
-    row_tok = lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group_pad
+    row_tok = lax.div(lax.broadcasted_iota(jnp.int32, (rows, 1), 0), group_pad)
     row_pos = first_pos + row_tok
     row_live = row_tok < count
     lo, hi = common.kv_range(first_pos, count, kv_lens_ref[seq], sliding_window)
@@ -64,7 +64,7 @@ def _kernel(seq_ref, count_ref, pos_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_re
                                    sm_scale=sm_scale, soft_cap=soft_cap,
                                    sliding_window=sliding_window)
 
-    o, _, l = lax.fori_loop(lo // block_keys, pl.cdiv(hi, block_keys), body,
+    o, _, l = lax.fori_loop(lax.div(lo, block_keys), common.cdiv(hi, block_keys), body,
                             common.init_carry(rows, head_dim))
     o_ref[...] = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
 

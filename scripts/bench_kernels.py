@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-
 from pijax.kernels.paged_attention import decode, ragged, reference
 from pijax.kernels.paged_attention.cases import make_case
 

@@ -135,7 +135,7 @@ def softmax_step(carry, q, k, v, k_scale, v_scale, key_pos, row_pos, row_live, *
     row_pos, row_live: [R, 1]. Int8 scales fold into the logits' columns (K) and into the
     probabilities' columns (V), so the tile is never expanded to float.
     """
-    o, m, l = carry
+    o, m, denom = carry
     s = dot_nt(q, k.astype(q.dtype))
     if k_scale is not None:
         s = s * k_scale
@@ -149,17 +149,23 @@ def softmax_step(carry, q, k, v, k_scale, v_scale, key_pos, row_pos, row_live, *
     m_next = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
     correction = jnp.exp(m - m_next)
     p = jnp.exp(s - m_next)
-    l = l * correction + jnp.sum(p, axis=1, keepdims=True)
+    denom = denom * correction + jnp.sum(p, axis=1, keepdims=True)
     if v_scale is not None:
         p = p * v_scale
     pv_dtype = jnp.float32 if v.dtype == jnp.int8 and q.dtype == jnp.float32 else q.dtype
     o = o * correction + dot_nn(p.astype(pv_dtype), v.astype(pv_dtype))
-    return o, m_next, l
+    return o, m_next, denom
 
 
 def init_carry(rows: int, head_dim: int):
     return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows, 1), M_INIT, jnp.float32),
             jnp.zeros((rows, 1), jnp.float32))
+
+
+def normalize(o, denom):
+    """Final flash division; rows that saw no key (padding) come out as exact zeros."""
+    seen = denom > 0
+    return jnp.where(seen, o / jnp.where(seen, denom, 1.0), 0.0)
 
 
 def kv_range(first_pos, count, kv_len, sliding_window):

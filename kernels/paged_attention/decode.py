@@ -65,10 +65,9 @@ def _kernel(kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *rest, pages_per_block: in
                                    sm_scale=sm_scale, soft_cap=soft_cap,
                                    sliding_window=sliding_window)
 
-    o, m, l = lax.fori_loop(start, stop, body, common.init_carry(rows, head_dim))
-    seen = l > 0
-    o_ref[...] = jnp.where(seen, o / jnp.where(seen, l, 1.0), 0.0)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    o, m, denom = lax.fori_loop(start, stop, body, common.init_carry(rows, head_dim))
+    o_ref[...] = common.normalize(o, denom)
+    lse_ref[...] = jnp.where(denom > 0, m + jnp.log(jnp.maximum(denom, 1e-30)), -jnp.inf)
 
 
 def combine_splits(out_parts, lse_parts):

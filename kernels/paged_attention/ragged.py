@@ -64,9 +64,9 @@ def _kernel(seq_ref, count_ref, pos_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_re
                                    sm_scale=sm_scale, soft_cap=soft_cap,
                                    sliding_window=sliding_window)
 
-    o, _, l = lax.fori_loop(lax.div(lo, block_keys), common.cdiv(hi, block_keys), body,
+    o, _, denom = lax.fori_loop(lax.div(lo, block_keys), common.cdiv(hi, block_keys), body,
                             common.init_carry(rows, head_dim))
-    o_ref[...] = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
+    o_ref[...] = common.normalize(o, denom).astype(o_ref.dtype)
 
 
 _STATIC = ("sm_scale", "soft_cap", "sliding_window", "block_rows", "pages_per_block",

@@ -33,7 +33,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-
 from pijax.kernels.paged_attention import common
 from pijax.kernels.paged_attention.tuning import block_sizes
 
@@ -100,8 +99,8 @@ def _kernel(seq_ref, count_ref, pos_ref, kv_lens_ref, bt_ref,  # scalar prefetch
                                    sm_scale=sm_scale, soft_cap=soft_cap,
                                    sliding_window=sliding_window)
 
-    o, _, l = lax.fori_loop(blk_lo, blk_hi, body, common.init_carry(rows, head_dim))
-    o_ref[...] = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
+    o, _, denom = lax.fori_loop(blk_lo, blk_hi, body, common.init_carry(rows, head_dim))
+    o_ref[...] = common.normalize(o, denom).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window",

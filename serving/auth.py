@@ -30,7 +30,7 @@ from pathlib import Path
 
 ALL_ZONES = "*"
 DEV_TENANT = "dev"
-TENANT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no '.': session ids are namespaced with it
+TENANT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ZONE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 

@@ -36,7 +36,7 @@ from pijax.request import (
     Scope,
     ScopeKind,
 )
-from pijax.serving.auth import AuthError, Authenticator, Principal
+from pijax.serving.auth import Authenticator, AuthError, Principal
 from pijax.serving.engine_loop import AsyncioSink, EngineFailure, EngineLoop, EngineRequest
 from pijax.serving.metrics import ServingMetrics
 from pijax.serving.proto.pijax.v1 import inference_pb2 as pb
@@ -174,7 +174,7 @@ def _cancel_code(context) -> grpc.StatusCode:
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, loop: EngineLoop, info: EngineInfo, tokenizer, authenticator: Authenticator,
                  compiler: SchemaCompiler | None, metrics: ServingMetrics, state: ServingState,
-                 limits: RequestLimits = RequestLimits(),
+                 limits: RequestLimits | None = None,
                  sessions: SessionRegistry | None = None):
         self.loop = loop
         self.info = info
@@ -183,7 +183,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.compiler = compiler
         self.metrics = metrics
         self.state = state
-        self.limits = limits
+        self.limits = limits or RequestLimits()
         self.sessions = sessions or SessionRegistry()
         self._inflight: dict[str, asyncio.Queue] = {}
         self._ids = itertools.count()
@@ -240,15 +240,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
                                f"request_id {request_id!r} is already in flight")
         session_id, opened = self._session(principal, v)
-        engine_session = (SessionRegistry.engine_id(principal.tenant, session_id)
-                          if session_id else None)
         q: asyncio.Queue = asyncio.Queue()
         self._inflight[engine_id] = q
         finished = False
         try:
             await self._submit(EngineRequest(
-                request_id=engine_id, prompt=_engine_segments(v, engine_session), params=v.params,
-                priority=v.priority, tenant=principal.tenant, session_id=engine_session,
+                request_id=engine_id, prompt=_engine_segments(v, session_id), params=v.params,
+                priority=v.priority, tenant=principal.tenant, session_id=session_id or None,
                 permitted_zones=principal.permitted_zones(self.state.known_zones),
                 constraint=constraint), q)
             first = True
@@ -372,9 +370,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.sessions.close(principal.tenant, sid)
         except SessionNotFound:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"session_id {sid!r} not found") from None
-        engine_sid = SessionRegistry.engine_id(principal.tenant, sid)
         if callable(getattr(self.loop.engine, "end_session", None)):
-            await self._on_engine(lambda e: e.end_session(principal.tenant, engine_sid))
+            await self._on_engine(lambda e: e.end_session(principal.tenant, sid))
         return pb.EndSessionResponse()
 
     @_rpc("RegisterTrustedPrefix")
@@ -417,11 +414,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 # --- conversions ----------------------------------------------------------------------------------
 
-def _engine_segments(v: ValidGenerate, engine_session: str | None) -> list[PromptSegment]:
+def _engine_segments(v: ValidGenerate, session_id: str) -> list[PromptSegment]:
     segs = []
     for ids, scope in v.segments:
         if scope.kind is ScopeKind.SESSION:
-            scope = Scope(ScopeKind.SESSION, engine_session)
+            scope = Scope(ScopeKind.SESSION, session_id)
         segs.append(PromptSegment(content=ids, scope=scope))
     return segs
 

@@ -5,9 +5,9 @@ when the client gives none) and continued by later turns naming its id; `EndSess
 and so does `idle_timeout_s` without a turn. The engine keeps the session's KV (and evicts it on
 its own terms); this registry only decides whether an id is valid for a tenant.
 
-Session ids live in a per-tenant namespace: the engine sees `<tenant>.<session id>` (tenant names
-have no '.'), so two tenants choosing the same id never meet, and a tenant naming another's
-session gets exactly the NOT_FOUND a missing one gets.
+Session ids live in a per-tenant namespace (the engine keys its sessions by tenant and id too),
+so two tenants choosing the same id never meet, and a tenant naming another's session gets
+exactly the NOT_FOUND a missing one gets.
 
 Used from the server's event-loop thread only; not thread-safe.
 """
@@ -44,10 +44,6 @@ class SessionRegistry:
         self.max_per_tenant = max_per_tenant
         self._clock = clock
         self._open: dict[str, dict[str, _Session]] = {}
-
-    @staticmethod
-    def engine_id(tenant: str, session_id: str) -> str:
-        return f"{tenant}.{session_id}"
 
     def open(self, tenant: str, session_id: str = "") -> str:
         """Open a session; returns its id. Raises SessionExists / TooManySessions."""

@@ -24,7 +24,7 @@ from pijax.request import InvalidRequestError, SamplingParams, Scope, ScopeKind
 from pijax.serving.auth import Principal
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 ZONE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 DEFAULT_MAX_TOKENS = 16
 OWN_SESSION = ""  # the name of a SESSION scope until the servicer resolves the engine's id
@@ -88,7 +88,7 @@ def validate_generate(req, principal: Principal, known_zones: frozenset[str], to
         raise invalid("priority", f"in [{limits.min_priority}, {limits.max_priority}] (lower is "
                       "more urgent)", req.priority)
     if req.session_id and not SESSION_ID_RE.match(req.session_id):
-        raise invalid("session_id", "empty or 1-63 of [A-Za-z0-9_-]", req.session_id)
+        raise invalid("session_id", "empty or 1-128 of [A-Za-z0-9_.-]", req.session_id)
     schema_bytes = len(req.json_schema.encode("utf-8"))
     if schema_bytes > limits.max_schema_bytes:
         raise invalid("json_schema", f"at most {limits.max_schema_bytes} bytes of JSON",

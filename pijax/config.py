@@ -206,6 +206,10 @@ class CacheConfig:
     num_pages: int | None = None
     memory_fraction: float = 0.5
     kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO
+    enable_prefix_reuse: bool = True
+    session_ttl_s: float = 600.0
+    session_max_pages_fraction: float = 0.25  # share of the pool that idle sessions may pin
+    audit_log_path: str | None = None
 
     def __post_init__(self):
         _require(self.page_size in (8, 16, 32, 64, 128), "page_size", "one of [8, 16, 32, 64, 128]",
@@ -215,6 +219,9 @@ class CacheConfig:
         _require(0.0 < self.memory_fraction <= 0.95, "memory_fraction", "in (0, 0.95]",
                  self.memory_fraction)
         object.__setattr__(self, "kv_cache_dtype", KVCacheDType.parse(self.kv_cache_dtype))
+        _require(self.session_ttl_s > 0, "session_ttl_s", "> 0 seconds", self.session_ttl_s)
+        _require(0 <= self.session_max_pages_fraction <= 1, "session_max_pages_fraction",
+                 "in [0, 1]", self.session_max_pages_fraction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +233,7 @@ class SchedulerConfig:
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
     max_waiting: int = 1024
+    priority_aging_steps: int = 64  # a waiting request gains one priority class per this many steps
 
     def __post_init__(self):
         _require(self.max_num_seqs >= 1, "max_num_seqs", "an integer >= 1", self.max_num_seqs)
@@ -233,6 +241,8 @@ class SchedulerConfig:
                  f"an integer >= max_num_seqs={self.max_num_seqs}", self.max_num_batched_tokens)
         _require(self.max_model_len >= 2, "max_model_len", "an integer >= 2", self.max_model_len)
         _require(self.max_waiting >= 1, "max_waiting", "an integer >= 1", self.max_waiting)
+        _require(self.priority_aging_steps >= 1, "priority_aging_steps", "an integer >= 1",
+                 self.priority_aging_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,9 +294,11 @@ def load_preset(name: str) -> dict:
 
 DEFAULT_PRESET = "tiny-random"
 
-_CACHE_KEYS = {"page_size", "num_pages", "memory_fraction", "kv_cache_dtype"}
+_CACHE_KEYS = {"page_size", "num_pages", "memory_fraction", "kv_cache_dtype",
+               "enable_prefix_reuse", "session_ttl_s", "session_max_pages_fraction",
+               "audit_log_path"}
 _SCHED_KEYS = {"max_num_seqs", "max_num_batched_tokens", "max_model_len",
-               "enable_chunked_prefill", "max_waiting"}
+               "enable_chunked_prefill", "max_waiting", "priority_aging_steps"}
 _ENGINE_KEYS = {"dtype", "mesh_shape", "attention_impl", "compilation_cache_dir", "seed"}
 
 

@@ -22,9 +22,11 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from pijax.audit import AuditLog
 from pijax.batch import Buckets, build_step_input
 from pijax.block_manager import BlockManager
 from pijax.config import EngineConfig
+from pijax.kv_cache_manager import KVCacheManager
 from pijax.kv_pool import allocate_pool, num_pages_for_budget, pool_sharding, scale_sharding
 from pijax.model.loader import LoadedModel, load_model
 from pijax.model.tokenizer import IncrementalDetokenizer
@@ -34,6 +36,8 @@ from pijax.request import (
     OverloadedError,
     PromptSegment,
     Request,
+    Scope,
+    ScopeKind,
     RequestOutput,
     RequestStatus,
     SamplingParams,
@@ -56,6 +60,12 @@ class EngineStats:
     num_free_pages: int
     num_preemptions: int
     compile_count: int
+    pages_held_by_prefix_cache: int  # unreferenced cached pages, evictable
+    pages_held_by_sessions: int
+    waste: float  # allocated but unwritten slots / allocated slots, over running requests
+    prefix_queries_by_zone: dict[str, int]
+    prefix_hits_by_zone: dict[str, int]
+    prefix_tokens_saved: int
 
 
 class Engine:
@@ -71,7 +81,11 @@ class Engine:
         num_pages = num_pages_for_budget(model.config, cache, config.dtype.jnp, None)
         self.kv_pool = allocate_pool(model.config, cache, num_pages, config.dtype.jnp, mesh)
         self.blocks = BlockManager(num_pages, cache.page_size)
-        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.kv = KVCacheManager(
+            self.blocks, enable_prefix_reuse=cache.enable_prefix_reuse,
+            audit=AuditLog(cache.audit_log_path), session_ttl_s=cache.session_ttl_s,
+            session_max_pages=int(self.blocks.num_usable_pages * cache.session_max_pages_fraction))
+        self.scheduler = Scheduler(config.scheduler, self.kv)
         self.buckets = Buckets.for_limits(config.scheduler.max_num_batched_tokens,
                                           config.scheduler.max_num_seqs, self.max_model_len,
                                           cache.page_size)
@@ -104,30 +118,39 @@ class Engine:
 
     def encode_prompt(self, prompt: Prompt | Sequence[PromptSegment]) -> list[int]:
         """Token ids of a prompt: text, token ids, or a list of scoped segments (concatenated)."""
+        return [t for ids, _ in self.prompt_segments(prompt) for t in ids]
+
+    def prompt_segments(self, prompt: Prompt | Sequence[PromptSegment],
+                        session_id: str | None = None) -> list[tuple[list[int], Scope]]:
+        """Validated (token ids, scope) segments. A plain prompt is one segment: private, or
+        `session:<session_id>` when the request belongs to a session."""
         if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], PromptSegment):
-            ids = []
-            for seg in prompt:
-                content = seg.content
-                ids += (self.tokenizer.encode(content) if isinstance(content, str)
-                        else self.encode_prompt(list(content)))
-            return self.encode_prompt(ids)
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt must be a non-empty string or token list; got ''")
-            return self.tokenizer.encode(prompt)
-        ids = list(prompt)
+            segs = [(self._token_ids(s.content, "prompt segment"), s.scope) for s in prompt]
+            if not all(ids for ids, _ in segs):
+                raise InvalidRequestError("prompt segments must each be non-empty")
+            return segs
+        scope = Scope(ScopeKind.SESSION, session_id) if session_id else Scope()
+        return [(self._token_ids(prompt, "prompt"), scope)]
+
+    def _token_ids(self, content: Prompt, field: str) -> list[int]:
+        if isinstance(content, str):
+            if not content:
+                raise InvalidRequestError(f"{field} must be a non-empty string or token list; got ''")
+            return self.tokenizer.encode(content)
+        ids = list(content)
         if not ids:
-            raise InvalidRequestError("prompt must be a non-empty string or token list; got []")
+            raise InvalidRequestError(f"{field} must be a non-empty string or token list; got []")
         vocab = self.model_config.vocab_size
         bad = [t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(
-                f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]!r}")
+                f"{field} token ids must be integers in [0, {vocab}); got {bad[:5]!r}")
         return [int(t) for t in ids]
 
     def add_request(self, request_id: str, prompt: Prompt | Sequence[PromptSegment],
                     params: SamplingParams | None = None, *, priority: int = 0,
                     tenant: str = "default", session_id: str | None = None,
+                    permitted_zones: frozenset[str] = frozenset(),
                     constraint: TokenConstraint | None = None) -> None:
         """Queue a request, or raise `InvalidRequestError`/`OverloadedError` and queue nothing.
 
@@ -142,7 +165,8 @@ class Engine:
         if not request_id or request_id in self._requests:
             raise InvalidRequestError(
                 f"request_id must be non-empty and not in use; got {request_id!r}")
-        ids = self.encode_prompt(prompt)
+        segments = self.prompt_segments(prompt, session_id)
+        ids = [t for seg, _ in segments for t in seg]
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
             raise InvalidRequestError(
@@ -160,6 +184,7 @@ class Engine:
                       eos_token_ids=self.model.eos_token_ids, seed=seed, priority=priority,
                       arrival_order=next(self._arrivals), tenant=tenant,
                       session_id=session_id, constraint=constraint)
+        self.kv.register(req, segments, frozenset(permitted_zones))  # may refuse a bad scope
         self._requests[request_id] = req
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer)
         self._emitted_chars[request_id] = 0
@@ -179,6 +204,7 @@ class Engine:
     # --- the loop -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        self.kv.housekeeping()
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
@@ -229,7 +255,7 @@ class Engine:
         if is_eos or token in p.stop_token_ids:
             reason = FinishReason.STOP
         else:
-            req.output_text += self._detok[req.request_id].push(token)
+            req.output_text += self._detok[req.request_id].step(token)
             cut = _find_stop(req.output_text, p.stop)
             if cut is not None:
                 req.output_text = req.output_text[:cut]
@@ -252,7 +278,7 @@ class Engine:
     def _finish(self, req: Request, reason: FinishReason) -> None:
         if req.is_finished:
             return
-        self.scheduler.remove(req)
+        self.scheduler.remove(req, keep_session=reason is not FinishReason.ABORT)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.timings.finish = time.monotonic()
@@ -270,6 +296,31 @@ class Engine:
             logprobs=list(req.output_logprobs) if req.params.logprobs else None,
             timings=req.timings)
 
+    # --- trust zones, sessions, audit ----------------------------------------------------------
+
+    def register_trusted_prefix(self, zone: str, prefix: str | Sequence[int],
+                                source: str = "api") -> int:
+        """Declare `prefix` trusted for `shared:<zone>`: only registered prefixes are cached
+        under a shared zone. Returns its token count."""
+        Scope.parse(f"shared:{zone}")  # validates the zone name
+        ids = self._token_ids(prefix, "prefix")
+        self.kv.register_trusted_prefix(zone, ids, source)
+        return len(ids)
+
+    def end_session(self, tenant: str, session_id: str) -> bool:
+        """Release a session's pinned KV. False if the tenant has no such session."""
+        return self.kv.end_session(tenant, session_id)
+
+    def has_session(self, tenant: str, session_id: str) -> bool:
+        return self.kv.has_session(tenant, session_id)
+
+    def read_audit_log(self, **filters) -> list[dict]:
+        """Audit records (reuse, registration, session events); filters as `AuditLog.read`."""
+        return self.kv.audit.read(**filters)
+
+    def clear_prefix_cache(self) -> int:
+        return self.kv.clear()
+
     # --- introspection --------------------------------------------------------------------------
 
     @property
@@ -277,10 +328,24 @@ class Engine:
         return self._step.compile_count
 
     def stats(self) -> EngineStats:
+        pc = self.kv.prefix_cache.stats()
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             pool_usage=self.blocks.usage(), num_free_pages=self.blocks.num_free_pages(),
-            num_preemptions=self.scheduler.num_preemptions, compile_count=self.compile_count)
+            num_preemptions=self.scheduler.num_preemptions, compile_count=self.compile_count,
+            pages_held_by_prefix_cache=self.blocks.num_held_pages(),
+            pages_held_by_sessions=self.kv.sessions.num_pages_held(),
+            waste=self._waste(), prefix_queries_by_zone=dict(pc.queries_by_zone),
+            prefix_hits_by_zone=dict(pc.hits_by_zone), prefix_tokens_saved=pc.tokens_saved)
+
+    def _waste(self) -> float:
+        ps = self.blocks.page_size
+        allocated = written = 0
+        for req in self.scheduler.running:
+            if self.blocks.has_seq(req.request_id):
+                allocated += len(self.blocks.block_table(req.request_id)) * ps
+                written += req.num_computed_tokens
+        return 0.0 if allocated == 0 else (allocated - written) / allocated
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -19,31 +19,46 @@ from pijax.kv_pool import KVPool
 from pijax.sampling import sample
 
 
+_TRACE_COUNT = 0
+_JITTED: dict = {}
+
+
+def _step_impl(graphdef: nnx.GraphDef, params: nnx.State, kv_pool: KVPool, batch: StepInput):
+    global _TRACE_COUNT
+    _TRACE_COUNT += 1  # Python runs only while tracing: this counts compilations
+    model = nnx.merge(graphdef, params)
+    logits, kv_pool = model(batch.tokens, batch.positions, kv_pool, batch.meta,
+                            batch.logits_indices)
+    tokens, logprobs = sample(logits, batch.sampling)
+    packed = jnp.stack([tokens, jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
+    return packed, kv_pool
+
+
 class StepFunction:
-    """Holds the jitted step and counts its compilations (one trace per new input shape)."""
+    """The jitted step for one model on one mesh, and the compilations it caused.
+
+    Engines of the same model graph and mesh share one jitted function (and so its compilation
+    cache): a second engine over the same model compiles nothing new.
+    """
 
     def __init__(self, graphdef: nnx.GraphDef, mesh: Mesh, pool_shardings):
         self.compile_count = 0
-        self._mesh = mesh
+        self._graphdef = graphdef
         self._replicated = NamedSharding(mesh, PartitionSpec())
-
-        def step(params: nnx.State, kv_pool: KVPool, batch: StepInput):
-            self.compile_count += 1  # Python runs only while tracing: this counts compilations
-            model = nnx.merge(graphdef, params)
-            logits, kv_pool = model(batch.tokens, batch.positions, kv_pool, batch.meta,
-                                    batch.logits_indices)
-            tokens, logprobs = sample(logits, batch.sampling)
-            packed = jnp.stack([tokens, jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
-            return packed, kv_pool
-
-        self._jitted = jax.jit(step, donate_argnums=(1,),
-                               out_shardings=(self._replicated, pool_shardings))
+        key = (graphdef, mesh, jax.tree_util.tree_structure(pool_shardings),
+               tuple(jax.tree_util.tree_leaves(pool_shardings)))
+        if key not in _JITTED:
+            _JITTED[key] = jax.jit(_step_impl, static_argnums=(0,), donate_argnums=(2,),
+                                   out_shardings=(self._replicated, pool_shardings))
+        self._jitted = _JITTED[key]
 
     def __call__(self, params, kv_pool: KVPool, batch: StepInput):
         """Dispatches asynchronously; returns (device result, new pool)."""
         batch = jax.device_put(batch, self._replicated)
-        return self._jitted(params, kv_pool, batch)
-
+        before = _TRACE_COUNT
+        out = self._jitted(self._graphdef, params, kv_pool, batch)
+        self.compile_count += _TRACE_COUNT - before
+        return out
     @staticmethod
     def unpack(packed: np.ndarray, num_seqs: int) -> list[tuple[int, float]]:
         tokens = packed[0, :num_seqs]

@@ -83,8 +83,8 @@ def test_logprobs_are_log_probabilities(tiny_llm):
 
 
 def test_compile_count_constant_after_warmup():
-    llm = LLM("tiny-random", num_pages=256, max_num_seqs=8, max_num_batched_tokens=64,
-              max_model_len=256)
+    llm = LLM("tiny-random", num_pages=128, max_num_seqs=4, max_num_batched_tokens=32,
+              max_model_len=128)
     rng = np.random.default_rng(7)
 
     def run(n):

@@ -1,0 +1,55 @@
+"""Tensor-parallel sharding on a 4-device CPU mesh gives the same tokens as one device.
+
+JAX fixes its device count at start-up, so the check runs in a subprocess with
+`--xla_force_host_platform_device_count=4`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import json
+    import jax
+    from pijax import LLM, SamplingParams
+    prompts = [[5, 6, 7], list(range(40)), list(range(100, 121))]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    result = {"devices": len(jax.devices())}
+    for mesh in [(1, 1), (1, 2), (1, 4)]:
+        # 4 kv heads so a model axis of 4 divides them.
+        llm = LLM("tiny-random-4kv", mesh_shape=mesh, num_pages=64, max_num_seqs=4,
+                  max_num_batched_tokens=64, max_model_len=256)
+        eng = llm.engine
+        k = eng.kv_pool[0].k
+        q = eng.model.params["layers"][0]["self_attn"]["q_proj"]["kernel"].value
+        result[str(mesh)] = {
+            "tokens": [o.token_ids for o in llm.generate(prompts, params)],
+            "pool_spec": [str(a) for a in k.sharding.spec],
+            "pool_devices": len(k.sharding.device_set),
+            "pool_shard_heads": k.addressable_shards[0].data.shape[2],
+            "q_spec": [str(a) for a in q.sharding.spec],
+        }
+    print("RESULT" + json.dumps(result))
+""")
+
+
+def test_mesh_1x2_and_1x4_match_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    r = json.loads(line[len("RESULT"):])
+    assert r["devices"] == 4
+    one = r["(1, 1)"]
+    for mesh, n in [("(1, 2)", 2), ("(1, 4)", 4)]:
+        assert r[mesh]["tokens"] == one["tokens"], mesh
+        assert r[mesh]["pool_spec"] == ["None", "None", "model", "None"]
+        assert r[mesh]["pool_devices"] == n
+        assert r[mesh]["pool_shard_heads"] == 4 // n
+        assert r[mesh]["q_spec"] == ["None", "model"]

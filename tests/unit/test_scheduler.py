@@ -1,0 +1,204 @@
+"""Scheduler policies against a fake device: the sampled token is a function of the position, so
+every expectation can be worked out by hand and no model runs."""
+
+from __future__ import annotations
+
+import itertools
+
+import hypothesis.strategies as st
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from pijax.block_manager import BlockManager
+from pijax.config import SchedulerConfig
+from pijax.kv_cache_manager import KVCacheManager
+from pijax.request import FinishReason, Request, SamplingParams, Scope, ScopeKind
+from pijax.scheduler import Scheduler
+
+PAGE = 8
+
+
+def fake_token(req: Request) -> int:
+    return (req.num_tokens * 7 + 3) % 100
+
+
+class HostEngine:
+    """Scheduler + cache manager driven like the engine, with a fake device."""
+
+    def __init__(self, num_pages=64, budget=32, max_seqs=8, aging=64, **kv_kwargs):
+        self.blocks = BlockManager(num_pages, PAGE)
+        self.kv = KVCacheManager(self.blocks, **kv_kwargs)
+        self.sched = Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
+                                               max_model_len=4096, priority_aging_steps=aging),
+                               self.kv)
+        self.ids = itertools.count()
+        self.finished: list[Request] = []
+
+    def add(self, n_prompt, max_tokens=4, priority=0, tenant="t", session=None, segments=None,
+            zones=frozenset()):
+        rid = f"r{next(self.ids)}"
+        segments = segments or [(list(range(1, n_prompt + 1)), Scope())]
+        prompt = [t for ids, _ in segments for t in ids]
+        req = Request(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), (),
+                      seed=0, priority=priority, arrival_order=int(rid[1:]), tenant=tenant,
+                      session_id=session)
+        self.kv.register(req, segments, zones)
+        self.sched.add(req)
+        return req
+
+    def step(self):
+        plan = self.sched.schedule()
+        got = self.sched.update(plan, [(fake_token(s.request), 0.0) for s in plan.seqs])
+        for req in got:
+            if len(req.output_token_ids) >= req.params.max_tokens:
+                req.finish_reason = FinishReason.LENGTH
+                self.sched.remove(req, keep_session=True)
+                self.finished.append(req)
+        return plan
+
+    def run(self, max_steps=10_000):
+        for _ in range(max_steps):
+            if not self.sched.num_unfinished:
+                return
+            self.step()
+        raise AssertionError("did not finish")
+
+
+def test_long_prefill_is_chunked_and_decodes_advance_every_step():
+    eng = HostEngine(num_pages=1024, budget=64)
+    decoders = [eng.add(10, max_tokens=200) for _ in range(4)]
+    for _ in range(3):
+        eng.step()
+    assert all(d.output_token_ids for d in decoders)
+    long = eng.add(1000, max_tokens=2)
+    steps = 0
+    while long.num_computed_tokens < len(long.prompt_token_ids):
+        before = [len(d.output_token_ids) for d in decoders]
+        plan = eng.step()
+        steps += 1
+        assert plan.num_tokens <= 64
+        assert [len(d.output_token_ids) for d in decoders] == [b + 1 for b in before]
+    assert steps >= 1000 // 64
+
+
+def test_without_chunking_a_long_prefill_runs_whole():
+    blocks = BlockManager(512, PAGE)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=2048,
+                                      enable_chunked_prefill=False), KVCacheManager(blocks))
+    req = Request("a", list(range(1500)), SamplingParams(max_tokens=1), (), seed=0)
+    sched.kv.register(req, [(req.prompt_token_ids, Scope())], frozenset())
+    sched.add(req)
+    plan = sched.schedule()
+    assert [s.num_new_tokens for s in plan.seqs] == [1500]
+
+
+def test_preemption_picks_least_urgent_latest_and_recomputes():
+    eng = HostEngine(num_pages=9, budget=64, max_seqs=4)  # 8 usable pages = 64 tokens
+    urgent = eng.add(20, max_tokens=30, priority=0)
+    lazy = eng.add(20, max_tokens=30, priority=5)
+    eng.run()
+    assert lazy.num_preemptions >= 1
+    assert urgent.num_preemptions == 0
+    assert [r.request_id for r in eng.finished][0] == urgent.request_id
+    # Recompute gives the same fake tokens as an unpressured run.
+    calm = HostEngine(num_pages=64)
+    ref = calm.add(20, max_tokens=30, priority=5)
+    calm.run()
+    assert lazy.output_token_ids == ref.output_token_ids
+
+
+def test_never_preempted_by_a_less_urgent_request():
+    eng = HostEngine(num_pages=9, budget=64, max_seqs=4)
+    urgent = eng.add(30, max_tokens=30, priority=0)
+    eng.step()
+    lazy = eng.add(20, max_tokens=30, priority=9)
+    eng.run()
+    assert urgent.num_preemptions == 0
+    assert lazy.output_token_ids
+
+
+def test_aging_prevents_starvation():
+    eng = HostEngine(num_pages=256, budget=16, max_seqs=1, aging=8)
+    low = eng.add(4, max_tokens=2, priority=3)
+    for _ in range(200):
+        eng.add(4, max_tokens=2, priority=0)
+        eng.step()
+        if low in eng.finished:
+            break
+    assert low in eng.finished
+
+
+def test_priority_orders_admission():
+    eng = HostEngine(num_pages=256, budget=16, max_seqs=1)
+    late_urgent = [eng.add(4, max_tokens=1, priority=p) for p in (5, 1, 3)]
+    eng.run()
+    assert [r.priority for r in eng.finished] == [1, 3, 5]
+    assert late_urgent
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """Random add / step / abort / end_session / register over the whole host side."""
+
+    @initialize()
+    def setup(self):
+        self.eng = HostEngine(num_pages=24, budget=24, max_seqs=4)
+        self.eng.kv.register_trusted_prefix("policy", list(range(500, 500 + 2 * PAGE)), "test")
+        self.live: list[Request] = []
+
+    @rule(n=st.integers(1, 40), max_tokens=st.integers(1, 12), prio=st.integers(0, 2),
+          kind=st.sampled_from(["private", "tenant", "session", "shared"]),
+          tenant=st.sampled_from(["a", "b"]))
+    def add(self, n, max_tokens, prio, kind, tenant):
+        if len(self.live) >= 8:
+            return
+        body = list(range(1, n + 1))
+        session = None
+        if kind == "shared":
+            segs = [(list(range(500, 500 + 2 * PAGE)), Scope(ScopeKind.SHARED, "policy")),
+                    (body, Scope())]
+        elif kind == "session":
+            session = f"s-{tenant}"
+            segs = [(body, Scope(ScopeKind.SESSION, session))]
+        elif kind == "tenant":
+            segs = [(body, Scope(ScopeKind.TENANT))]
+        else:
+            segs = [(body, Scope())]
+        total = sum(len(s) for s, _ in segs) + max_tokens
+        if -(-total // PAGE) > self.eng.blocks.num_usable_pages:
+            return
+        self.live.append(self.eng.add(0, max_tokens, prio, tenant, session, segs,
+                                      frozenset({"policy"})))
+
+    @rule()
+    def step(self):
+        self.eng.step()
+        self.live = [r for r in self.live if r not in self.eng.finished]
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 7))
+    def abort(self, i):
+        req = self.live.pop(i % len(self.live))
+        self.eng.sched.remove(req)
+
+    @rule(tenant=st.sampled_from(["a", "b"]))
+    def end_session(self, tenant):
+        self.eng.kv.end_session(tenant, f"s-{tenant}")
+
+    @invariant()
+    def consistent(self):
+        self.eng.blocks.check_invariants()
+        self.eng.kv.prefix_cache.check_invariants()
+        for req in self.eng.sched.running:
+            assert self.eng.blocks.has_seq(req.request_id)
+
+    def teardown(self):
+        for req in list(self.live):
+            self.eng.sched.remove(req)
+        for t in ("a", "b"):
+            self.eng.kv.end_session(t, f"s-{t}")
+        self.eng.kv.clear()
+        assert self.eng.blocks.num_free_pages() == self.eng.blocks.num_usable_pages
+
+
+TestSchedulerMachine = SchedulerMachine.TestCase
+TestSchedulerMachine.settings = settings(max_examples=30, stateful_step_count=40, deadline=None)

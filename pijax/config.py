@@ -234,6 +234,8 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     max_waiting: int = 1024
     priority_aging_steps: int = 64  # a waiting request gains one priority class per this many steps
+    # Baseline only: reserve KV for prompt + max_tokens at admission, as contiguous engines do.
+    reserve_full_length: bool = False
 
     def __post_init__(self):
         _require(self.max_num_seqs >= 1, "max_num_seqs", "an integer >= 1", self.max_num_seqs)
@@ -298,7 +300,8 @@ _CACHE_KEYS = {"page_size", "num_pages", "memory_fraction", "kv_cache_dtype",
                "enable_prefix_reuse", "session_ttl_s", "session_max_pages_fraction",
                "audit_log_path"}
 _SCHED_KEYS = {"max_num_seqs", "max_num_batched_tokens", "max_model_len",
-               "enable_chunked_prefill", "max_waiting", "priority_aging_steps"}
+               "enable_chunked_prefill", "max_waiting", "priority_aging_steps",
+               "reserve_full_length"}
 _ENGINE_KEYS = {"dtype", "mesh_shape", "attention_impl", "compilation_cache_dir", "seed"}
 
 

@@ -151,15 +151,23 @@ class Scheduler:
             if req.num_computed_tokens == 0:
                 req.num_computed_tokens = req.num_cached_prompt_tokens = self.kv.match_prefix(req)
             n = self._chunk_size(req, budget)
-            if n == 0 or not self.kv.can_grow(req, req.num_computed_tokens + n):
+            reserve = self._admission_reservation(req, n)
+            if n == 0 or not self.kv.can_grow(req, reserve):
                 break  # the head waits for memory; nobody overtakes it
-            self.kv.grow(req, req.num_computed_tokens + n)
+            self.kv.grow(req, reserve)
             self.waiting.pop(0)
             self._requeued.discard(req.request_id)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             plan.seqs.append(ScheduledSeq(req, n))
             budget -= n
+
+    def _admission_reservation(self, req: Request, num_new_tokens: int) -> int:
+        """Tokens of KV to hold at admission: just this chunk (paged), or the request's whole
+        possible length (`reserve_full_length`: the pre-paging contiguous design, a baseline)."""
+        if self.config.reserve_full_length:
+            return len(req.prompt_token_ids) + req.params.max_tokens
+        return req.num_computed_tokens + num_new_tokens
 
     def _preempt(self, victim: Request, plan: SchedulePlan) -> None:
         self.running.remove(victim)

@@ -202,3 +202,14 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 TestSchedulerMachine = SchedulerMachine.TestCase
 TestSchedulerMachine.settings = settings(max_examples=30, stateful_step_count=40, deadline=None)
+
+
+def test_reserve_full_length_holds_pages_for_the_whole_request():
+    blocks = BlockManager(64, PAGE)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32,
+                                      reserve_full_length=True), KVCacheManager(blocks))
+    req = Request("a", list(range(10)), SamplingParams(max_tokens=30), (), seed=0)
+    sched.kv.register(req, [(req.prompt_token_ids, Scope())], frozenset())
+    sched.add(req)
+    sched.schedule()
+    assert len(blocks.block_table("a")) == -(-40 // PAGE)

@@ -26,7 +26,7 @@ from pijax.model.hf_io import path_names
 
 # A short corpus in the domain's register, with multi-byte characters so that BPE learns merges
 # that split UTF-8 sequences (what the incremental detokenizer must handle).
-_CORPUS = [
+CORPUS = [
     "Claim 4471 billed CPT 99215 with modifier 25 on the same day as a minor procedure.",
     "The provider's note does not support the level of service billed; recommend downcode.",
     "Policy 12.3: observation hours over 48 require a physician order and medical necessity.",
@@ -57,7 +57,7 @@ def make_tokenizer_json(path: str | Path, vocab_size: int = 320, add_bos: bool =
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 0)]

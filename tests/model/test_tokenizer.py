@@ -175,3 +175,42 @@ def test_detokenizer_deltas_concatenate_to_decode_bpe(bpe):
         ids = [rng.randrange(bpe.vocab_size) for _ in range(rng.randrange(1, 40))]
         deltas, tail, _ = _stream(bpe, ids, None if trial % 2 else (1, 2, 5))
         assert "".join(deltas) + tail == bpe.decode(ids), ids
+
+
+def _sentencepiece_style_tokenizer() -> Tokenizer:
+    """Llama-2 / Mistral style: `▁` for spaces, byte fallback, a leading space stripped."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, trainers
+
+    from pijax.testing import CORPUS
+
+    tok = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens], show_progress=False
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return Tokenizer(tok, bos_token_id=1, eos_token_ids=(2,))
+
+
+def test_detokenizer_with_sentencepiece_style_decoder():
+    tok = _sentencepiece_style_tokenizer()
+    for text in MIXED_TEXTS:
+        ids = tok.encode(text, add_bos=True)
+        deltas, tail, _ = _stream(tok, ids)
+        assert "".join(deltas) + tail == tok.decode(ids)
+        assert all(REPLACEMENT_CHAR not in d for d in deltas)
+    rng = random.Random(1)
+    for _ in range(300):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 30))]
+        deltas, tail, _ = _stream(tok, ids)
+        assert "".join(deltas) + tail == tok.decode(ids), ids

@@ -3,8 +3,8 @@
 One small engine is built for the whole `tests/serving` session (building and compiling it is
 most of the cost on CPU); each test module starts its own server around it on a free 127.0.0.1
 port and drains it at the end, so one server runs at a time and only its loop thread touches the
-engine. The engine's shape grid is tiny (budget 16 tokens, 4 sequences, 512-token context in
-32-token pages: three step shapes), and the offline API (`LLM`) wraps the same engine, so
+engine. The engine's shape grid is tiny (budget 16 tokens, 4 sequences, 1024-token context in
+64-token pages: three step shapes), and the offline API (`LLM`) wraps the same engine, so
 "streamed == offline" compares one model with itself.
 """
 

@@ -1,0 +1,424 @@
+"""A payment-integrity review agent: a gRPC client of `scripts/serve.py`.
+
+    python scripts/serve.py --insecure_dev_mode                 # terminal 1
+    python scripts/review_claims.py --num_claims 3              # terminal 2
+
+For each claim (synthetic: from `pijax.claims` when installed, else a small bundled sample, or
+`--claims FILE`, a JSON list of {"claim_id", "text"}), the agent
+
+1. asks for structured findings: the policy scaffold as a `shared:policy` segment (computed once
+   and reused across claims and tenants permitted the zone), the claim as a `private` segment,
+   constrained by the findings JSON schema;
+2. opens a session and runs a tool-calling investigation: the model asks for lookups, the agent
+   answers with FAKE policy and fee-schedule lookups (clearly labelled: synthetic tables, no real
+   data), and the model writes the investigator's narrative; the second turn reuses the first
+   turn's KV (see "cached" in the summary);
+3. prints the findings, the narrative and a latency summary.
+
+On the random-weight preset the text is noise (the findings still parse when they finish: that is
+the schema constraint at work); the embedded default model writes readable reviews.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from absl import app, flags
+
+from pijax.serving import sample_claims
+from pijax.serving.proto.pijax.v1 import inference_pb2 as pb
+from pijax.serving.proto.pijax.v1 import inference_pb2_grpc as pb_grpc
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("target", "127.0.0.1:50051", "host:port of the pijax server.")
+flags.DEFINE_string("api_key", None, "API key (default: $PIJAX_API_KEY; unused in dev mode).")
+flags.DEFINE_string("claims", None, "JSON file: a list of {claim_id, text}. Default: synthetic "
+                    "claims from pijax.claims, or the bundled sample.")
+flags.DEFINE_string("policy", None, "Text file with the policy scaffold (default: the one of "
+                    "pijax.claims, or the bundled sample's).")
+flags.DEFINE_integer("num_claims", 3, "How many claims to review.")
+flags.DEFINE_integer("seed", 7, "Seed of the synthetic claims.")
+flags.DEFINE_string("schema", None, "Findings JSON schema file (default: the packaged "
+                    "configs/schemas/findings.schema.json).")
+flags.DEFINE_integer("max_tokens", 768, "Token budget of the findings answer.")
+flags.DEFINE_integer("tool_call_tokens", 32, "Token budget of the model's tool-call turn.")
+flags.DEFINE_integer("narrative_tokens", 96, "Token budget of the narrative turn.")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+flags.DEFINE_integer("concurrency", 1, "Claims reviewed at the same time.")
+flags.DEFINE_float("timeout_s", 300.0, "Deadline of each RPC.")
+
+POLICY_ZONE = "policy"
+FAKE_TOOL_BANNER = "[FAKE TOOL OUTPUT: synthetic demo lookups, not real policy or fee data]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    target: str
+    api_key: str | None = None
+    claims_file: str | None = None
+    policy_file: str | None = None
+    num_claims: int = 3
+    seed: int = 7
+    schema_file: str | None = None
+    max_tokens: int = 768
+    tool_call_tokens: int = 32
+    narrative_tokens: int = 96
+    temperature: float = 0.0
+    concurrency: int = 1
+    timeout_s: float = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    claim_id: str
+    policy_text: str  # the shared scaffold, identical for every claim
+    claim_text: str
+    truth: dict | None = None  # rule-derived findings, when the corpus generator made the claim
+
+
+@dataclasses.dataclass
+class CallStats:
+    kind: str  # review / tool_call / narrative
+    client_ttft_s: float
+    client_total_s: float
+    server_ttft_s: float
+    server_total_s: float
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    finish: str
+
+
+@dataclasses.dataclass
+class Result:
+    case: Case
+    findings_text: str = ""
+    findings: dict | None = None
+    schema_valid: bool | None = None
+    narrative: str = ""
+    tool_output: str = ""
+    session_id: str = ""
+    calls: list[CallStats] = dataclasses.field(default_factory=list)
+    error: str = ""
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+def load_cases(opts: Options) -> list[Case]:
+    cases = _cases(opts)
+    if opts.policy_file:
+        policy = Path(opts.policy_file).read_text()
+        cases = [dataclasses.replace(c, policy_text=policy) for c in cases]
+    return cases
+
+
+def _cases(opts: Options) -> list[Case]:
+    if opts.claims_file:
+        items = json.loads(Path(opts.claims_file).read_text())
+        policy = _policy_segment()
+        return [Case(c["claim_id"], policy, _bundled_claim_segment(c["text"]))
+                for c in items[:opts.num_claims]]
+    try:
+        from pijax.claims.corpus import generate_examples
+        from pijax.claims.prompt import (
+            policy_scaffold,
+            render_claim_segment,
+            render_policy_segment,
+        )
+    except ImportError:
+        return [Case(c["claim_id"], sample_claims.POLICY_TEXT, _bundled_claim_segment(c["text"]))
+                for c in sample_claims.CLAIMS[:opts.num_claims]]
+    policy = render_policy_segment(policy_scaffold())
+    return [Case(e.claim.claim_id, policy, render_claim_segment(e.claim), e.findings_json())
+            for e in generate_examples(opts.seed, opts.num_claims, split="demo")]
+
+
+def _policy_segment() -> str:
+    try:
+        from pijax.claims.prompt import policy_scaffold, render_policy_segment
+    except ImportError:
+        return sample_claims.POLICY_TEXT
+    return render_policy_segment(policy_scaffold())
+
+
+def _bundled_claim_segment(text: str) -> str:
+    return f"\nClaim to review:\n{text}\nFindings JSON:\n"
+
+
+def load_schema(path: str | None) -> tuple[str, dict] | None:
+    if path:
+        text = Path(path).read_text()
+    else:
+        from importlib import resources
+
+        file = resources.files("pijax.configs") / "schemas" / "findings.schema.json"
+        if not file.is_file():
+            return None
+        text = file.read_text()
+    return text, json.loads(text)
+
+
+# --- the client -----------------------------------------------------------------------------------
+
+class Client:
+    def __init__(self, opts: Options):
+        self._channel = grpc.insecure_channel(opts.target)
+        self.stub = pb_grpc.InferenceStub(self._channel)
+        key = opts.api_key or os.environ.get("PIJAX_API_KEY") or "dev-mode"
+        self.metadata = (("authorization", f"Bearer {key}"),)
+        self.timeout = opts.timeout_s
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def generate(self, kind: str, request: pb.GenerateRequest
+                 ) -> tuple[str, list[int], pb.GenerateResponse, CallStats]:
+        start = time.perf_counter()
+        first = None
+        texts, ids, last = [], [], None
+        for r in self.stub.Generate(request, metadata=self.metadata, timeout=self.timeout):
+            if first is None and r.token_ids:
+                first = time.perf_counter()
+            texts.append(r.text)
+            ids.extend(r.token_ids)
+            last = r
+        end = time.perf_counter()
+        stats = CallStats(
+            kind=kind, client_ttft_s=(first or end) - start, client_total_s=end - start,
+            server_ttft_s=last.timings.time_to_first_token_seconds,
+            server_total_s=last.timings.total_seconds, prompt_tokens=last.usage.prompt_tokens,
+            cached_tokens=last.usage.cached_prompt_tokens,
+            completion_tokens=last.usage.completion_tokens,
+            finish=pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower())
+        return "".join(texts), ids, last, stats
+
+
+def policy_scope(client: Client, policy_text: str, out) -> str:
+    """`shared:policy` when the server knows the zone and the key may use it (an admin key
+    registers the scaffold itself), else `private` (correct, just not reused)."""
+    info = client.stub.ModelInfo(pb.ModelInfoRequest(), metadata=client.metadata,
+                                 timeout=client.timeout)
+    print(f"server: model {info.model or '?'} ({info.architecture}), context "
+          f"{info.context_length} tokens, KV pages of {info.page_size}; tenant {info.tenant}, "
+          f"zones {list(info.permitted_zones)}", file=out)
+    if POLICY_ZONE in info.permitted_zones:
+        return f"shared:{POLICY_ZONE}"
+    if info.admin:
+        client.stub.RegisterTrustedPrefix(
+            pb.RegisterTrustedPrefixRequest(zone=POLICY_ZONE, text=policy_text),
+            metadata=client.metadata, timeout=client.timeout)
+        print(f"registered the policy scaffold as a trusted prefix of shared:{POLICY_ZONE}",
+              file=out)
+        return f"shared:{POLICY_ZONE}"
+    print(f"zone {POLICY_ZONE!r} not available to this key: sending the policy as private",
+          file=out)
+    return "private"
+
+
+def sampling(opts: Options, seed: int) -> pb.SamplingParams:
+    return pb.SamplingParams(temperature=opts.temperature, seed=seed)
+
+
+# --- one claim ------------------------------------------------------------------------------------
+
+def review_claim(client: Client, case: Case, scope: str, schema: tuple[str, dict] | None,
+                 opts: Options, index: int) -> Result:
+    res = Result(case)
+    try:
+        _findings(client, case, scope, schema, opts, index, res)
+        _investigate(client, case, scope, opts, index, res)
+    except grpc.RpcError as e:
+        res.error = f"{e.code().name}: {e.details()}"
+    return res
+
+
+def _findings(client, case, scope, schema, opts, index, res: Result) -> None:
+    request = pb.GenerateRequest(
+        request_id=f"review-{index}-{_safe(case.claim_id)}",
+        prompt=[pb.PromptSegment(text=case.policy_text, scope=scope),
+                pb.PromptSegment(text=case.claim_text, scope="private")],
+        max_tokens=opts.max_tokens, sampling=sampling(opts, index),
+        json_schema=schema[0] if schema else "")
+    text, _, _, stats = client.generate("review", request)
+    res.calls.append(stats)
+    res.findings_text = text
+    try:
+        res.findings = json.loads(text)
+    except json.JSONDecodeError:
+        res.findings = None
+    if schema and res.findings is not None:
+        import jsonschema
+
+        res.schema_valid = jsonschema.Draft202012Validator(schema[1]).is_valid(res.findings)
+
+
+def _investigate(client, case, scope, opts, index, res: Result) -> None:
+    """Two session turns: the model calls tools, the agent answers with FAKE lookups, the model
+    writes the narrative. Everything after the policy is in the session's scope, so turn two
+    prefills only what turn one did not already compute."""
+    findings = (json.dumps(res.findings, separators=(",", ":")) if res.findings is not None
+                else "(no findings parsed)")
+    history = [
+        pb.PromptSegment(text=case.policy_text, scope=scope),
+        pb.PromptSegment(text=case.claim_text, scope="session"),
+        pb.PromptSegment(text=f"{findings}\n[investigator] Which lookups confirm these findings? "
+                              "Call tools.\n", scope="session"),
+    ]
+    turn1 = pb.GenerateRequest(request_id=f"tools-{index}-{_safe(case.claim_id)}",
+                               prompt=history, start_session=True,
+                               max_tokens=opts.tool_call_tokens, sampling=sampling(opts, index))
+    _, ids, last, stats = client.generate("tool_call", turn1)
+    res.calls.append(stats)
+    res.session_id = last.session_id
+    res.tool_output = fake_tools(case, res.findings)
+    history = [*history,
+               pb.PromptSegment(token_ids=pb.TokenIds(ids=ids), scope="session"),
+               pb.PromptSegment(text=f"\n{res.tool_output}\n[investigator] Narrative for the case "
+                                     "file:\n", scope="session")]
+    turn2 = pb.GenerateRequest(request_id=f"narrative-{index}-{_safe(case.claim_id)}",
+                               prompt=history, session_id=res.session_id,
+                               max_tokens=opts.narrative_tokens, sampling=sampling(opts, index))
+    try:
+        res.narrative, _, _, stats = client.generate("narrative", turn2)
+        res.calls.append(stats)
+    finally:
+        client.stub.EndSession(pb.EndSessionRequest(session_id=res.session_id),
+                               metadata=client.metadata, timeout=client.timeout)
+
+
+def fake_tools(case: Case, findings: dict | None) -> str:
+    """FAKE lookups over synthetic tables, standing in for a payer's policy and fee systems."""
+    lines = [FAKE_TOOL_BANNER]
+    codes = list(dict.fromkeys(re.findall(r"\b(\d{5}|[A-Z]\d{4})\b", case.claim_text)))[:3]
+    for code in codes:
+        fee = sample_claims.FAKE_FEE_SCHEDULE.get(code, "not in the demo table")
+        lines.append(f"fee_schedule_lookup({code}) -> allowed amount {fee}")
+    flags_ = [f for f in (findings or {}).get("flags", []) if isinstance(f, dict)]
+    for flag in flags_[:3]:
+        code = str(flag.get("code", ""))
+        ref = sample_claims.FAKE_POLICY_INDEX.get(code, "no such policy in the demo index")
+        lines.append(f"policy_lookup({code}) -> {ref}")
+    if not flags_:
+        lines.append("policy_lookup(none) -> no flags to look up")
+    return "\n".join(lines)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.:-]", "_", text)[:64]
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+def print_result(res: Result, n: int, total: int, out) -> None:
+    case = res.case
+    print(f"\n=== claim {case.claim_id} ({n}/{total}) ===", file=out)
+    if res.error:
+        print(f"error: {res.error}", file=out)
+    review = next((c for c in res.calls if c.kind == "review"), None)
+    if review is not None:
+        state = {True: "valid against the schema", False: "INVALID against the schema",
+                 None: "not validated"}[res.schema_valid]
+        if res.findings is None:
+            state = f"not parseable JSON (finish: {review.finish})"
+        print(f"findings ({state}):", file=out)
+        print(json.dumps(res.findings, indent=2) if res.findings is not None
+              else res.findings_text, file=out)
+        if case.truth is not None and res.findings is not None:
+            got = {(f.get("code"), f.get("line")) for f in res.findings.get("flags", [])
+                   if isinstance(f, dict)}
+            want = {(f["code"], f["line"]) for f in case.truth["flags"]}
+            print(f"flags match the rule-derived truth: {'yes' if got == want else 'no'} "
+                  f"(truth: {sorted(want) or 'no flags'})", file=out)
+    if res.session_id:
+        print(f"investigation (session {res.session_id}):", file=out)
+        print(res.tool_output, file=out)
+        print(f"narrative: {res.narrative.strip() or '(empty)'}", file=out)
+
+
+def summary(results: Sequence[Result], wall_s: float) -> str:
+    calls = [c for r in results for c in r.calls]
+    out = [f"\n--- latency: {len(results)} claims, {len(calls)} calls in {wall_s:.2f}s ---"]
+    for kind in ("review", "tool_call", "narrative"):
+        cs = [c for c in calls if c.kind == kind]
+        if not cs:
+            continue
+        toks = sum(c.completion_tokens for c in cs)
+        busy = sum(c.client_total_s for c in cs)
+        out.append(
+            f"{kind:<10} n={len(cs):<3} TTFT p50 {_pct(cs, 'client_ttft_s', 50):.3f}s "
+            f"p90 {_pct(cs, 'client_ttft_s', 90):.3f}s | e2e p50 "
+            f"{_pct(cs, 'client_total_s', 50):.3f}s p90 {_pct(cs, 'client_total_s', 90):.3f}s | "
+            f"server TTFT p50 {_pct(cs, 'server_ttft_s', 50):.3f}s | "
+            f"{toks / busy if busy else 0:.1f} tok/s per stream")
+    prompt = sum(c.prompt_tokens for c in calls)
+    cached = sum(c.cached_tokens for c in calls)
+    out.append(f"prompt tokens {prompt}, of which reused from cache {cached} "
+               f"({100 * cached / prompt if prompt else 0:.0f}%): shared policy scaffold and "
+               "session turns")
+    done = sum(1 for r in results if not r.error)
+    if wall_s > 0:
+        out.append(f"reviewed claims/hour at this concurrency: {3600 * done / wall_s:.0f}")
+    return "\n".join(out)
+
+
+def _pct(calls: Sequence[CallStats], field: str, q: int) -> float:
+    values = sorted(getattr(c, field) for c in calls)
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+def run(opts: Options, out=sys.stdout) -> list[Result]:
+    cases = load_cases(opts)
+    schema = load_schema(opts.schema_file)
+    client = Client(opts)
+    try:
+        scope = policy_scope(client, cases[0].policy_text, out) if cases else "private"
+        if schema is None:
+            print("no findings schema found: findings are unconstrained", file=out)
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(max(1, opts.concurrency)) as pool:
+            results = list(pool.map(
+                lambda ic: review_claim(client, ic[1], scope, schema, opts, ic[0]),
+                enumerate(cases)))
+        wall = time.perf_counter() - start
+    finally:
+        client.close()
+    for n, res in enumerate(results, 1):
+        print_result(res, n, len(results), out)
+    print(summary(results, wall), file=out)
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    opts = Options(
+        target=FLAGS.target, api_key=FLAGS.api_key, claims_file=FLAGS.claims,
+        policy_file=FLAGS.policy,
+        num_claims=FLAGS.num_claims, seed=FLAGS.seed, schema_file=FLAGS.schema,
+        max_tokens=FLAGS.max_tokens, tool_call_tokens=FLAGS.tool_call_tokens,
+        narrative_tokens=FLAGS.narrative_tokens, temperature=FLAGS.temperature,
+        concurrency=FLAGS.concurrency, timeout_s=FLAGS.timeout_s)
+    try:
+        results = run(opts)
+    except grpc.RpcError as e:
+        sys.exit(f"cannot reach the server at {opts.target}: {e.code().name}: {e.details()}")
+    if any(r.error for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

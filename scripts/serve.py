@@ -1,0 +1,143 @@
+"""Serve pijax over gRPC (`pijax.v1.Inference`, health, reflection) with Prometheus metrics.
+
+    python scripts/serve.py --insecure_dev_mode                    # local demo, default model
+    python scripts/serve.py --model path/to/hf_checkpoint --api_keys keys.json \
+        --host 0.0.0.0 --port 50051 --metrics_port 9400 --mesh 1,2
+
+The server listens at once, answers health checks with NOT_SERVING while it compiles its step
+shapes, then logs "pijax server ready" and reports SERVING. SIGTERM or Ctrl-C drains: new
+requests get UNAVAILABLE, in-flight ones get `--drain_grace_s` to finish, the rest are cancelled.
+
+The API-key file maps each key to a tenant, the trust zones it may use and an admin flag (see
+`pijax/serving/auth.py`). `--trusted_prefix ZONE=FILE` registers a prefix trusted for
+`shared:ZONE` at start-up; with the synthetic claims package present, its policy scaffold is
+registered in zone `policy` (`--register_claims_policy`), which `scripts/review_claims.py` uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from absl import app, flags
+
+from pijax.config import DEFAULT_PRESET, engine_config_from_overrides, parse_mesh
+from pijax.engine import Engine
+from pijax.serving.auth import KeyStore
+from pijax.serving.server import InferenceServer, ServerConfig, ServerConfigError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "HF checkpoint dir, converted orbax dir, or preset name "
+                    "(default: the embedded default model)")
+flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 or [::] for all).")
+flags.DEFINE_integer("port", 50051, "gRPC port (0 = any free port).")
+flags.DEFINE_string("api_keys", None, "API-key file (JSON: key -> tenant, zones, admin).")
+flags.DEFINE_bool("insecure_dev_mode", False, "No authentication: every caller is tenant 'dev' "
+                  "with every zone and admin rights. Local demos only.")
+flags.DEFINE_integer("metrics_port", 9400, "Prometheus /metrics port (0 = any free, -1 = off).")
+flags.DEFINE_string("metrics_host", "127.0.0.1", "Address for the metrics endpoint.")
+flags.DEFINE_float("drain_grace_s", 30.0, "On SIGTERM, seconds in-flight requests get to finish.")
+flags.DEFINE_multi_string("trusted_zone", [], "A zone the server knows besides those in the key "
+                          "file (repeatable).")
+flags.DEFINE_multi_string("trusted_prefix", [], "ZONE=FILE: register FILE's text as a trusted "
+                          "prefix of shared:ZONE at start-up (repeatable).")
+flags.DEFINE_bool("register_claims_policy", True, "Register the synthetic claims policy scaffold "
+                  "in zone 'policy' when pijax.claims is available.")
+flags.DEFINE_bool("warmup", True, "Compile every step shape before reporting SERVING.")
+# Engine.
+flags.DEFINE_string("mesh", "1,1", "Device mesh 'DATA,MODEL'.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight and activation dtype.")
+flags.DEFINE_integer("page_size", 16, "KV page size in tokens.")
+flags.DEFINE_integer("num_pages", None, "KV pool pages (default: a memory fraction).")
+flags.DEFINE_float("memory_fraction", None, "Share of free device memory for the KV pool.")
+flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8", "fp8_e4m3"], "KV cache dtype.")
+flags.DEFINE_integer("max_num_seqs", None, "Sequences per step.")
+flags.DEFINE_integer("max_num_batched_tokens", None, "Token budget per step.")
+flags.DEFINE_integer("max_model_len", None, "Prompt + completion tokens per request.")
+flags.DEFINE_integer("max_waiting", None, "Queued requests before RESOURCE_EXHAUSTED.")
+flags.DEFINE_string("audit_log", None, "Append the prefix-reuse audit log to this file.")
+flags.DEFINE_string("compilation_cache_dir", None, "Persistent JAX compilation cache.")
+flags.DEFINE_integer("seed", 0, "Engine seed (random presets, unseeded sampling).")
+
+log = logging.getLogger("pijax.serve")
+
+
+def engine_overrides() -> dict:
+    overrides = dict(
+        mesh_shape=parse_mesh(FLAGS.mesh), dtype=FLAGS.dtype, page_size=FLAGS.page_size,
+        num_pages=FLAGS.num_pages, memory_fraction=FLAGS.memory_fraction,
+        kv_cache_dtype=FLAGS.kv_cache_dtype, max_num_seqs=FLAGS.max_num_seqs,
+        max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_model_len=FLAGS.max_model_len,
+        max_waiting=FLAGS.max_waiting, audit_log_path=FLAGS.audit_log,
+        compilation_cache_dir=FLAGS.compilation_cache_dir, seed=FLAGS.seed)
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def trusted_prefixes() -> list[tuple[str, str]]:
+    out = []
+    for spec in FLAGS.trusted_prefix:
+        zone, sep, path = spec.partition("=")
+        if not sep or not zone or not path:
+            raise app.UsageError(f"--trusted_prefix must be ZONE=FILE; got {spec!r}")
+        out.append((zone, Path(path).read_text()))
+    if FLAGS.register_claims_policy:
+        try:
+            from pijax.claims.prompt import policy_scaffold, render_policy_segment
+        except ImportError:
+            log.info("pijax.claims not available: no claims policy registered")
+        else:
+            out.append(("policy", render_policy_segment(policy_scaffold())))
+    return out
+
+
+async def serve(engine: Engine, config: ServerConfig, prefixes: list[tuple[str, str]]) -> None:
+    server = InferenceServer(engine, config)
+    for zone, text in prefixes:  # before the loop starts, this thread may touch the engine
+        ids = engine.tokenizer.encode(text)
+        engine.register_trusted_prefix(zone, ids, source="startup")
+        server.state.add_zone(zone)
+        log.info("trusted prefix for shared:%s: %d tokens", zone, len(ids))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: _on_signal(server, s))
+    await server.start()
+    if server.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", config.metrics_host, server.metrics_port)
+    await server.wait_for_termination()
+
+
+def _on_signal(server: InferenceServer, sig: signal.Signals) -> None:
+    log.info("received %s: draining", signal.Signals(sig).name)
+    asyncio.ensure_future(server.drain())
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    model = FLAGS.model or DEFAULT_PRESET
+    try:
+        config = ServerConfig(
+            host=FLAGS.host, port=FLAGS.port, metrics_host=FLAGS.metrics_host,
+            metrics_port=None if FLAGS.metrics_port < 0 else FLAGS.metrics_port,
+            api_keys_path=FLAGS.api_keys, insecure_dev_mode=FLAGS.insecure_dev_mode,
+            model_name=model,
+            trusted_zones=tuple(FLAGS.trusted_zone), drain_grace_s=FLAGS.drain_grace_s,
+            warmup=FLAGS.warmup)
+    except ServerConfigError as e:
+        raise app.UsageError(str(e)) from None
+    if FLAGS.api_keys:
+        KeyStore.from_file(FLAGS.api_keys)  # fail on a bad key file before loading the model
+    prefixes = trusted_prefixes()
+    engine = Engine.from_source(model, engine_config_from_overrides(**engine_overrides()))
+    if prefixes and not callable(getattr(engine, "register_trusted_prefix", None)):
+        log.warning("this engine has no trusted-prefix support; ignoring %d prefixes",
+                    len(prefixes))
+        prefixes = []
+    asyncio.run(serve(engine, config, prefixes))
+
+
+if __name__ == "__main__":
+    app.run(main)

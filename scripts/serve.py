@@ -5,7 +5,8 @@
         --host 0.0.0.0 --port 50051 --metrics_port 9400 --mesh 1,2
 
 The server listens at once, answers health checks with NOT_SERVING while it compiles its step
-shapes, then logs "pijax server ready" and reports SERVING. SIGTERM or Ctrl-C drains: new
+shapes (`--warmup`: on GPU/TPU by default; on CPU shapes compile on first use), then logs "pijax
+server ready" and reports SERVING. SIGTERM or Ctrl-C drains: new
 requests get UNAVAILABLE, in-flight ones get `--drain_grace_s` to finish, the rest are cancelled.
 
 The API-key file maps each key to a tenant, the trust zones it may use and an admin flag (see
@@ -45,7 +46,9 @@ flags.DEFINE_multi_string("trusted_prefix", [], "ZONE=FILE: register FILE's text
                           "prefix of shared:ZONE at start-up (repeatable).")
 flags.DEFINE_bool("register_claims_policy", True, "Register the synthetic claims policy scaffold "
                   "in zone 'policy' when pijax.claims is available.")
-flags.DEFINE_bool("warmup", True, "Compile every step shape before reporting SERVING.")
+flags.DEFINE_enum("warmup", "auto", ["auto", "on", "off"], "Compile every step shape before "
+                  "reporting SERVING; auto = on for GPU/TPU, off on CPU (where it takes minutes "
+                  "and shapes compile on first use instead).")
 # Engine.
 flags.DEFINE_string("mesh", "1,1", "Device mesh 'DATA,MODEL'.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight and activation dtype.")
@@ -73,6 +76,14 @@ def engine_overrides() -> dict:
         max_waiting=FLAGS.max_waiting, audit_log_path=FLAGS.audit_log,
         compilation_cache_dir=FLAGS.compilation_cache_dir, seed=FLAGS.seed)
     return {k: v for k, v in overrides.items() if v is not None}
+
+
+def warmup_wanted() -> bool:
+    if FLAGS.warmup != "auto":
+        return FLAGS.warmup == "on"
+    import jax
+
+    return jax.default_backend() != "cpu"
 
 
 def trusted_prefixes() -> list[tuple[str, str]]:
@@ -125,7 +136,7 @@ def main(argv):
             api_keys_path=FLAGS.api_keys, insecure_dev_mode=FLAGS.insecure_dev_mode,
             model_name=model,
             trusted_zones=tuple(FLAGS.trusted_zone), drain_grace_s=FLAGS.drain_grace_s,
-            warmup=FLAGS.warmup)
+            warmup=warmup_wanted())
     except ServerConfigError as e:
         raise app.UsageError(str(e)) from None
     if FLAGS.api_keys:

@@ -30,7 +30,6 @@ import grpc
 
 from pijax.request import (
     FinishReason,
-    InvalidRequestError,
     OverloadedError,
     PromptSegment,
     Scope,
@@ -308,7 +307,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except OverloadedError as e:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"server overloaded, retry later: {e}") from None
-        except InvalidRequestError as e:
+        except ValueError as e:  # InvalidRequestError, or a scope the engine refuses
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except EngineFailure as e:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
@@ -394,7 +393,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._engine_feature("register_trusted_prefix", "RegisterTrustedPrefix")
         try:
             await self._on_engine(lambda e: e.register_trusted_prefix(zone, ids, source="rpc"))
-        except InvalidRequestError as e:
+        except ValueError as e:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         self.state.add_zone(zone)
         log.info("registered a %d-token trusted prefix for zone %r", len(ids), zone)

@@ -95,3 +95,39 @@ def test_drain_past_grace_cancels_with_unavailable_and_frees_pages(llm, keys_fil
         assert llm.engine.blocks.num_free_pages() == baseline
     finally:
         s.stop()
+
+
+class EngineWithoutZones:
+    """The engine as it was before trusted prefixes and the audit log existed."""
+
+    MISSING = {"register_trusted_prefix", "read_audit_log", "end_session"}
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        if name in self.MISSING:
+            raise AttributeError(name)
+        return getattr(self._engine, name)
+
+
+def test_missing_engine_features_answer_unimplemented(llm, keys_file):
+    s = start_server(EngineWithoutZones(llm.engine), keys_file)
+    try:
+        admin = auth("key-admin")
+        for call, request in [
+            (s.stub.RegisterTrustedPrefix, pb.RegisterTrustedPrefixRequest(zone="z", text="x")),
+            (s.stub.ReadAuditLog, pb.ReadAuditLogRequest()),
+        ]:
+            with pytest.raises(grpc.RpcError) as e:
+                call(request, metadata=admin, timeout=RPC_TIMEOUT_S)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "this engine build has no" in e.value.details()
+        # Sessions still work as a namespace; ending one needs no engine support.
+        out = list(s.stub.Generate(pb.GenerateRequest(
+            prompt=[pb.PromptSegment(text="turn", scope="session")], start_session=True,
+            max_tokens=2), metadata=auth(), timeout=RPC_TIMEOUT_S))
+        s.stub.EndSession(pb.EndSessionRequest(session_id=out[0].session_id), metadata=auth(),
+                          timeout=RPC_TIMEOUT_S)
+    finally:
+        s.stop()

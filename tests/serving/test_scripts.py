@@ -82,7 +82,7 @@ def test_serve_script_becomes_ready_and_drains_on_sigterm(tmp_path):
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"key-ops": {"tenant": "ops", "zones": ["*"], "admin": True}}))
     cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", "tiny-random",
-           "--port", "0", "--metrics_port", "-1", "--api_keys", str(keys), "--nowarmup",
+           "--port", "0", "--metrics_port", "-1", "--api_keys", str(keys), "--warmup=off",
            "--num_pages", "16", "--page_size", "64", "--max_num_seqs", "2",
            "--max_num_batched_tokens", "16", "--max_model_len", "512", "--drain_grace_s", "5"]
     if os.environ.get("PIJAX_COMPILATION_CACHE"):

@@ -112,3 +112,21 @@ def test_compiled_schemas_are_cached_and_constraints_independent():
     a.accept(ord("{"))
     assert list(allowed_ids(b, 320)) == [ord("{")]
     assert ord("{") not in allowed_ids(a, 320)
+
+
+def packaged_findings_schema() -> str:
+    from importlib import resources
+
+    file = resources.files("pijax.configs") / "schemas" / "findings.schema.json"
+    if not file.is_file():
+        pytest.skip("configs/schemas/findings.schema.json is not in this tree yet")
+    return file.read_text()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_packaged_findings_schema_walk_validates(seed):
+    text = packaged_findings_schema()
+    tok = ByteTokenizer()
+    compiler = SchemaCompiler.for_tokenizer(tok, vocab_size=320, eos_token_ids=(257,))
+    ids = random_walk(compiler, text, 320, 257, seed, max_steps=20000)
+    jsonschema.validate(json.loads(tok.decode(ids)), json.loads(text))

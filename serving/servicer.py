@@ -406,7 +406,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if limit > MAX_AUDIT_LIMIT:
             raise invalid("limit", f"in [0, {MAX_AUDIT_LIMIT}] (0 = {DEFAULT_AUDIT_LIMIT})", limit)
         self._engine_feature("read_audit_log", "ReadAuditLog")
-        records = await self._on_engine(lambda e: list(e.read_audit_log()))
+        # The engine's reader filters what it can (so it copies less); we filter again, exactly.
+        filters = {"tenant": request.tenant or None, "zone": request.zone or None,
+                   "kind": request.event or None, "since": request.since_unix_seconds or None}
+        filters = {k: v for k, v in filters.items() if v is not None}
+        records = await self._on_engine(lambda e: list(e.read_audit_log(**filters)))
         out = [r for r in map(_audit_record, records) if _audit_match(r, request)]
         return pb.ReadAuditLogResponse(records=out[-limit:])
 

@@ -12,6 +12,16 @@
 (a pure decode step, known on the host when the batch is built); it selects the split-K decode
 kernel, which fills the GPU when few long sequences decode. Without it, the ragged kernel
 handles any mix. The TPU kernel is the ragged one for every batch.
+
+Sharded pools. The engine shards the pool's kv-head axis (and the queries' head axis) over the
+mesh axis `model`. GSPMD cannot partition a `pallas_call` (an opaque custom call), so when a
+kernel runs under a mesh whose `model` axis has more than one device, dispatch wraps it in
+`shard_map` over that axis: each device runs the kernel on its own kv heads and the query heads
+that share them; lengths, block tables and query offsets are replicated. Attention never mixes
+kv heads, so no collective is needed. The mesh is found without threading it through the model:
+the context mesh (`jax.set_mesh`) if one is set, otherwise the mesh JAX records in the pool's
+abstract value when the jitted step is called with sharded arrays. The reference path stays a
+plain XLA computation that GSPMD partitions itself.
 """
 
 from __future__ import annotations
@@ -19,7 +29,10 @@ from __future__ import annotations
 import enum
 
 import jax
+from jax.sharding import PartitionSpec as P
 from pijax.kernels.paged_attention import decode, ragged, reference
+
+MODEL_AXIS = "model"  # the mesh axis the pool's kv heads (and the query heads) are sharded on
 
 
 class AttentionImpl(enum.Enum):
@@ -52,23 +65,80 @@ def paged_attention(
     """Ragged paged attention over the pool (see `reference` for the argument contract)."""
     impl = resolve(impl)
     args = (q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs)
-    kwargs = dict(sm_scale=sm_scale, k_scales=k_scales, v_scales=v_scales, soft_cap=soft_cap,
-                  sliding_window=sliding_window)
+    kwargs = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
     if impl is AttentionImpl.REFERENCE:
-        return reference.ragged_paged_attention_reference(*args, **kwargs)
+        return reference.ragged_paged_attention_reference(
+            *args, k_scales=k_scales, v_scales=v_scales, **kwargs)
+    kernel = _kernel(impl, decode_only)
     if impl is AttentionImpl.PALLAS_INTERPRET:
-        kernel = decode.paged_decode_attention if decode_only else ragged.ragged_paged_attention
-        return kernel(*args, **kwargs, interpret=True)
+        kwargs["interpret"] = True
+    mesh = kv_head_mesh(k_pages)
+    if mesh is not None:
+        return _shard_over_kv_heads(kernel, mesh, args, k_scales, v_scales, kwargs)
+    return kernel(*args, k_scales=k_scales, v_scales=v_scales, **kwargs)
+
+
+def _kernel(impl: AttentionImpl, decode_only: bool):
+    if impl is AttentionImpl.PALLAS_INTERPRET:
+        return decode.paged_decode_attention if decode_only else ragged.ragged_paged_attention
     backend = jax.default_backend()
     if backend in ("cuda", "rocm", "gpu"):
-        kernel = decode.paged_decode_attention if decode_only else ragged.ragged_paged_attention
-        return kernel(*args, **kwargs)
+        return decode.paged_decode_attention if decode_only else ragged.ragged_paged_attention
     if backend == "tpu":
         from pijax.kernels.paged_attention import tpu  # Mosaic-only imports stay off GPU hosts
 
-        return tpu.ragged_paged_attention_tpu(*args, **kwargs)
+        return tpu.ragged_paged_attention_tpu
     raise ValueError(f"attention_impl=pallas has no kernel for backend {backend!r}; use "
                      f"{AttentionImpl.REFERENCE.value!r} or {AttentionImpl.PALLAS_INTERPRET.value!r}")
+
+
+def kv_head_mesh(k_pages):
+    """The mesh whose `model` axis (size > 1) shards the pool in this trace, or None.
+
+    The context mesh wins; otherwise the abstract mesh JAX attaches to a traced array's type
+    when jit is called with arrays sharded over a mesh (JAX >= 0.7 records it even for `Auto`
+    axes). A `model` axis that is already manual (we are inside someone's shard_map) is left
+    alone: the arrays are per-device there.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        mesh = getattr(getattr(jax.typeof(k_pages), "sharding", None), "mesh", None)
+    if mesh is None or mesh.empty or MODEL_AXIS not in mesh.axis_names:
+        return None
+    if mesh.shape[MODEL_AXIS] == 1 or MODEL_AXIS in mesh.manual_axes:
+        return None
+    return mesh
+
+
+def _shard_over_kv_heads(kernel, mesh, args, k_scales, v_scales, kwargs):
+    q, k_pages = args[0], args[1]
+    devices = mesh.shape[MODEL_AXIS]
+    if k_pages.shape[2] % devices or q.shape[1] % devices:
+        raise ValueError(f"mesh axis {MODEL_AXIS!r} of size {devices} must divide the kv heads "
+                         f"({k_pages.shape[2]}) and query heads ({q.shape[1]})")
+    heads, rep = P(None, MODEL_AXIS, None), P()
+    pages, scales = P(None, None, MODEL_AXIS, None), P(None, None, MODEL_AXIS)
+    quantized = k_scales is not None
+
+    def local(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *scale_args):
+        ks, vs = scale_args if quantized else (None, None)
+        return kernel(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
+                      k_scales=ks, v_scales=vs, **kwargs)
+
+    in_specs = (heads, pages, pages, rep, rep, rep, rep) + (scales, scales) * quantized
+    extra = (k_scales, v_scales) if quantized else ()
+    return _shard_map(local, mesh, in_specs, heads)(*args, *extra)
+
+
+def _shard_map(fn, mesh, in_specs, out_specs):
+    # A pallas_call's out_shape carries no manual-axis type, so varying-manual-axes checking
+    # would reject it; the kernels' outputs vary over `model` exactly as their inputs do.
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)
+    from jax.experimental.shard_map import shard_map  # JAX releases before jax.shard_map
+
+    return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
 def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, k_scales=None, v_scales=None, *,

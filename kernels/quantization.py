@@ -13,8 +13,6 @@ fp8 pools are not implemented here yet (the engine would store `float8_e4m3fn` p
 same scale layout); nothing in the kernels assumes int8 beyond the cast before the dot.
 """
 
-from __future__ import annotations
-
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 

@@ -14,8 +14,6 @@ causally to positions `<= ` that. Rows past `cu_q_lens[num_seqs]` are padding; t
 zero.
 """
 
-from __future__ import annotations
-
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
@@ -28,9 +26,9 @@ def ragged_paged_attention_reference(
     q: Float[Array, "T H D"],
     k_pages: Array,
     v_pages: Array,
-    kv_lens: Int[Array, "S"],
+    kv_lens: Int[Array, " S"],
     block_tables: Int[Array, "S W"],
-    cu_q_lens: Int[Array, "S1"],
+    cu_q_lens: Int[Array, " S1"],
     num_seqs: Int[Array, ""],
     *,
     sm_scale: float,
@@ -98,7 +96,7 @@ def write_kv_reference(
     v_pages: Array,
     k_new: Float[Array, "T K D"],
     v_new: Float[Array, "T K D"],
-    slot_mapping: Int[Array, "T"],
+    slot_mapping: Int[Array, " T"],
     k_scales: Array | None = None,
     v_scales: Array | None = None,
 ):

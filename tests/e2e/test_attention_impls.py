@@ -44,8 +44,7 @@ def test_pallas_interpret_matches_reference_on_mixed_batches(monkeypatch):
 SHARDED = textwrap.dedent("""
     import json
     import jax
-    import pijax.engine
-from pijax import LLM, SamplingParams
+    from pijax import LLM, SamplingParams
     from pijax.kernels import dispatch
 
     sharded_calls = []

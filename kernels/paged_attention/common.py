@@ -173,3 +173,33 @@ def kv_range(first_pos, count, kv_len, sliding_window):
     hi = jnp.where(count > 0, jnp.minimum(kv_len, first_pos + count), 0)
     lo = 0 if sliding_window is None else jnp.maximum(0, first_pos - sliding_window + 1)
     return lo, hi
+
+
+def split_blocks(lo, hi, block_keys: int, split, num_splits: int):
+    """K/V tiles [start, stop) that partition `split` of `num_splits` walks for keys [lo, hi).
+
+    Each partition gets an equal share of the tiles this query tile actually needs (so a short
+    sequence's spare partitions are empty and exit at once); with one split, all of them."""
+    blk_lo, blk_hi = lax.div(lo, block_keys), cdiv(hi, block_keys)
+    if num_splits == 1:
+        return blk_lo, blk_hi
+    per_split = cdiv(jnp.maximum(blk_hi - blk_lo, 0), num_splits)
+    start = blk_lo + split * per_split
+    return start, jnp.minimum(start + per_split, blk_hi)
+
+
+def log_sum_exp(m, denom):
+    """A partition's log-sum-exp from its running max and denominator; -inf if it saw no key."""
+    return jnp.where(denom > 0, m + jnp.log(jnp.maximum(denom, 1e-30)), -jnp.inf)
+
+
+def combine_splits(out_parts, lse_parts):
+    """Merge split-K partitions: `[P, ..., D]` normalized partial outputs and `[P, ..., 1]`
+    log-sum-exps -> `[..., D]`:  out = sum_p exp(lse_p - lse) * out_p,  lse = logsumexp_p lse_p.
+    Rows no partition saw (padding) come out as zeros."""
+    lse_max = jnp.max(lse_parts, axis=0)
+    safe_max = jnp.where(jnp.isfinite(lse_max), lse_max, 0.0)
+    weights = jnp.exp(lse_parts - safe_max)  # exactly 0 for partitions that saw no key
+    total = jnp.sum(weights, axis=0)
+    out = jnp.sum(weights * out_parts, axis=0)
+    return jnp.where(total > 0, out / jnp.where(total > 0, total, 1.0), 0.0)

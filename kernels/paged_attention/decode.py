@@ -2,10 +2,10 @@
 
 For batches where every live sequence has exactly one new token (pure decode steps). Decode is
 bandwidth-bound and its parallelism is `kv_heads * seqs` programs, too few to fill a GPU when a
-handful of long claims decode alone. So each sequence's context is also cut into
-`decode_splits` partitions (grid `(kv_heads, seqs, splits)`), sized per sequence from its own
-`kv_len` (a short sequence's spare partitions exit at once), and a combine pass merges the
-partial results by their log-sum-exp:
+handful of long claims decode alone. So each sequence's context is also cut into `splits`
+partitions (grid `(kv_heads, seqs, splits)`; the count is static, from the grid size, see
+`tuning.splits`), sized per sequence from its own `kv_len` (a short sequence's spare partitions
+exit at once), and a combine pass merges the partial results by their log-sum-exp:
 
     lse = logsumexp_p(lse_p);   out = sum_p exp(lse_p - lse) * out_p
 
@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from pijax.kernels.paged_attention import common
-from pijax.kernels.paged_attention.tuning import block_sizes
+from pijax.kernels.paged_attention import common, tuning
 
 _MIN_DOT_ROWS = 16
 
@@ -43,10 +42,7 @@ def _kernel(kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *rest, pages_per_block: in
     kv_len = kv_lens_ref[seq]
     pos = kv_len - 1  # the one new token; kv_len == 0 (padded sequence) leaves nothing to do
     lo, hi = common.kv_range(pos, jnp.minimum(kv_len, 1), kv_len, sliding_window)
-    blk_lo, blk_hi = lax.div(lo, block_keys), common.cdiv(hi, block_keys)
-    per_split = common.cdiv(blk_hi - blk_lo, num_splits)
-    start = blk_lo + split * per_split
-    stop = jnp.minimum(start + per_split, blk_hi)
+    start, stop = common.split_blocks(lo, hi, block_keys, split, num_splits)
 
     row_pos = jnp.full((rows, 1), pos, jnp.int32)
     row_live = row_pos >= 0
@@ -67,17 +63,7 @@ def _kernel(kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *rest, pages_per_block: in
 
     o, m, denom = lax.fori_loop(start, stop, body, common.init_carry(rows, head_dim))
     o_ref[...] = common.normalize(o, denom)
-    lse_ref[...] = jnp.where(denom > 0, m + jnp.log(jnp.maximum(denom, 1e-30)), -jnp.inf)
-
-
-def combine_splits(out_parts, lse_parts):
-    """[P, ...rows, D] partial outputs and [P, ...rows, 1] log-sum-exps -> [...rows, D]."""
-    lse_max = jnp.max(lse_parts, axis=0)
-    safe_max = jnp.where(jnp.isfinite(lse_max), lse_max, 0.0)
-    weights = jnp.exp(lse_parts - safe_max)  # exactly 0 for partitions that saw no key
-    total = jnp.sum(weights, axis=0)
-    out = jnp.sum(weights * out_parts, axis=0)
-    return jnp.where(total > 0, out / jnp.where(total > 0, total, 1.0), 0.0)
+    lse_ref[...] = common.log_sum_exp(m, denom)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window",
@@ -97,7 +83,7 @@ def paged_decode_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
         pages_per_block=pages_per_block, num_splits=num_splits, interpret=interpret)
     num_tokens, num_heads, head_dim = q.shape
     group = num_heads // k_pages.shape[2]
-    o = combine_splits(out_parts, lse_parts)[:, :, :group]  # [K, S, G, D]
+    o = common.combine_splits(out_parts, lse_parts)[:, :, :group]  # [K, S, G, D]
     o = o.transpose(1, 0, 2, 3).reshape(-1, num_heads, head_dim).astype(q.dtype)
     dest = jnp.where(live, cu_q_lens[:-1], num_tokens)  # padded sequences scatter nowhere
     return jnp.zeros_like(q).at[dest].set(o, mode="drop")
@@ -109,14 +95,14 @@ def decode_partials(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_s
     """Per-partition outputs `[P, K, S, rows, D]` and log-sum-exps `[P, K, S, rows, 1]` (every
     element written), and the live-sequence mask; tests inspect them directly."""
     common.validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, k_scales, v_scales)
-    sizes = block_sizes("interpret" if interpret else "gpu")
+    sizes = tuning.block_sizes("interpret" if interpret else "gpu")
     pages_per_block = pages_per_block or sizes.pages_per_block
-    num_splits = num_splits or sizes.decode_splits
     num_tokens, num_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = k_pages.shape
     max_seqs = block_tables.shape[0]
     group = num_heads // num_kv_heads
     rows = max(_MIN_DOT_ROWS, common.next_pow2(group))
+    num_splits = num_splits or tuning.splits(num_kv_heads * max_seqs, sizes)
 
     live = jnp.arange(max_seqs) < num_seqs
     live &= cu_q_lens[1:] > cu_q_lens[:-1]

@@ -15,6 +15,14 @@ stride of `num_kv_heads * head_dim` between keys: each key row is a contiguous `
 read fewer bytes. It would make each page one contiguous run, which helps TPU DMAs more than
 GPU loads (see `tpu.py`).
 
+Split-K. With `num_splits > 1` the grid gains a third axis: each program walks one partition
+of its tile's K/V range and writes a normalized partial output with its log-sum-exp; a combine
+pass (`common.combine_splits`, a few fused XLA ops) merges them. The split count is static and
+comes from the grid size (`tuning.splits`): a pure-decode step of a few long sequences has few
+tiles and gets split like a flash-decoding kernel, a big mixed step gets one partition and no
+combine. This is how decode rows get split-K inside the engine's one attention call per layer,
+without a second kernel or a host-side flag (see `decode.py` for the dedicated decode kernel).
+
 Invariants: pages beyond `kv_len` and the null page 0 may be read (whole pages are loaded) but
 are always masked; query rows of padded tokens and padded heads are computed and dropped;
 every output row is written (zeros for padding) by `scatter_output_tiles`.
@@ -28,17 +36,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from pijax.kernels.paged_attention import common
-from pijax.kernels.paged_attention.tuning import block_sizes
+from pijax.kernels.paged_attention import common, tuning
 
 
 def _kernel(seq_ref, count_ref, pos_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *rest,
-            group_pad: int, pages_per_block: int, sm_scale: float, soft_cap, sliding_window,
-            quantized: bool):
-    if quantized:
-        ks_ref, vs_ref, o_ref = rest
-    else:
-        (o_ref,), ks_ref, vs_ref = rest, None, None
+            group_pad: int, pages_per_block: int, num_splits: int, sm_scale: float, soft_cap,
+            sliding_window, quantized: bool):
+    ks_ref, vs_ref = rest[:2] if quantized else (None, None)
+    outs = rest[2:] if quantized else rest
+    o_ref, lse_ref = outs if num_splits > 1 else (outs[0], None)
     tile = pl.program_id(1)
     seq, count, first_pos = seq_ref[tile], count_ref[tile], pos_ref[tile]
     rows, head_dim = q_ref.shape
@@ -64,36 +70,47 @@ def _kernel(seq_ref, count_ref, pos_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_re
                                    sm_scale=sm_scale, soft_cap=soft_cap,
                                    sliding_window=sliding_window)
 
-    o, _, denom = lax.fori_loop(lax.div(lo, block_keys), common.cdiv(hi, block_keys), body,
-                            common.init_carry(rows, head_dim))
+    split = pl.program_id(2) if num_splits > 1 else 0
+    start, stop = common.split_blocks(lo, hi, block_keys, split, num_splits)
+    o, m, denom = lax.fori_loop(start, stop, body, common.init_carry(rows, head_dim))
     o_ref[...] = common.normalize(o, denom).astype(o_ref.dtype)
+    if lse_ref is not None:
+        lse_ref[...] = common.log_sum_exp(m, denom)
 
 
 _STATIC = ("sm_scale", "soft_cap", "sliding_window", "block_rows", "pages_per_block",
-           "interpret")
+           "num_splits", "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
                            sm_scale: float, k_scales=None, v_scales=None, soft_cap=None,
                            sliding_window=None, block_rows: int | None = None,
-                           pages_per_block: int | None = None, interpret: bool = False):
-    """Same contract as `reference.ragged_paged_attention_reference`."""
-    out_tiles, tm, tokens_per_tile = ragged_output_tiles(
+                           pages_per_block: int | None = None, num_splits: int | None = None,
+                           interpret: bool = False):
+    """Same contract as `reference.ragged_paged_attention_reference`.
+
+    `num_splits=None` picks the split-K factor from the grid size (`tuning.splits`)."""
+    parts, lse, tm, tokens_per_tile = ragged_output_tiles(
         q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, sm_scale=sm_scale,
         k_scales=k_scales, v_scales=v_scales, soft_cap=soft_cap, sliding_window=sliding_window,
-        block_rows=block_rows, pages_per_block=pages_per_block, interpret=interpret)
+        block_rows=block_rows, pages_per_block=pages_per_block, num_splits=num_splits,
+        interpret=interpret)
+    out_tiles = parts[0] if lse is None else common.combine_splits(parts, lse).astype(q.dtype)
     return common.scatter_output_tiles(out_tiles, tm, cu_q_lens, num_seqs, num_heads=q.shape[1],
                                        num_tokens=q.shape[0], tokens_per_tile=tokens_per_tile)
 
 
 def ragged_output_tiles(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
                         sm_scale, k_scales, v_scales, soft_cap, sliding_window, block_rows,
-                        pages_per_block, interpret):
-    """The kernel's raw `[K, tiles, rows, D]` output (every element written), its tile map and
-    tokens per tile; tests inspect it directly."""
+                        pages_per_block, num_splits, interpret):
+    """The kernel's raw outputs (every element written), its tile map and tokens per tile.
+
+    Outputs: `[splits, K, tiles, rows, D]` partials and `[splits, K, tiles, rows, 1]`
+    log-sum-exps when split, else the final `[1, K, tiles, rows, D]` in q's dtype and None.
+    Tests inspect them directly."""
     common.validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, k_scales, v_scales)
-    sizes = block_sizes("interpret" if interpret else "gpu")
+    sizes = tuning.block_sizes("interpret" if interpret else "gpu")
     block_rows = block_rows or sizes.block_rows
     pages_per_block = pages_per_block or sizes.pages_per_block
     num_tokens, num_heads, head_dim = q.shape
@@ -107,26 +124,28 @@ def ragged_output_tiles(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, n
     q_tiles = common.gather_query_tiles(q, tm, num_kv_heads=num_kv_heads,
                                         tokens_per_tile=tokens_per_tile, group_pad=group_pad)
     num_tiles = q_tiles.shape[1]
+    num_splits = num_splits or tuning.splits(num_kv_heads * num_tiles, sizes)
     # Pad the table to whole K/V tiles with null pages (always masked), so loads stay in bounds.
     width = pl.cdiv(block_tables.shape[1], pages_per_block) * pages_per_block
     block_tables = jnp.pad(block_tables, ((0, 0), (0, width - block_tables.shape[1])))
 
     def whole(shape):
-        return pl.BlockSpec(shape, lambda h, t: (0,) * len(shape))
+        return pl.BlockSpec(shape, lambda h, t, *_: (0,) * len(shape))
 
-    page_spec = pl.BlockSpec((num_pages, page_size, None, head_dim), lambda h, t: (0, 0, h, 0))
+    page_spec = pl.BlockSpec((num_pages, page_size, None, head_dim),
+                             lambda h, t, *_: (0, 0, h, 0))
     in_specs = [whole((num_tiles,))] * 3 + [whole(kv_lens.shape), whole(block_tables.shape),
-                pl.BlockSpec((None, None, rows, head_dim), lambda h, t: (h, t, 0, 0)),
+                pl.BlockSpec((None, None, rows, head_dim), lambda h, t, *_: (h, t, 0, 0)),
                 page_spec, page_spec]
     args = [tm.seq, tm.count, tm.first_pos, kv_lens, block_tables, q_tiles, k_pages, v_pages]
     quantized = k_scales is not None
     if quantized:
-        scale_spec = pl.BlockSpec((num_pages, page_size, None), lambda h, t: (0, 0, h))
+        scale_spec = pl.BlockSpec((num_pages, page_size, None), lambda h, t, *_: (0, 0, h))
         in_specs += [scale_spec, scale_spec]
         args += [k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)]
 
     kernel = functools.partial(_kernel, group_pad=group_pad, pages_per_block=pages_per_block,
-                               sm_scale=sm_scale, soft_cap=soft_cap,
+                               num_splits=num_splits, sm_scale=sm_scale, soft_cap=soft_cap,
                                sliding_window=sliding_window, quantized=quantized)
     compiler_params = None
     if not interpret:
@@ -134,14 +153,28 @@ def ragged_output_tiles(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, n
 
         compiler_params = plgpu.CompilerParams(num_warps=sizes.num_warps,
                                                num_stages=sizes.num_stages)
-    out_tiles = pl.pallas_call(
+    part = (num_splits, num_kv_heads, num_tiles, rows)
+    if num_splits == 1:  # final output straight from the kernel, in q's dtype
+        grid = (num_kv_heads, num_tiles)
+        out_specs = [pl.BlockSpec((None, None, None, rows, head_dim), lambda h, t: (0, h, t, 0, 0))]
+        out_shape = [jax.ShapeDtypeStruct((*part, head_dim), q.dtype)]
+    else:
+        grid = (num_kv_heads, num_tiles, num_splits)
+        out_specs = [
+            pl.BlockSpec((None, None, None, rows, head_dim), lambda h, t, p: (p, h, t, 0, 0)),
+            pl.BlockSpec((None, None, None, rows, 1), lambda h, t, p: (p, h, t, 0, 0)),
+        ]
+        out_shape = [jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
+                     jax.ShapeDtypeStruct((*part, 1), jnp.float32)]
+    outs = pl.pallas_call(
         kernel,
-        grid=(num_kv_heads, num_tiles),
+        grid=grid,
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, None, rows, head_dim), lambda h, t: (h, t, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((num_kv_heads, num_tiles, rows, head_dim), q.dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=compiler_params,
         interpret=interpret,
         name="pijax_ragged_paged_attention",
     )(*args)
-    return out_tiles, tm, tokens_per_tile
+    parts, lse = (outs[0], None) if num_splits == 1 else outs
+    return parts, lse, tm, tokens_per_tile

@@ -4,9 +4,12 @@
 `block_rows // group` tokens of one sequence with all query heads that share a kv head, so the
 K/V tile loaded for it is reused by every head of the group (GQA costs no extra KV reads).
 `pages_per_block` is how many pages one K/V tile spans (`pages_per_block * page_size` keys).
-`decode_splits` is the split-K factor of the decode kernel: the context of one sequence is cut
-into that many partitions that run as separate programs, and a combine pass merges them, so a
-handful of long sequences still fill the machine.
+Split-K. Both GPU kernels can cut each query tile's context into partitions that run as
+separate programs, merged afterwards by log-sum-exp, so a handful of long sequences still fill
+the machine. The split count is static, chosen from the grid the batch's shapes give (`splits`):
+enough partitions that `kv_heads * tiles * splits` reaches `target_programs`, at most
+`max_splits`. Large batches get 1 (no partial results, no combine pass); a decode step of a few
+long claims gets many. Because it depends only on shapes, it adds no compilation.
 
 The GPU and TPU rows are starting points chosen from the hardware's shape (Triton needs power-of-
 two tiles >= 16 for `tl.dot`; a TPU MXU pass is 128 (v5e) or 256 (v6e) wide), NOT measured: no
@@ -24,17 +27,21 @@ import jax
 class BlockSizes:
     block_rows: int
     pages_per_block: int
-    decode_splits: int
+    max_splits: int
+    target_programs: int  # programs in flight that fill the device (GPU: ~2 per SM)
     num_warps: int = 4  # Triton only
     num_stages: int = 2  # Triton only
 
 
 _TABLE = {
-    "gpu": BlockSizes(block_rows=64, pages_per_block=4, decode_splits=8, num_warps=4,
-                      num_stages=2),
-    "tpu": BlockSizes(block_rows=128, pages_per_block=8, decode_splits=1),
+    # H100: 132 SMs; 256 programs is about two resident 4-warp programs per SM.
+    "gpu": BlockSizes(block_rows=64, pages_per_block=4, max_splits=16, target_programs=256,
+                      num_warps=4, num_stages=2),
+    # The TPU kernel walks tiles sequentially per core ("arbitrary" grid axis): no split-K.
+    "tpu": BlockSizes(block_rows=128, pages_per_block=8, max_splits=1, target_programs=1),
     # Interpret mode runs on CPU and copies whole inputs per grid step: small tiles, few steps.
-    "interpret": BlockSizes(block_rows=16, pages_per_block=2, decode_splits=2),
+    # A target of 16 programs still splits the small test batches, so tests cover the combine.
+    "interpret": BlockSizes(block_rows=16, pages_per_block=2, max_splits=2, target_programs=16),
 }
 
 
@@ -45,3 +52,9 @@ def block_sizes(backend: str | None = None) -> BlockSizes:
     if backend not in _TABLE:
         raise ValueError(f"no block sizes for backend {backend!r}; known: {sorted(_TABLE)}")
     return _TABLE[backend]
+
+
+def splits(num_programs: int, sizes: BlockSizes) -> int:
+    """Static split-K factor for a grid of `num_programs` (kv heads x query tiles) programs."""
+    want = -(-sizes.target_programs // max(1, num_programs))
+    return max(1, min(sizes.max_splits, want))

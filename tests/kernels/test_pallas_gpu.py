@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from pijax.kernels import dispatch
-from pijax.kernels.paged_attention import common, decode, ragged, reference
+from pijax.kernels.paged_attention import common, decode, ragged, reference, tuning
 from pijax.kernels.paged_attention.cases import make_case, mixed_seqs, padded_tokens
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -38,23 +38,27 @@ def decode_case(group, head_dim, page_size, dtype=jnp.float32, quantized=False, 
                      seed=seed)
 
 
-def check_ragged(case, dtype=jnp.float32, soft_cap=None, sliding_window=None):
+def check_ragged(case, dtype=jnp.float32, soft_cap=None, sliding_window=None, num_splits=1):
     kw = dict(sm_scale=case.q.shape[-1] ** -0.5, soft_cap=soft_cap,
               sliding_window=sliding_window, **case.scale_kwargs())
 
     @jax.jit
-    def run(*args):  # the public wrapper's two halves, so the raw tiles can be inspected
-        tiles, tm, per_tile = ragged.ragged_output_tiles(
-            *args, **kw, block_rows=None, pages_per_block=None, interpret=True)
-        out = common.scatter_output_tiles(tiles, tm, case.cu_q_lens, case.num_seqs,
-                                          num_heads=case.q.shape[1],
+    def run(*args):  # the public wrapper's pieces, so the raw kernel outputs can be inspected
+        parts, lse, tm, per_tile = ragged.ragged_output_tiles(
+            *args, **kw, block_rows=None, pages_per_block=None, num_splits=num_splits,
+            interpret=True)
+        tiles = parts[0] if lse is None else common.combine_splits(parts, lse)
+        out = common.scatter_output_tiles(tiles.astype(case.q.dtype), tm, case.cu_q_lens,
+                                          case.num_seqs, num_heads=case.q.shape[1],
                                           num_tokens=case.q.shape[0], tokens_per_tile=per_tile)
-        return tiles, out
+        return parts, lse, out
 
-    tiles, out = run(*case.args())
+    parts, lse, out = run(*case.args())
+    assert parts.shape[0] == num_splits and (lse is None) == (num_splits == 1)
     # The interpreter fills every output buffer with NaN before the kernel runs; a tile left
     # unwritten would survive as NaN here.
-    assert not np.any(np.isnan(np.asarray(tiles, np.float32))), "kernel left output unwritten"
+    for raw in (parts, lse if lse is not None else parts):
+        assert not np.any(np.isnan(np.asarray(raw, np.float32))), "kernel left output unwritten"
     check_output(out, case, dtype, **kw)
 
 
@@ -70,22 +74,31 @@ def check_final(fn, case, dtype, **kw):
     check_output(fn(*case.args(), **kw, interpret=True), case, dtype, **kw)
 
 
-@pytest.mark.parametrize("group,head_dim,page_size",
-                         [(1, 64, 16), (4, 128, 32), (8, 64, 32), (4, 64, 16)])
-def test_ragged_f32(group, head_dim, page_size):
-    check_ragged(ragged_case(group, head_dim, page_size, seed=group + head_dim))
+@pytest.mark.parametrize("group,head_dim,page_size,num_splits",
+                         [(1, 64, 16, 1), (4, 128, 32, 3), (8, 64, 32, 1), (4, 64, 16, 2)])
+def test_ragged_f32(group, head_dim, page_size, num_splits):
+    check_ragged(ragged_case(group, head_dim, page_size, seed=group + head_dim),
+                 num_splits=num_splits)
 
 
 def test_ragged_bf16():
-    check_ragged(ragged_case(4, 128, 16, dtype=jnp.bfloat16), dtype=jnp.bfloat16)
+    check_ragged(ragged_case(4, 128, 16, dtype=jnp.bfloat16), dtype=jnp.bfloat16, num_splits=2)
 
 
 def test_ragged_int8_pages():
     check_ragged(ragged_case(4, 64, 16, quantized=True, seed=11))
 
 
-def test_ragged_soft_cap_and_window():
-    check_ragged(ragged_case(2, 64, 16, seed=4), soft_cap=4.0, sliding_window=19)
+def test_ragged_soft_cap_and_window_split():
+    # Three partitions of a windowed range: some partitions see only masked keys for some rows.
+    check_ragged(ragged_case(2, 64, 16, seed=4), soft_cap=4.0, sliding_window=19, num_splits=3)
+
+
+def test_split_count_follows_grid_size():
+    sizes = tuning.block_sizes("gpu")
+    assert tuning.splits(8, sizes) == sizes.max_splits  # 1 sequence x 8 kv heads: split hard
+    assert tuning.splits(8 * 68, sizes) == 1  # 64 decodes: the grid is already full
+    assert 1 < tuning.splits(8 * 9, sizes) < sizes.max_splits
 
 
 @pytest.mark.parametrize("group,head_dim,page_size", [(1, 64, 16), (8, 128, 32)])

@@ -8,10 +8,16 @@
 |                  |                          | `decode_only=True` (split-K)  |                      |
 | PALLAS_INTERPRET | GPU-style kernels, interpret=True (any backend; slow, for tests)        |
 
-`decode_only` is a static promise from the caller that every live sequence has one new token
-(a pure decode step, known on the host when the batch is built); it selects the split-K decode
-kernel, which fills the GPU when few long sequences decode. Without it, the ragged kernel
-handles any mix. The TPU kernel is the ragged one for every batch.
+The engine makes one call per layer per step and passes no `decode_only`: the ragged kernel
+handles any mix, and splits each tile's context (split-K) when the batch's shapes give a grid
+too small to fill the GPU, which is exactly the pure-decode step of a few long sequences. The
+split count is static (from shapes), so this costs no extra compilation.
+
+`decode_only` is a static promise from a caller that every live sequence has one new token
+(known on the host when the batch is built); it selects the dedicated split-K decode kernel
+(16-row query tiles instead of the ragged kernel's `block_rows`). Whether that beats the
+ragged kernel on pure-decode steps is a GPU measurement (`scripts/bench_kernels.py`). The TPU
+kernel is the ragged one for every batch.
 
 Sharded pools. The engine shards the pool's kv-head axis (and the queries' head axis) over the
 mesh axis `model`. GSPMD cannot partition a `pallas_call` (an opaque custom call), so when a

@@ -1,0 +1,67 @@
+"""Byte-level BPE tokenizer for the claim-review format, trained on the synthetic corpus.
+
+Byte-level, so any text encodes (no unknown token) and decodes back exactly; the prompt format's special tokens come first
+(ids 0..6, `prompt.SPECIAL_TOKENS`) and are matched whole in raw text, so a rendered prompt
+encodes to exactly the ids the model was trained on. No post-processor: `<bos>` is part of the
+rendered prompt, never added behind the caller's back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from pijax.claims.corpus import Example
+from pijax.claims.prompt import (
+    SPECIAL_TOKENS,
+    policy_scaffold,
+    render_claim_segment,
+    render_policy_segment,
+    render_target,
+)
+
+# Pre-tokens: a word with its leading space, where a "word" may hold digits, dots, hyphens and
+# underscores, so a code (99213, J18.9, S93.401A), a date or a JSON key can become one token; or a
+# run of punctuation; or whitespace. Codes as single tokens are what lets a tiny model learn which
+# diagnosis supports which procedure.
+_WORDS = r"\s?[A-Za-z0-9_][A-Za-z0-9_.\-]*|\s?[^\sA-Za-z0-9_]+|\s+"
+
+
+def training_texts(examples: Iterable[Example], policy_every: int = 10) -> Iterable[str]:
+    """Rendered prompts and answers, with the policy segment once every `policy_every` examples.
+
+    The policy text is in every real prompt, so its words deserve merges; once per example would
+    let its pair counts crowd out the claims' codes and numbers.
+    """
+    for i, ex in enumerate(examples):
+        if i % policy_every == 0:
+            yield render_policy_segment(policy_scaffold())
+        yield render_claim_segment(ex.claim)
+        yield render_target(ex.findings, ex.narrative)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 3072) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_WORDS), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def special_token_ids(tok: Tokenizer) -> dict[str, int]:
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+        raise ValueError(f"tokenizer lacks the prompt format's special tokens {missing}")
+    return ids

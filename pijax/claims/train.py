@@ -1,0 +1,292 @@
+"""Train the default claim-review model on the synthetic corpus (CPU-sized).
+
+The pipeline `scripts/train_default_model.py` drives: generate the corpus, train the BPE
+tokenizer, encode `prompt + answer` sequences, and fit a small `LlamaModel` with AdamW on the
+answer tokens only (the policy and claim are context, not targets). Training uses the model's own
+`forward_dense`; there is no second model definition.
+
+Budget: on a shared 2-core CPU the cost is tokens x (parameters + attention over the length), so
+sequences are grouped into a few length buckets (one compile each) and the learning rate follows
+warmup -> constant -> linear decay over a progress measure that is the larger of steps done and
+wall time used, so a run capped by `time_budget_s` still ends with its decay phase.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tokenizers
+from flax import nnx
+from tqdm import tqdm
+
+from pijax.claims.bpe import special_token_ids, train_tokenizer, training_texts
+from pijax.claims.corpus import Example, generate_examples
+from pijax.claims.prompt import (
+    BOS,
+    END,
+    EOS,
+    PAD,
+    policy_scaffold,
+    render_claim_segment,
+    render_policy_segment,
+    render_target,
+)
+from pijax.config import ModelConfig
+from pijax.model.llama import LlamaModel
+
+BUCKET = 128  # sequence lengths are padded up to a multiple of this (one compile per bucket)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 700
+    seed: int = 0
+    num_examples: int | None = None  # distinct training claims; default steps * batch_size
+    batch_size: int = 8
+    learning_rate: float = 2e-3
+    warmup_steps: int = 30
+    decay_fraction: float = 0.25  # the last share of progress decays the learning rate to 0
+    weight_decay: float = 0.1
+    time_budget_s: float | None = None  # stop (after decaying) once training took this long
+    vocab_size: int = 2048
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 2048
+    tokenizer_examples: int = 4000
+    log_every: int = 10
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "vocab_size", "hidden_size", "num_layers",
+                     "num_heads", "num_kv_heads", "tokenizer_examples", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of "
+                             f"num_heads={self.num_heads}")
+        if not 0 <= self.decay_fraction < 1:
+            raise ValueError(f"decay_fraction must be in [0, 1); got {self.decay_fraction}")
+
+    @property
+    def total_examples(self) -> int:
+        return self.num_examples or self.steps * self.batch_size
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: LlamaModel
+    model_config: ModelConfig
+    tokenizer: tokenizers.Tokenizer
+    steps_done: int
+    examples_seen: int
+    tokens_seen: int  # padded positions run through the model
+    target_tokens_seen: int
+    train_seconds: float
+    losses: list[tuple[int, float]]  # (step, mean loss over the last log interval)
+    stopped_by: str  # "steps" or "time_budget"
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    ids: np.ndarray  # prompt + answer token ids
+    answer_start: int  # index of the first answer token
+
+
+def encode_examples(tok: tokenizers.Tokenizer, examples: Sequence[Example]) -> list[Encoded]:
+    # The policy segment is the same for every claim and ends before a special token, so it is
+    # encoded once and prepended (identical to encoding the whole prompt; see prompt.py).
+    policy = tok.encode(render_policy_segment(policy_scaffold()), add_special_tokens=False).ids
+    claims = tok.encode_batch([render_claim_segment(ex.claim) for ex in examples],
+                              add_special_tokens=False)
+    answers = tok.encode_batch([render_target(ex.findings, ex.narrative) for ex in examples],
+                               add_special_tokens=False)
+    return [Encoded(np.asarray(policy + c.ids + a.ids, np.int32), len(policy) + len(c.ids))
+            for c, a in zip(claims, answers, strict=True)]
+
+
+def batches(data: Sequence[Encoded], batch_size: int, seed: int, pad_id: int
+            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless (tokens, loss mask) batches of similar length, in a seeded order per epoch.
+
+    `mask[b, t] = 1` where token t is an answer token, i.e. predicted from position t-1.
+    """
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(data)))
+        rng.shuffle(order)
+        by_bucket: dict[int, list[int]] = {}
+        for i in order:
+            by_bucket.setdefault(_bucket(len(data[i].ids)), []).append(i)
+        plan = [(length, idx[k:k + batch_size]) for length, idx in sorted(by_bucket.items())
+                for k in range(0, len(idx) - batch_size + 1, batch_size)]
+        if not plan:  # fewer examples than one batch per bucket: pad the batch by repeating
+            length = max(by_bucket)
+            plan = [(length, (order * batch_size)[:batch_size])]
+        rng.shuffle(plan)
+        for length, idx in plan:
+            tokens = np.full((batch_size, length), pad_id, np.int32)
+            mask = np.zeros((batch_size, length), np.float32)
+            for row, i in enumerate(idx):
+                ex = data[i]
+                tokens[row, :len(ex.ids)] = ex.ids
+                mask[row, ex.answer_start:len(ex.ids)] = 1.0
+            yield tokens, mask
+
+
+def _bucket(n: int) -> int:
+    return -(-n // BUCKET) * BUCKET
+
+
+# --- model and optimizer ------------------------------------------------------------------------
+
+
+def model_config(cfg: TrainConfig, tok: tokenizers.Tokenizer) -> ModelConfig:
+    ids = special_token_ids(tok)
+    return ModelConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.hidden_size // cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings, rope_theta=10000.0,
+        tie_word_embeddings=False, bos_token_id=ids[BOS], eos_token_ids=(ids[END], ids[EOS]))
+
+
+def init_model(mcfg: ModelConfig, seed: int) -> LlamaModel:
+    """`LlamaModel`'s init, with the residual-branch outputs scaled by 1/sqrt(2 * layers).
+
+    The scaling (as in GPT-2) keeps the residual stream's variance flat with depth, which lets a
+    tiny model take a large learning rate from the first step.
+    """
+    model = LlamaModel(mcfg, rngs=nnx.Rngs(seed))
+    scale = 1.0 / math.sqrt(2 * mcfg.num_layers)
+    for layer in model.layers:
+        for kernel in (layer.self_attn.o_proj.kernel, layer.mlp.down_proj.kernel):
+            kernel[...] = kernel[...] * scale
+    return model
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    def factory(learning_rate):
+        return optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optax.adamw(learning_rate, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay,
+                        mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
+        )
+
+    return optax.inject_hyperparams(factory)(learning_rate=cfg.learning_rate)
+
+
+def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Warmup over `warmup_steps`, constant, then linear decay over the last `decay_fraction`."""
+    warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    decay_start = 1.0 - cfg.decay_fraction
+    if progress <= decay_start or cfg.decay_fraction == 0:
+        return cfg.learning_rate * warm
+    return cfg.learning_rate * warm * max(0.0, (1.0 - progress) / cfg.decay_fraction)
+
+
+def _loss(graphdef, params, tokens, mask):
+    logits = nnx.merge(graphdef, params).forward_dense(tokens[:, :-1])
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    m = mask[:, 1:]
+    return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation) -> Callable:
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, opt_state, tokens, mask, lr):
+        opt_state.hyperparams["learning_rate"] = lr
+        loss, grads = jax.value_and_grad(functools.partial(_loss, graphdef))(params, tokens, mask)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return train_step
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, tokenizer_path: str | Path, log: Callable[[str], None] = print
+          ) -> TrainResult:
+    """Corpus -> tokenizer (saved to `tokenizer_path`) -> trained model."""
+    examples = generate_examples(cfg.seed, cfg.total_examples, split="train")
+    tok = train_tokenizer(training_texts(examples[:cfg.tokenizer_examples]), cfg.vocab_size)
+    Path(tokenizer_path).parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(tokenizer_path))
+    data = encode_examples(tok, examples)
+    lengths = np.array([len(d.ids) for d in data])
+    log(f"corpus: {len(data)} claims, sequence length mean {lengths.mean():.0f} max "
+        f"{lengths.max()}, answer share {np.mean([1 - d.answer_start / len(d.ids) for d in data]):.2f}"
+        f"; vocab {tok.get_vocab_size()}")
+    if lengths.max() > cfg.max_position_embeddings:
+        raise ValueError(f"a training sequence has {lengths.max()} tokens > "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
+
+    mcfg = model_config(cfg, tok)
+    model = init_model(mcfg, cfg.seed)
+    graphdef, params = nnx.split(model)
+    optimizer = make_optimizer(cfg)
+    opt_state = optimizer.init(params)
+    step_fn = make_train_step(graphdef, optimizer)
+    log(f"model: {num_params(params):,} parameters, {mcfg.num_layers} layers, width "
+        f"{mcfg.hidden_size}, {mcfg.num_heads} heads / {mcfg.num_kv_heads} kv heads")
+
+    stream = batches(data, cfg.batch_size, cfg.seed, special_token_ids(tok)[PAD])
+    losses: list[tuple[int, float]] = []
+    window: list[float] = []
+    tokens_seen = target_seen = 0
+    start = time.monotonic()
+    stopped_by = "steps"
+    bar = tqdm(range(cfg.steps), desc="train", unit="step", mininterval=5.0)
+    step = 0
+    for step in bar:
+        elapsed = time.monotonic() - start
+        progress = step / cfg.steps
+        if cfg.time_budget_s:
+            progress = max(progress, elapsed / cfg.time_budget_s)
+        if progress >= 1.0:
+            stopped_by = "time_budget"
+            break
+        tokens, mask = next(stream)
+        lr = learning_rate(cfg, step, progress)
+        params, opt_state, loss = step_fn(params, opt_state, jnp.asarray(tokens),
+                                          jnp.asarray(mask), jnp.float32(lr))
+        tokens_seen += tokens.size
+        target_seen += int(mask.sum())
+        window.append(float(loss))
+        bar.set_postfix(loss=f"{window[-1]:.3f}", lr=f"{lr:.1e}", refresh=False)
+        if (step + 1) % cfg.log_every == 0:
+            losses.append((step + 1, float(np.mean(window))))
+            log(f"step {step + 1}/{cfg.steps} loss {losses[-1][1]:.4f} lr {lr:.2e} "
+                f"len {tokens.shape[1]} elapsed {time.monotonic() - start:.0f}s "
+                f"tok/s {tokens_seen / (time.monotonic() - start):.0f}")
+            window = []
+    else:
+        step = cfg.steps
+    bar.close()
+    if window:
+        losses.append((step, float(np.mean(window))))
+    jax.block_until_ready(params)
+    seconds = time.monotonic() - start
+    nnx.update(model, params)
+    return TrainResult(model, mcfg, tok, step, step * cfg.batch_size, tokens_seen, target_seen,
+                       seconds, losses, stopped_by)
+
+
+def num_params(state) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))

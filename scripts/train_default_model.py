@@ -1,0 +1,211 @@
+"""Train pijax's embedded default claim-review model on the synthetic corpus, on CPU.
+
+    python scripts/train_default_model.py --out_dir pijax/data/default_model --steps 700 \\
+        --time_budget_min 24
+
+Generates the synthetic payment-integrity corpus (`pijax.claims`; no real patient data), trains a
+byte-level BPE tokenizer on it, trains a small Llama with AdamW on the answer tokens, writes an HF
+checkpoint directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+generation_config.json) that pijax and transformers both load, then evaluates it on held-out
+claims through the engine, greedy, without and with JSON-schema constrained decoding: the share
+of answers that validate against the findings schema and the share whose flags match the rules.
+Writes eval.json and train_report.json beside the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+from absl import app, flags, logging
+from flax import nnx
+
+from pijax.claims import evaluate, train
+from pijax.claims.corpus import generate_examples
+from pijax.claims.prompt import BOS, END, PAD, policy_scaffold, render_prompt
+from pijax.claims.schema import findings_schema
+from pijax.model.hf_io import save_hf_checkpoint
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out_dir", "pijax/data/default_model", "Checkpoint directory to write.")
+flags.DEFINE_integer("steps", 700, "Training steps (an upper bound with --time_budget_min).")
+flags.DEFINE_integer("seed", 0, "Seed of the corpus, the initialization and the data order.")
+flags.DEFINE_integer("num_examples", None, "Distinct training claims (default steps * batch).")
+flags.DEFINE_integer("batch_size", 8, "Sequences per step.")
+flags.DEFINE_float("learning_rate", 2e-3, "Peak AdamW learning rate.")
+flags.DEFINE_integer("warmup_steps", 30, "Linear warmup steps.")
+flags.DEFINE_float("time_budget_min", None, "Stop training after this many minutes (the "
+                   "learning-rate decay is scheduled to finish by then).")
+flags.DEFINE_integer("vocab_size", 2048, "BPE vocabulary size (special tokens included).")
+flags.DEFINE_integer("hidden_size", 256, "Model width.")
+flags.DEFINE_integer("intermediate_size", 768, "MLP hidden width.")
+flags.DEFINE_integer("num_layers", 4, "Decoder layers.")
+flags.DEFINE_integer("num_heads", 4, "Attention heads.")
+flags.DEFINE_integer("num_kv_heads", 2, "Key/value heads (grouped-query attention).")
+flags.DEFINE_enum("checkpoint_dtype", "float32", ["float32", "bfloat16"], "Weights on disk.")
+flags.DEFINE_integer("eval_claims", 64, "Held-out claims to evaluate (0 skips evaluation).")
+flags.DEFINE_integer("eval_max_new_tokens", 512, "Answer budget per held-out claim.")
+flags.DEFINE_bool("constrained_eval", True, "Also evaluate with JSON-schema constrained decoding.")
+flags.DEFINE_integer("log_every", 10, "Steps between loss log lines.")
+
+
+def tokenizer_config(max_len: int) -> dict:
+    # The rendered prompt carries <bos> itself, so loaders must not add another.
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False,
+            "add_eos_token": False, "bos_token": BOS, "eos_token": END, "pad_token": PAD,
+            "model_max_length": max_len, "clean_up_tokenization_spaces": False}
+
+
+def run_eval(out: Path, seed: int, num_claims: int, max_new_tokens: int, constrained: bool
+             ) -> dict:
+    from pijax import LLM
+
+    examples = generate_examples(seed, num_claims, split="heldout")
+    prompts = [render_prompt(policy_scaffold(), ex.claim) for ex in examples]
+    max_len, seqs, page = 1536, 32, 16
+    llm = LLM(str(out), max_model_len=max_len, max_num_seqs=seqs, max_num_batched_tokens=1024,
+              page_size=page, num_pages=1 + seqs * max_len // page)
+    result: dict = {"split": "heldout", "seed": seed, "num_claims": num_claims,
+                    "decoding": "greedy", "max_new_tokens": max_new_tokens}
+    t = time.monotonic()
+    result["unconstrained"] = evaluate.evaluate_unconstrained(
+        llm, prompts, examples, max_new_tokens).to_json()
+    result["unconstrained"]["seconds"] = round(time.monotonic() - t, 1)
+    factory, why = _constraint_factory(llm) if constrained else (None, "--noconstrained_eval")
+    t = time.monotonic()
+    report = evaluate.evaluate_constrained(llm, prompts, examples, max_new_tokens, factory)
+    if report is None:
+        result["constrained"] = {"skipped": why}
+    else:
+        result["constrained"] = report.to_json()
+        result["constrained"]["seconds"] = round(time.monotonic() - t, 1)
+    return result
+
+
+def _constraint_factory(llm):
+    try:
+        from pijax.serving.structured import SchemaCompiler
+    except ImportError as e:
+        return None, f"structured output unavailable: {e}"
+    engine = llm.engine
+    compiler = SchemaCompiler.for_tokenizer(
+        llm.tokenizer, vocab_size=engine.model_config.vocab_size,
+        eos_token_ids=engine.model.eos_token_ids)
+    compiled = compiler.compile(json.dumps(findings_schema()))
+    return compiled.new_constraint, ""
+
+
+def main(argv):
+    del argv
+    t0 = time.monotonic()
+    cfg = train.TrainConfig(
+        steps=FLAGS.steps, seed=FLAGS.seed, num_examples=FLAGS.num_examples,
+        batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
+        warmup_steps=FLAGS.warmup_steps,
+        time_budget_s=None if FLAGS.time_budget_min is None else 60.0 * FLAGS.time_budget_min,
+        vocab_size=FLAGS.vocab_size, hidden_size=FLAGS.hidden_size,
+        intermediate_size=FLAGS.intermediate_size, num_layers=FLAGS.num_layers,
+        num_heads=FLAGS.num_heads, num_kv_heads=FLAGS.num_kv_heads, log_every=FLAGS.log_every)
+    out = Path(FLAGS.out_dir)
+    with tempfile.TemporaryDirectory() as staging:
+        tok_path = Path(staging) / "tokenizer.json"
+        result = train.train(cfg, tok_path, log=lambda m: logging.info("%s", m))
+        (Path(staging) / "tokenizer_config.json").write_text(
+            json.dumps(tokenizer_config(cfg.max_position_embeddings), indent=2) + "\n")
+        save_hf_checkpoint(result.model_config, nnx.state(result.model, nnx.Param), tok_path,
+                           out, FLAGS.checkpoint_dtype)
+    train_done = time.monotonic()
+    weights = out / "model.safetensors"
+    report = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "train_seconds": round(result.train_seconds, 1),
+        "steps": result.steps_done,
+        "stopped_by": result.stopped_by,
+        "examples_seen": result.examples_seen,
+        "tokens_seen": result.tokens_seen,
+        "answer_tokens_seen": result.target_tokens_seen,
+        "final_loss": result.losses[-1][1] if result.losses else None,
+        "loss_curve": [[s, round(v, 4)] for s, v in result.losses],
+        "num_params": train.num_params(nnx.state(result.model, nnx.Param)),
+        "checkpoint_bytes": weights.stat().st_size,
+        "checkpoint_dtype": FLAGS.checkpoint_dtype,
+        "model": result.model_config.to_hf_dict(),
+        "train_config": {k: v for k, v in vars(cfg).items()},
+        "machine": {"backend": jax.default_backend(), "cpu_count": os.cpu_count(),
+                    "jax": jax.__version__, "python": platform.python_version(),
+                    "xla_flags": os.environ.get("XLA_FLAGS", "")},
+    }
+    _write_json(out / "train_report.json", report)
+    logging.info("checkpoint: %s (%.1f MB), %s parameters, trained %d steps in %.0f s",
+                 out, report["checkpoint_bytes"] / 1e6, f"{report['num_params']:,}",
+                 result.steps_done, result.train_seconds)
+
+    if FLAGS.eval_claims > 0:
+        ev = run_eval(out, FLAGS.seed, FLAGS.eval_claims, FLAGS.eval_max_new_tokens,
+                      FLAGS.constrained_eval)
+        _write_json(out / "eval.json", ev)
+        for mode in ("unconstrained", "constrained"):
+            r = ev[mode]
+            if "skipped" in r:
+                print(f"eval {mode}: skipped ({r['skipped']})")
+            else:
+                print(f"eval {mode}: {r['num_claims']} held-out claims, schema-valid "
+                      f"{r['schema_valid_share']:.1%}, flags match {r['flags_match_share']:.1%}, "
+                      f"exact {r['exact_match_share']:.1%}")
+    report["eval_seconds"] = round(time.monotonic() - train_done, 1)
+    report["total_seconds"] = round(time.monotonic() - t0, 1)
+    _write_json(out / "train_report.json", report)
+    (out / "README.md").write_text(model_card(report, ev if FLAGS.eval_claims > 0 else None))
+    print(f"train_report: {report['num_params']:,} params, {report['checkpoint_bytes']:,} bytes, "
+          f"train {report['train_seconds']:.0f} s, total {report['total_seconds']:.0f} s")
+
+
+def model_card(report: dict, ev: dict | None) -> str:
+    m = report["model"]
+    lines = [
+        "# pijax default claim-review model",
+        "",
+        "A small Llama-architecture model trained by `scripts/train_default_model.py` on the",
+        "synthetic payment-integrity corpus of `pijax.claims`. SYNTHETIC DATA ONLY: it has never",
+        "seen a real claim and must not be used to review one. It exists so that pijax's first",
+        "command prints a readable review and exercises the tokenizer, checkpoint loading and",
+        "structured output.",
+        "",
+        f"- {report['num_params']:,} parameters: {m['num_hidden_layers']} layers, width "
+        f"{m['hidden_size']}, {m['num_attention_heads']} heads / {m['num_key_value_heads']} kv "
+        f"heads, vocabulary {m['vocab_size']} (byte-level BPE)",
+        f"- trained {report['steps']} steps ({report['examples_seen']:,} claims) in "
+        f"{report['train_seconds'] / 60:.1f} min on {report['machine']['cpu_count']} CPU cores",
+        f"- `model.safetensors`: {report['checkpoint_bytes'] / 2**20:.1f} MiB "
+        f"({report['checkpoint_dtype']})",
+        f"- command: `{report['command']}`",
+        "",
+        "Prompt format (`pijax.claims.prompt`): `<bos><|policy|>{policy}\\n<|claim|>{claim}\\n"
+        "<|review|>`; the answer is the findings JSON (`configs/schemas/findings.schema.json`)",
+        "followed by `<|end|>`.",
+    ]
+    if ev is not None:
+        lines += ["", f"Held-out evaluation ({ev['num_claims']} claims, greedy, `eval.json`):", ""]
+        for mode in ("unconstrained", "constrained"):
+            r = ev[mode]
+            if "skipped" in r:
+                lines.append(f"- {mode}: skipped ({r['skipped']})")
+            else:
+                lines.append(f"- {mode}: schema-valid {r['schema_valid_share']:.0%}, flags match "
+                             f"{r['flags_match_share']:.0%}, action match "
+                             f"{r['action_match_share']:.0%}, exact {r['exact_match_share']:.0%}")
+    return "\n".join(lines) + "\n"
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,132 @@
+"""The shipped default model (`pijax/data/default_model/`): files, tokenizer, loading, generation.
+
+Skipped as a whole, with the reason, when the checkpoint is not in the tree (it is written by
+`scripts/train_default_model.py` and committed as package data).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import pijax
+from pijax.claims.corpus import generate_examples
+from pijax.claims.prompt import END, SPECIAL_TOKENS, policy_scaffold, render_prompt, render_target
+from pijax.claims.samples import sample_review_prompt
+
+DEFAULT_MODEL = Path(pijax.__path__[0]) / "data" / "default_model"
+
+pytestmark = pytest.mark.skipif(
+    not (DEFAULT_MODEL / "model.safetensors").is_file(),
+    reason=f"no shipped checkpoint at {DEFAULT_MODEL} (run scripts/train_default_model.py)")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tokenizers = pytest.importorskip("tokenizers")
+    return tokenizers.Tokenizer.from_file(str(DEFAULT_MODEL / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return generate_examples(seed=0, count=20, split="heldout")
+
+
+def test_checkpoint_files_and_size():
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json", "train_report.json", "eval.json"):
+        assert (DEFAULT_MODEL / name).is_file(), name
+    assert (DEFAULT_MODEL / "model.safetensors").stat().st_size <= 25 * 2**20
+
+
+def test_config_matches_tokenizer(tokenizer):
+    cfg = json.loads((DEFAULT_MODEL / "config.json").read_text())
+    gen = json.loads((DEFAULT_MODEL / "generation_config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert cfg["vocab_size"] == tokenizer.get_vocab_size()
+    assert [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    eos = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
+    assert tokenizer.token_to_id(END) in eos
+    assert cfg["bos_token_id"] == tokenizer.token_to_id("<bos>")
+
+
+def test_prompt_round_trips_through_shipped_tokenizer(tokenizer, heldout):
+    for ex in heldout:
+        text = render_prompt(policy_scaffold(), ex.claim) + render_target(ex.findings, ex.narrative)
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        assert tokenizer.decode(ids, skip_special_tokens=False) == text
+        assert ids[0] == tokenizer.token_to_id("<bos>") and ids[-1] == tokenizer.token_to_id(END)
+
+
+def test_reports_record_the_figures():
+    report = json.loads((DEFAULT_MODEL / "train_report.json").read_text())
+    for key in ("train_seconds", "num_params", "checkpoint_bytes", "steps", "loss_curve"):
+        assert key in report
+    ev = json.loads((DEFAULT_MODEL / "eval.json").read_text())
+    for key in ("schema_valid_share", "flags_match_share"):
+        assert 0.0 <= ev["unconstrained"][key] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return pijax.LLM(str(DEFAULT_MODEL), max_model_len=1024, max_num_seqs=8, num_pages=513)
+
+
+@pytest.mark.slow
+def test_engine_loads_and_reviews_the_sample_claim(llm):
+    out = llm.generate(sample_review_prompt(), pijax.SamplingParams(temperature=0.0,
+                                                                    max_tokens=400))[0]
+    assert out.finish_reason.value == "stop"
+    assert out.text.startswith('{"claim_id":')
+
+
+@pytest.mark.slow
+def test_engine_greedy_matches_reference_decoder(llm):
+    from pijax.claims.evaluate import PagedGreedyDecoder
+    from pijax.model.loader import load_model
+    from pijax.sharding import make_mesh
+
+    prompt = llm.tokenizer.encode(sample_review_prompt(), add_bos=False)
+    engine_ids = llm.generate([prompt], pijax.SamplingParams(temperature=0.0, max_tokens=24,
+                                                             ignore_eos=True))[0].token_ids
+    model = load_model(DEFAULT_MODEL, dtype="float32", mesh=make_mesh((1, 1))).model()
+    decoder = PagedGreedyDecoder(model, batch_size=1, max_prompt_len=len(prompt),
+                                 max_new_tokens=24)
+    assert decoder.generate([prompt], stop_ids=[])[0] == list(engine_ids)
+
+
+@pytest.mark.slow
+def test_constrained_output_validates_for_20_heldout_claims(llm, heldout):
+    structured = pytest.importorskip("pijax.serving.structured")
+    from pijax.claims.evaluate import evaluate_constrained
+    from pijax.claims.schema import findings_schema
+
+    engine = llm.engine
+    compiled = structured.SchemaCompiler.for_tokenizer(
+        llm.tokenizer, vocab_size=engine.model_config.vocab_size,
+        eos_token_ids=engine.model.eos_token_ids).compile(json.dumps(findings_schema()))
+    prompts = [render_prompt(policy_scaffold(), ex.claim) for ex in heldout]
+    report = evaluate_constrained(llm, prompts, heldout, 512, compiled.new_constraint)
+    assert report.num_claims == 20
+    assert report.schema_valid_share == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_transformers_loads_checkpoint_and_agrees_on_greedy_tokens(llm):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(DEFAULT_MODEL),
+                                                           torch_dtype=torch.float32)
+    prompt = llm.tokenizer.encode(sample_review_prompt(), add_bos=False)
+    new = 32
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
+                          pad_token_id=0)
+    hf_ids = out[0, len(prompt):].tolist()
+    ours = llm.generate([prompt], pijax.SamplingParams(temperature=0.0, max_tokens=new,
+                                                       ignore_eos=True))[0].token_ids
+    assert len(hf_ids) >= 16  # the answer is longer than this: no early stop expected
+    assert hf_ids == list(ours)[:len(hf_ids)]

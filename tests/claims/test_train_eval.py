@@ -1,0 +1,121 @@
+"""Training data plumbing, the learning-rate schedule, scoring, and the reference greedy decoder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from pijax.claims import train
+from pijax.claims.bpe import train_tokenizer, training_texts
+from pijax.claims.corpus import generate_examples
+from pijax.claims.evaluate import PagedGreedyDecoder, dense_greedy, score_answer, summarize
+from pijax.claims.prompt import policy_scaffold, render_findings_json, render_prompt, render_target
+from pijax.config import ModelConfig
+from pijax.model.llama import LlamaModel
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return generate_examples(seed=9, count=40)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(examples):
+    return train_tokenizer(training_texts(examples), vocab_size=500)
+
+
+def test_encoded_sequence_is_prompt_then_answer(tokenizer, examples):
+    data = train.encode_examples(tokenizer, examples[:5])
+    for ex, enc in zip(examples[:5], data, strict=True):
+        prompt = tokenizer.encode(render_prompt(policy_scaffold(), ex.claim),
+                                  add_special_tokens=False).ids
+        answer = tokenizer.encode(render_target(ex.findings, ex.narrative),
+                                  add_special_tokens=False).ids
+        assert enc.ids.tolist() == prompt + answer
+        assert enc.answer_start == len(prompt)
+
+
+def test_batches_mask_only_answer_tokens(tokenizer, examples):
+    data = train.encode_examples(tokenizer, examples)
+    stream = train.batches(data, batch_size=4, seed=0, pad_id=0)
+    for _ in range(3):
+        tokens, mask = next(stream)
+        assert tokens.shape == mask.shape and tokens.shape[1] % train.BUCKET == 0
+        for row in range(tokens.shape[0]):
+            match = [d for d in data if len(d.ids) <= tokens.shape[1]
+                     and np.array_equal(tokens[row, :len(d.ids)], d.ids)]
+            enc = match[0]
+            expected = np.zeros(tokens.shape[1])
+            expected[enc.answer_start:len(enc.ids)] = 1
+            np.testing.assert_array_equal(mask[row], expected)
+            assert (tokens[row, len(enc.ids):] == 0).all()
+
+
+def test_batches_are_seeded(tokenizer, examples):
+    data = train.encode_examples(tokenizer, examples)
+    a = [next(train.batches(data, 4, seed=1, pad_id=0))[0] for _ in range(1)]
+    b = [next(train.batches(data, 4, seed=1, pad_id=0))[0] for _ in range(1)]
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_learning_rate_warms_up_holds_and_decays():
+    cfg = train.TrainConfig(steps=100, learning_rate=1e-3, warmup_steps=10, decay_fraction=0.2)
+    lr = [train.learning_rate(cfg, s, s / 100) for s in range(100)]
+    assert lr[0] == pytest.approx(1e-4)
+    assert lr[9] == lr[50] == lr[80] == pytest.approx(1e-3)
+    assert lr[90] == pytest.approx(5e-4)
+    assert lr[99] < 1e-4
+    # A time budget moves progress ahead of the step count: decay starts early.
+    assert train.learning_rate(cfg, 20, 0.9) == pytest.approx(5e-4)
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="num_heads"):
+        train.TrainConfig(hidden_size=100, num_heads=3)
+    with pytest.raises(ValueError, match="steps"):
+        train.TrainConfig(steps=0)
+
+
+def test_score_answer(examples):
+    ex = next(e for e in examples if e.findings.flags)
+    truth = render_findings_json(ex.findings, ex.narrative)
+    s = score_answer(truth + "<|end|>", ex)
+    assert s.parsed and s.schema_valid and s.flags_match and s.action_match and s.exact_match
+    obj = json.loads(truth)
+    obj["narrative"] = "Different words."
+    s = score_answer(json.dumps(obj), ex)
+    assert s.schema_valid and s.flags_match and not s.exact_match
+    obj["flags"] = obj["flags"][1:]
+    assert not score_answer(json.dumps(obj), ex).flags_match
+    assert score_answer('{"claim_id": "CLM', ex).parsed is False
+    report = summarize([truth, "nonsense"], [ex, ex])
+    assert report.schema_valid_share == 0.5 and report.flags_match_share == 0.5
+
+
+def test_paged_greedy_decoder_matches_dense_forward():
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128)
+    model = LlamaModel(cfg, rngs=nnx.Rngs(3))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 64, size=n).tolist() for n in (3, 21, 9)]
+    decoder = PagedGreedyDecoder(model, batch_size=2, max_prompt_len=24, max_new_tokens=6,
+                                 page_size=8)
+    out = decoder.generate(prompts, stop_ids=[])
+    assert out[0] == dense_greedy(model, prompts[0], 6)
+    assert out[1] == dense_greedy(model, prompts[1], 6)
+    assert [len(o) for o in out] == [6, 6, 6]
+
+
+@pytest.mark.slow
+def test_tiny_training_run_lowers_the_loss(tmp_path):
+    cfg = train.TrainConfig(steps=12, num_examples=64, batch_size=4, learning_rate=3e-3,
+                            warmup_steps=2, vocab_size=400, hidden_size=32, intermediate_size=64,
+                            num_layers=1, num_heads=2, num_kv_heads=1, tokenizer_examples=64,
+                            log_every=4)
+    result = train.train(cfg, tmp_path / "tokenizer.json", log=lambda m: None)
+    assert (tmp_path / "tokenizer.json").is_file()
+    assert result.steps_done == 12 and result.stopped_by == "steps"
+    assert result.losses[-1][1] < result.losses[0][1]

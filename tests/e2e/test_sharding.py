@@ -25,14 +25,17 @@ SCRIPT = textwrap.dedent("""
                   max_num_batched_tokens=64, max_model_len=256)
         eng = llm.engine
         k = eng.kv_pool[0].k
-        q = eng.model.params["layers"][0]["self_attn"]["q_proj"]["kernel"].value
+        q = eng.model.params["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
+        # Read the pool's layout before generating: each step donates the pool it is given.
         result[str(mesh)] = {
-            "tokens": [o.token_ids for o in llm.generate(prompts, params)],
             "pool_spec": [str(a) for a in k.sharding.spec],
             "pool_devices": len(k.sharding.device_set),
             "pool_shard_heads": k.addressable_shards[0].data.shape[2],
             "q_spec": [str(a) for a in q.sharding.spec],
         }
+        result[str(mesh)]["tokens"] = [o.token_ids for o in llm.generate(prompts, params)]
+        k = eng.kv_pool[0].k
+        result[str(mesh)]["pool_spec_after"] = [str(a) for a in k.sharding.spec]
     print("RESULT" + json.dumps(result))
 """)
 
@@ -50,6 +53,7 @@ def test_mesh_1x2_and_1x4_match_one_device():
     for mesh, n in [("(1, 2)", 2), ("(1, 4)", 4)]:
         assert r[mesh]["tokens"] == one["tokens"], mesh
         assert r[mesh]["pool_spec"] == ["None", "None", "model", "None"]
+        assert r[mesh]["pool_spec_after"] == r[mesh]["pool_spec"], "a step changed the layout"
         assert r[mesh]["pool_devices"] == n
         assert r[mesh]["pool_shard_heads"] == 4 // n
         assert r[mesh]["q_spec"] == ["None", "model"]

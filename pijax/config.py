@@ -200,11 +200,14 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
-    """The paged KV pool. Give `num_pages` explicitly, or a `memory_fraction` of free device memory."""
+    """The paged KV pool, sized by `num_pages`, else by an explicit byte budget
+    (`kv_cache_memory_bytes`, per device), else by a `memory_fraction` of free device memory.
+    A byte budget buys more pages of a smaller `kv_cache_dtype` (see `kv_pool`)."""
 
     page_size: int = 16
     num_pages: int | None = None
     memory_fraction: float = 0.5
+    kv_cache_memory_bytes: int | None = None
     kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO
     enable_prefix_reuse: bool = True
     session_ttl_s: float = 600.0
@@ -218,6 +221,10 @@ class CacheConfig:
                  "num_pages", "None or an integer >= 2 (page 0 is the null page)", self.num_pages)
         _require(0.0 < self.memory_fraction <= 0.95, "memory_fraction", "in (0, 0.95]",
                  self.memory_fraction)
+        budget = self.kv_cache_memory_bytes
+        _require(budget is None or (isinstance(budget, int) and budget > 0),
+                 "kv_cache_memory_bytes", "None or a positive integer (bytes per device)",
+                 self.kv_cache_memory_bytes)
         object.__setattr__(self, "kv_cache_dtype", KVCacheDType.parse(self.kv_cache_dtype))
         _require(self.session_ttl_s > 0, "session_ttl_s", "> 0 seconds", self.session_ttl_s)
         _require(0 <= self.session_max_pages_fraction <= 1, "session_max_pages_fraction",
@@ -296,9 +303,9 @@ def load_preset(name: str) -> dict:
 
 DEFAULT_PRESET = "tiny-random"
 
-_CACHE_KEYS = {"page_size", "num_pages", "memory_fraction", "kv_cache_dtype",
-               "enable_prefix_reuse", "session_ttl_s", "session_max_pages_fraction",
-               "audit_log_path"}
+_CACHE_KEYS = {"page_size", "num_pages", "memory_fraction", "kv_cache_memory_bytes",
+               "kv_cache_dtype", "enable_prefix_reuse", "session_ttl_s",
+               "session_max_pages_fraction", "audit_log_path"}
 _SCHED_KEYS = {"max_num_seqs", "max_num_batched_tokens", "max_model_len",
                "enable_chunked_prefill", "max_waiting", "priority_aging_steps",
                "reserve_full_length"}

@@ -36,6 +36,7 @@ import enum
 
 import jax
 from jax.sharding import PartitionSpec as P
+
 from pijax.kernels.paged_attention import decode, ragged, reference
 
 MODEL_AXIS = "model"  # the mesh axis the pool's kv heads (and the query heads) are sharded on

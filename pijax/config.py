@@ -301,7 +301,11 @@ def load_preset(name: str) -> dict:
     return json.loads(path.read_text())
 
 
+# The random-weight preset: what benchmarks and fast tests name explicitly.
 DEFAULT_PRESET = "tiny-random"
+# The embedded default model (`LLM()`, the scripts without --model): the small claim-review model
+# trained by scripts/train_default_model.py and shipped as package data.
+DEFAULT_MODEL = str(Path(__file__).resolve().parent / "data" / "default_model")
 
 _CACHE_KEYS = {"page_size", "num_pages", "memory_fraction", "kv_cache_memory_bytes",
                "kv_cache_dtype", "enable_prefix_reuse", "session_ttl_s",

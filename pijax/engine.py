@@ -36,11 +36,11 @@ from pijax.request import (
     OverloadedError,
     PromptSegment,
     Request,
-    Scope,
-    ScopeKind,
     RequestOutput,
     RequestStatus,
     SamplingParams,
+    Scope,
+    ScopeKind,
     TokenConstraint,
 )
 from pijax.scheduler import Scheduler
@@ -78,7 +78,8 @@ class Engine:
         self.max_model_len = min(config.scheduler.max_model_len,
                                  model.config.max_position_embeddings)
         cache = config.cache
-        num_pages = num_pages_for_budget(model.config, cache, config.dtype.jnp, None)
+        num_pages = num_pages_for_budget(model.config, cache, config.dtype.jnp, None,
+                                         kv_shards=mesh.shape["model"])
         self.kv_pool = allocate_pool(model.config, cache, num_pages, config.dtype.jnp, mesh)
         self.blocks = BlockManager(num_pages, cache.page_size)
         self.kv = KVCacheManager(
@@ -125,18 +126,20 @@ class Engine:
         """Validated (token ids, scope) segments. A plain prompt is one segment: private, or
         `session:<session_id>` when the request belongs to a session."""
         if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], PromptSegment):
-            segs = [(self._token_ids(s.content, "prompt segment"), s.scope) for s in prompt]
+            # BOS (where the tokenizer adds one) starts the prompt, not every text segment.
+            segs = [(self._token_ids(s.content, "prompt segment", bos=i == 0), s.scope)
+                    for i, s in enumerate(prompt)]
             if not all(ids for ids, _ in segs):
                 raise InvalidRequestError("prompt segments must each be non-empty")
             return segs
         scope = Scope(ScopeKind.SESSION, session_id) if session_id else Scope()
         return [(self._token_ids(prompt, "prompt"), scope)]
 
-    def _token_ids(self, content: Prompt, field: str) -> list[int]:
+    def _token_ids(self, content: Prompt, field: str, bos: bool = True) -> list[int]:
         if isinstance(content, str):
             if not content:
                 raise InvalidRequestError(f"{field} must be a non-empty string or token list; got ''")
-            return self.tokenizer.encode(content)
+            return self.tokenizer.encode(content, add_bos=None if bos else False)
         ids = list(content)
         if not ids:
             raise InvalidRequestError(f"{field} must be a non-empty string or token list; got []")

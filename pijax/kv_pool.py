@@ -64,20 +64,15 @@ def check_kv_cache_dtype(kv_dtype: KVCacheDType, backend: str | None = None) -> 
     """Refuse, at start-up, a cache dtype the backend cannot store and attend over.
 
     fp8 pages need the kernels to write and read them; `pijax.kernels.quantization.supports_fp8`
-    says where they can. A build whose kernels have no such helper has no fp8 pages at all.
+    says where they can (CPU reference, CUDA compute capability >= 8.9).
     """
     if kv_dtype is not KVCacheDType.FP8_E4M3:
         return
     backend = backend or jax.default_backend()
     allowed = [KVCacheDType.AUTO.value, KVCacheDType.INT8.value]
-    try:
-        from pijax.kernels.quantization import supports_fp8
-    except ImportError:
-        raise ConfigError(
-            f"kv_cache_dtype={kv_dtype.value} needs fp8 KV pages, which this build's kernels "
-            f"(pijax.kernels.quantization) do not provide; allowed here: {allowed}"
-        ) from None
-    if not supports_fp8(backend):
+    from pijax.kernels import quantization
+
+    if not quantization.supports_fp8(backend):
         raise ConfigError(
             f"kv_cache_dtype={kv_dtype.value} is not supported on backend {backend!r} (no fp8 "
             f"support there); allowed here: {allowed}"
@@ -136,9 +131,17 @@ def kv_budget_bytes(cache: CacheConfig, free_bytes: int | None) -> int:
 
 
 def num_pages_for_budget(
-    model: ModelConfig, cache: CacheConfig, model_dtype, free_bytes: int | None
+    model: ModelConfig,
+    cache: CacheConfig,
+    model_dtype,
+    free_bytes: int | None,
+    kv_shards: int = 1,
 ) -> int:
     """Pages that fit in the byte budget (`kv_budget_bytes`), or the explicit `num_pages`.
+
+    The budget is per device; with the pool sharded over `kv_shards` devices on its kv-head axis
+    (the mesh's `model` axis), each device holds 1/kv_shards of every page, so the pool may
+    have kv_shards times the pages.
 
     Sizing in bytes is what makes a quantized cache a capacity lever: the same budget holds
     `bytes_per_token(auto) / bytes_per_token(int8)` times the tokens (about 1.8-1.95x against
@@ -147,7 +150,8 @@ def num_pages_for_budget(
     check_kv_cache_dtype(cache.kv_cache_dtype)
     if cache.num_pages is not None:
         return cache.num_pages
-    cap = pool_capacity(model, cache, model_dtype, kv_budget_bytes(cache, free_bytes))
+    budget = kv_budget_bytes(cache, free_bytes) * kv_shards
+    cap = pool_capacity(model, cache, model_dtype, budget)
     if cap.num_pages < 2:
         raise ConfigError(
             f"a KV budget of {cap.budget_bytes} bytes holds {cap.num_pages} pages of "

@@ -341,6 +341,11 @@ class PagedHarness:
 
     # -- runs --
 
+    def _greedy_step(self, pool: KVPool, rows: _Rows):
+        return _greedy_fn(
+            self.graphdef, self.params, pool, rows.tokens, rows.positions, rows.meta, rows.last_rows
+        )
+
     def greedy(
         self, pool_name: str, prompts: Sequence[Sequence[int]], max_new: int
     ) -> list[list[int]]:
@@ -349,15 +354,7 @@ class PagedHarness:
         pool = self.pools[pool_name]
         nxt: dict[int, int] = {}
         for rows, pieces in self._prefill_steps(prompts):
-            out, pool = _greedy_step(
-                self.graphdef,
-                self.params,
-                pool,
-                rows.tokens,
-                rows.positions,
-                rows.meta,
-                rows.last_rows,
-            )
+            out, pool = self._greedy_step(pool, rows)
             out = np.asarray(out)
             for i, s in enumerate(rows.order):
                 ids, start = pieces[s]
@@ -367,15 +364,7 @@ class PagedHarness:
         for k in range(1, max_new):
             pieces = {s: ([g[-1]], len(prompts[s]) + k - 1) for s, g in enumerate(gen)}
             rows = self._pack(pieces, self.decode_rows)
-            out, pool = _greedy_step(
-                self.graphdef,
-                self.params,
-                pool,
-                rows.tokens,
-                rows.positions,
-                rows.meta,
-                rows.last_rows,
-            )
+            out, pool = self._greedy_step(pool, rows)
             out = np.asarray(out)
             for i, s in enumerate(rows.order):
                 gen[s].append(int(out[i]))
@@ -400,7 +389,7 @@ class PagedHarness:
         ref2 = np.zeros((len(seqs), n_layers))
         p = self.pools
         for rows, _ in self._prefill_steps(seqs):
-            out = _teacher_step(
+            out = _teacher_fn(
                 self.graphdef,
                 self.params,
                 p["ref"],
@@ -431,13 +420,13 @@ class PagedHarness:
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _greedy_step(graphdef, params, pool: KVPool, tokens, positions, meta, logits_indices):
+def _greedy_fn(graphdef, params, pool: KVPool, tokens, positions, meta, logits_indices):
     logits, pool = nnx.merge(graphdef, params)(tokens, positions, pool, meta, logits_indices)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), pool
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 3, 4))
-def _teacher_step(
+def _teacher_fn(
     graphdef, params, ref: KVPool, cand: KVPool, probe: KVPool, tokens, positions, meta, row_seq
 ):
     model = nnx.merge(graphdef, params)

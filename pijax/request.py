@@ -152,7 +152,7 @@ class RequestTimings:
     @property
     def inter_token_latencies(self) -> list[float]:
         t = self.token_times
-        return [b - a for a, b in zip(t, t[1:])]
+        return [b - a for a, b in zip(t, t[1:], strict=False)]
 
 
 class TokenConstraint(Protocol):

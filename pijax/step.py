@@ -18,7 +18,6 @@ from pijax.batch import StepInput
 from pijax.kv_pool import KVPool
 from pijax.sampling import sample
 
-
 _TRACE_COUNT = 0
 _JITTED: dict = {}
 
@@ -63,4 +62,4 @@ class StepFunction:
     def unpack(packed: np.ndarray, num_seqs: int) -> list[tuple[int, float]]:
         tokens = packed[0, :num_seqs]
         logprobs = packed[1, :num_seqs].view(np.float32)
-        return list(zip(tokens.tolist(), logprobs.tolist()))
+        return list(zip(tokens.tolist(), logprobs.tolist(), strict=True))

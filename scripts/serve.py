@@ -26,6 +26,7 @@ from absl import app, flags
 
 from pijax.config import DEFAULT_PRESET, engine_config_from_overrides, parse_mesh
 from pijax.engine import Engine
+from pijax.quant_gate import GateError, enforce_gate
 from pijax.serving.auth import KeyStore
 from pijax.serving.server import InferenceServer, ServerConfig, ServerConfigError
 
@@ -56,6 +57,10 @@ flags.DEFINE_integer("page_size", 16, "KV page size in tokens.")
 flags.DEFINE_integer("num_pages", None, "KV pool pages (default: a memory fraction).")
 flags.DEFINE_float("memory_fraction", None, "Share of free device memory for the KV pool.")
 flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8", "fp8_e4m3"], "KV cache dtype.")
+flags.DEFINE_string("kv_quant_gate_report", None, "Passing report of scripts/kv_quant_eval.py "
+                    "for this model and --kv_cache_dtype; required for a quantized cache.")
+flags.DEFINE_bool("skip_kv_quant_gate", False, "Start a quantized KV cache without a gate "
+                  "report (logged as a warning).")
 flags.DEFINE_integer("max_num_seqs", None, "Sequences per step.")
 flags.DEFINE_integer("max_num_batched_tokens", None, "Token budget per step.")
 flags.DEFINE_integer("max_model_len", None, "Prompt + completion tokens per request.")
@@ -141,6 +146,11 @@ def main(argv):
         raise app.UsageError(str(e)) from None
     if FLAGS.api_keys:
         KeyStore.from_file(FLAGS.api_keys)  # fail on a bad key file before loading the model
+    try:  # before loading the model: a quantized cache needs its quality gate
+        enforce_gate(FLAGS.kv_cache_dtype, model, FLAGS.kv_quant_gate_report,
+                     FLAGS.skip_kv_quant_gate)
+    except GateError as e:
+        raise app.UsageError(str(e)) from None
     prefixes = trusted_prefixes()
     engine = Engine.from_source(model, engine_config_from_overrides(**engine_overrides()))
     if prefixes and not callable(getattr(engine, "register_trusted_prefix", None)):

@@ -174,14 +174,6 @@ def ll_tokenizer_for(tokenizer, vocab_size: int,
 
 
 def _tokenizer_json(tokenizer) -> str | None:
-    """The `tokenizer.json` text of a `pijax.model.tokenizer.Tokenizer`.
-
-    Prefers a public `to_json_str()`; until the engine's tokenizer has one, reads the wrapped
-    `tokenizers.Tokenizer` (requested from the engine owners).
-    """
+    """The `tokenizer.json` text of a `pijax.model.tokenizer.Tokenizer`, else None."""
     to_json = getattr(tokenizer, "to_json_str", None)
-    if callable(to_json):
-        return to_json()
-    inner = getattr(tokenizer, "_tok", None)
-    to_str = getattr(inner, "to_str", None)
-    return to_str() if callable(to_str) else None
+    return to_json() if callable(to_json) else None

@@ -14,7 +14,8 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
-from pijax.kernels.quantization import quantize_int8
+
+from pijax.kernels.quantization import quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Case:
     block_tables: jnp.ndarray  # [S, W] int32
     cu_q_lens: jnp.ndarray  # [S + 1] int32
     num_seqs: jnp.ndarray  # [] int32
-    k_scales: jnp.ndarray | None  # [P, PS, K] float32, int8 pools only
+    k_scales: jnp.ndarray | None  # [P, PS, K] float32, quantized (int8 / fp8) pools only
     v_scales: jnp.ndarray | None
     seqs: tuple[tuple[int, int], ...]  # the live (q_len, kv_len) pairs
 
@@ -40,7 +41,7 @@ class Case:
 
 def make_case(
     seqs, *, num_kv_heads: int, group: int, head_dim: int, page_size: int, dtype=jnp.float32,
-    quantized: bool = False, num_tokens: int | None = None, max_seqs: int | None = None,
+    quantized: bool = False, quant_dtype=jnp.int8, num_tokens: int | None = None, max_seqs: int | None = None,
     width: int | None = None, num_pages: int | None = None, seed: int = 0,
 ) -> Case:
     rng = np.random.default_rng(seed)
@@ -78,8 +79,8 @@ def make_case(
     v = rng.standard_normal(shape, np.float32)
     k_scales = v_scales = None
     if quantized:
-        k, k_scales = quantize_int8(jnp.asarray(k))
-        v, v_scales = quantize_int8(jnp.asarray(v))
+        k, k_scales = quantize(jnp.asarray(k), quant_dtype)
+        v, v_scales = quantize(jnp.asarray(v), quant_dtype)
     else:
         k, v = jnp.asarray(k, dtype), jnp.asarray(v, dtype)
     return Case(

@@ -130,10 +130,11 @@ def softmax_step(carry, q, k, v, k_scale, v_scale, key_pos, row_pos, row_live, *
                  sm_scale: float, soft_cap, sliding_window):
     """One flash-attention step of the query tile over a K/V tile.
 
-    q: [R, D]; k, v: [N, D] in the pool dtype (int8 is cast to q's dtype, which is exact for
-    |x| <= 127 in bf16 and f32); k_scale, v_scale: [1, N] float32 or None; key_pos: [1, N];
-    row_pos, row_live: [R, 1]. Int8 scales fold into the logits' columns (K) and into the
-    probabilities' columns (V), so the tile is never expanded to float.
+    q: [R, D]; k, v: [N, D] in the pool dtype (int8 and fp8 e4m3 are cast to q's dtype in
+    registers, which is exact in bf16 and f32: |x| <= 127 needs 7 significant bits, e4m3 has 4
+    and a narrower exponent range); k_scale, v_scale: [1, N] float32 or None; key_pos: [1, N];
+    row_pos, row_live: [R, 1]. Scales fold into the logits' columns (K) and into the
+    probabilities' columns (V), so the tile is never expanded to float in memory.
     """
     o, m, denom = carry
     s = dot_nt(q, k.astype(q.dtype))
@@ -152,8 +153,7 @@ def softmax_step(carry, q, k, v, k_scale, v_scale, key_pos, row_pos, row_live, *
     denom = denom * correction + jnp.sum(p, axis=1, keepdims=True)
     if v_scale is not None:
         p = p * v_scale
-    pv_dtype = jnp.float32 if v.dtype == jnp.int8 and q.dtype == jnp.float32 else q.dtype
-    o = o * correction + dot_nn(p.astype(pv_dtype), v.astype(pv_dtype))
+    o = o * correction + dot_nn(p.astype(q.dtype), v.astype(q.dtype))
     return o, m_next, denom
 
 

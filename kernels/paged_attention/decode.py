@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
 from pijax.kernels.paged_attention import common, tuning
 
 _MIN_DOT_ROWS = 16

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
 from pijax.kernels.paged_attention import common, tuning
 
 

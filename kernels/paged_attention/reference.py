@@ -4,6 +4,7 @@ and the CPU path of the engine.
 Layout (shared by every kernel; decided once here):
   k_pages, v_pages: [num_pages, page_size, num_kv_heads, head_dim]
   k_scales, v_scales (quantized pools only): [num_pages, page_size, num_kv_heads] float32
+  quantized pages are int8 or float8_e4m3fn (`pijax.kernels.quantization`)
 Page 0 is the null page: padded block-table entries point at it and padded tokens write into it.
 
 The ragged batch is a flattened token axis `q: [T, num_heads, head_dim]` holding, back to back,
@@ -17,7 +18,8 @@ zero.
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
-from pijax.kernels.quantization import dequantize, quantize_int8
+
+from pijax.kernels.quantization import dequantize, quantize
 
 _TOKEN_CHUNK = 32  # tokens per gather chunk: bounds the [chunk, context, kv_heads, dim] gather
 
@@ -114,10 +116,8 @@ def write_kv_reference(
 
     if k_scales is None:
         return put(k_pages, k_new), put(v_pages, v_new), None, None
-    if k_pages.dtype != jnp.int8:
-        raise ValueError(f"quantized write supports int8 pages here; got {k_pages.dtype}")
-    kq, ks = quantize_int8(k_new)
-    vq, vs = quantize_int8(v_new)
+    kq, ks = quantize(k_new, k_pages.dtype)  # int8 or fp8 e4m3, by the pool's dtype
+    vq, vs = quantize(v_new, v_pages.dtype)
     sflat = (num_pages * page_size, num_kv_heads)
 
     def put_scale(scales, new):

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
 from pijax.kernels.paged_attention import common
 from pijax.kernels.paged_attention.tuning import block_sizes
 

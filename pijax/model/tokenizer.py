@@ -125,6 +125,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def to_json_str(self) -> str:
+        """The `tokenizer.json` text (for grammar engines that build their own token tables)."""
+        return self._tok.to_str()
+
 
 def _read_tokenizer_config(path: Path) -> tuple[bool | None, str | None]:
     """(`add_bos_token`, the BOS token's text) from `tokenizer_config.json`, when given."""

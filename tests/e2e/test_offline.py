@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pijax import LLM, FinishReason, InvalidRequestError, SamplingParams
+from pijax.request import PromptSegment, Scope, ScopeKind
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -22,6 +23,15 @@ def test_generate_accepts_text_and_token_ids(tiny_llm):
     assert all(o.finish_reason is FinishReason.LENGTH for o in outs)
     assert outs[1].prompt_token_ids == [1, 2, 3]
     assert outs[0].text == tiny_llm.tokenizer.decode(outs[0].token_ids)
+
+
+def test_bos_starts_the_prompt_not_every_text_segment(tiny_llm):
+    tok = tiny_llm.tokenizer
+    segs = tiny_llm.engine.prompt_segments([
+        PromptSegment("policy", Scope(ScopeKind.SHARED, "policy")), PromptSegment("claim")])
+    assert [ids for ids, _ in segs] == [tok.encode("policy"), tok.encode("claim", add_bos=False)]
+    assert segs[0][0][0] == tok.bos_token_id and tok.bos_token_id not in segs[1][0]
+    assert segs[0][1] == Scope(ScopeKind.SHARED, "policy") and segs[1][1] == Scope()
 
 
 def test_batch_invariance_alone_vs_batch_of_16(tiny_llm):

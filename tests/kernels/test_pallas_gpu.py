@@ -4,15 +4,18 @@ a GPU; PTX compilation and speed still need one)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from pijax.kernels import dispatch
 from pijax.kernels.paged_attention import common, decode, ragged, reference, tuning
 from pijax.kernels.paged_attention.cases import make_case, mixed_seqs, padded_tokens
+from pijax.kernels.quantization import FP8_DTYPE, dequantize
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 reference_jit = jax.jit(reference.ragged_paged_attention_reference,
@@ -24,17 +27,20 @@ def rel_err(got, want):
     return np.max(np.abs(got - want)) / np.max(np.abs(want))
 
 
-def ragged_case(group, head_dim, page_size, dtype=jnp.float32, quantized=False, seed=0):
+def ragged_case(group, head_dim, page_size, dtype=jnp.float32, quantized=False, seed=0,
+                quant_dtype=jnp.int8):
     seqs = mixed_seqs(page_size, max_pages=3)
     return make_case(seqs, num_kv_heads=2, group=group, head_dim=head_dim, page_size=page_size,
-                     dtype=dtype, quantized=quantized, num_tokens=padded_tokens(seqs),
+                     dtype=dtype, quantized=quantized, quant_dtype=quant_dtype,
+                     num_tokens=padded_tokens(seqs),
                      max_seqs=len(seqs) + 2, width=4, seed=seed)
 
 
-def decode_case(group, head_dim, page_size, dtype=jnp.float32, quantized=False, seed=0):
+def decode_case(group, head_dim, page_size, dtype=jnp.float32, quantized=False, seed=0,
+                quant_dtype=jnp.int8):
     seqs = [(1, 1), (1, page_size), (1, page_size + 1), (1, 4 * page_size), (1, 2 * page_size)]
     return make_case(seqs, num_kv_heads=2, group=group, head_dim=head_dim, page_size=page_size,
-                     dtype=dtype, quantized=quantized, num_tokens=8, max_seqs=7, width=5,
+                     dtype=dtype, quantized=quantized, quant_dtype=quant_dtype, num_tokens=8, max_seqs=7, width=5,
                      seed=seed)
 
 
@@ -63,11 +69,20 @@ def check_ragged(case, dtype=jnp.float32, soft_cap=None, sliding_window=None, nu
 
 
 def check_output(out, case, dtype, **kw):
-    want = reference_jit(*case.args(), **kw)
+    want = reference_jit(*dequantized(case).args(), **{**kw, "k_scales": None, "v_scales": None})
     assert out.dtype == case.q.dtype and out.shape == case.q.shape
     assert rel_err(out, want) < TOL[dtype]
     total = int(case.cu_q_lens[case.num_seqs])
     assert np.all(np.asarray(out[total:], np.float32) == 0), "padded rows must be zero"
+
+
+def dequantized(case):
+    """The case with float32 pages holding the quantized pages' values (scales applied)."""
+    if case.k_scales is None:
+        return case
+    return dataclasses.replace(case, k_pages=dequantize(case.k_pages, case.k_scales),
+                               v_pages=dequantize(case.v_pages, case.v_scales),
+                               k_scales=None, v_scales=None)
 
 
 def check_final(fn, case, dtype, **kw):
@@ -87,6 +102,13 @@ def test_ragged_bf16():
 
 def test_ragged_int8_pages():
     check_ragged(ragged_case(4, 64, 16, quantized=True, seed=11))
+
+
+def test_ragged_fp8_pages_bf16_queries():
+    case = ragged_case(4, 64, 16, dtype=jnp.bfloat16, quantized=True, quant_dtype=FP8_DTYPE,
+                       seed=12)
+    assert case.k_pages.dtype == FP8_DTYPE
+    check_ragged(case, dtype=jnp.bfloat16, num_splits=2)
 
 
 def test_ragged_soft_cap_and_window_split():
@@ -117,6 +139,9 @@ def test_decode_bf16_int8_window():
     case = decode_case(4, 64, 16, quantized=True, seed=10)
     check_final(decode.paged_decode_attention, case, jnp.float32, sm_scale=0.125, soft_cap=3.0,
                 sliding_window=21, **case.scale_kwargs())
+    case = decode_case(2, 64, 16, quantized=True, quant_dtype=FP8_DTYPE, seed=13)
+    check_final(decode.paged_decode_attention, case, jnp.float32, sm_scale=0.125,
+                **case.scale_kwargs())
 
 
 def test_decode_split_combine_matches_single_split():
@@ -154,12 +179,13 @@ def test_dispatch_pallas_on_cpu_names_the_alternatives():
 
 
 @pytest.mark.parametrize("kernel", ["ragged", "decode"])
-@pytest.mark.parametrize("dtype,quantized", [(jnp.bfloat16, False), (jnp.bfloat16, True),
-                                             (jnp.float32, False)])
+@pytest.mark.parametrize("dtype,quantized", [(jnp.bfloat16, False), (jnp.bfloat16, jnp.int8),
+                                             (jnp.bfloat16, FP8_DTYPE), (jnp.float32, False)])
 def test_triton_lowering(kernel, dtype, quantized):
     make = ragged_case if kernel == "ragged" else decode_case
     fn = ragged.ragged_paged_attention if kernel == "ragged" else decode.paged_decode_attention
-    case = make(4, 128, 16, dtype=dtype, quantized=quantized)
+    case = make(4, 128, 16, dtype=dtype, quantized=quantized is not False,
+                quant_dtype=quantized or jnp.int8)
     f = functools.partial(fn, sm_scale=0.1, soft_cap=30.0, sliding_window=40,
                           **case.scale_kwargs())
     text = jax.jit(f).trace(*case.args()).lower(lowering_platforms=("cuda",)).as_text()

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from pijax.kernels.paged_attention import reference, tpu
 from pijax.kernels.paged_attention.cases import make_case, mixed_seqs, padded_tokens
 

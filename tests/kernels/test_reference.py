@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from pijax.kernels.paged_attention import reference
 from pijax.kernels.paged_attention.cases import (
     dense_attention_numpy,

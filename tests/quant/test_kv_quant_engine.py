@@ -155,3 +155,18 @@ def test_int8_greedy_identical_under_forced_preemption(sharp, runs):
     got = greedy(tight, prompts, max_tokens=33)
     assert tight.stats().num_preemptions > 0
     assert [o.token_ids for o in got] == [o.token_ids for o in roomy]
+
+
+def test_fp8_pool_on_the_cpu_reference_path(sharp, runs):
+    """fp8 e4m3 pages (3 mantissa bits: coarser than int8) through the engine: the pool holds
+    float8 with written scales and greedy decoding mostly follows full precision."""
+    eng = engine(sharp, kv_cache_dtype="fp8_e4m3")
+    free = greedy(eng, PROMPTS[:4])
+    layer = eng.kv_pool[0]
+    assert layer.k.dtype == jax.numpy.float8_e4m3fn and layer.v.dtype == jax.numpy.float8_e4m3fn
+    assert (np.asarray(layer.k_scale) != 1.0).sum() > 0
+    first = [o.token_ids[0] for o in free]
+    assert first == [r.token_ids[0] for r in runs["ref"][:4]]
+    agree = np.mean([np.mean(np.equal(o.token_ids, r.token_ids))
+                     for o, r in zip(free, runs["ref"][:4], strict=True)])
+    assert agree >= 0.5, agree

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from pijax.kernels.paged_attention.reference import write_kv_reference
-from pijax.kernels.quantization import dequantize, quantize_int8
 
 from pijax.config import CacheConfig, ConfigError, KVCacheDType, ModelConfig
+from pijax.kernels.paged_attention.reference import write_kv_reference
+from pijax.kernels.quantization import dequantize, quantize_int8
 from pijax.kv_pool import (
     allocate_pool,
     bytes_per_token,
@@ -131,18 +132,17 @@ def test_explicit_byte_budget_wins_over_memory_fraction():
     assert kv_budget_bytes(CacheConfig(memory_fraction=0.25), free_bytes=4000) == 1000
 
 
-def test_fp8_is_refused_at_start_up_where_unsupported():
-    try:
-        from pijax.kernels.quantization import supports_fp8
-    except ImportError:
-        supports_fp8 = None
-    if supports_fp8 is not None and supports_fp8(jax.default_backend()):
-        pytest.skip(f"fp8 is supported on {jax.default_backend()}")
+def test_fp8_is_refused_at_start_up_where_unsupported(monkeypatch):
+    from pijax.kernels import quantization
+
+    assert quantization.supports_fp8("cpu") and not quantization.supports_fp8("tpu")
+    # A backend without fp8 (TPU, ROCm, CUDA before compute capability 8.9), seen from CPU:
+    monkeypatch.setattr(quantization, "supports_fp8", lambda backend=None, device=None: False)
     cache = CacheConfig(kv_cache_dtype="fp8_e4m3", num_pages=4)
     with pytest.raises(
         ConfigError, match=r"kv_cache_dtype=fp8_e4m3 .*allowed here: \['auto', 'int8'\]"
     ):
-        check_kv_cache_dtype(KVCacheDType.FP8_E4M3)
+        check_kv_cache_dtype(KVCacheDType.FP8_E4M3, backend="tpu")
     with pytest.raises(ConfigError, match="fp8_e4m3"):
         num_pages_for_budget(TINY, cache, jnp.float32, None)
     with pytest.raises(ConfigError, match="fp8_e4m3"):
@@ -151,3 +151,15 @@ def test_fp8_is_refused_at_start_up_where_unsupported():
     assert bytes_per_token(TINY, KVCacheDType.FP8_E4M3, jnp.float32) == bytes_per_token(
         TINY, KVCacheDType.INT8, jnp.float32
     )
+
+
+def test_budget_sizing_logs_the_token_capacity_and_scales_with_kv_shards(caplog):
+    cache = CacheConfig(kv_cache_dtype="int8", memory_fraction=0.5)
+    with caplog.at_level(logging.INFO, logger="pijax.kv_pool"):
+        one = num_pages_for_budget(TINY, cache, jnp.bfloat16, free_bytes=64 << 20)
+    tokens = (one - 1) * cache.page_size
+    assert f"{one} pages = {tokens} tokens of context" in caplog.text
+    assert "scales included" in caplog.text and "1.78x an unquantized bfloat16 pool" in caplog.text
+    # Sharded on kv heads over 2 devices, each device holds half of every page.
+    two = num_pages_for_budget(TINY, cache, jnp.bfloat16, free_bytes=64 << 20, kv_shards=2)
+    assert two in (2 * one, 2 * one + 1)

@@ -249,6 +249,10 @@ class SchedulerConfig:
         _require(self.max_num_batched_tokens >= self.max_num_seqs, "max_num_batched_tokens",
                  f"an integer >= max_num_seqs={self.max_num_seqs}", self.max_num_batched_tokens)
         _require(self.max_model_len >= 2, "max_model_len", "an integer >= 2", self.max_model_len)
+        # Without chunking a prefill runs whole in one step, so every prompt must fit one.
+        _require(self.enable_chunked_prefill or self.max_num_batched_tokens >= self.max_model_len,
+                 "max_num_batched_tokens", f"an integer >= max_model_len={self.max_model_len} "
+                 "when enable_chunked_prefill is False", self.max_num_batched_tokens)
         _require(self.max_waiting >= 1, "max_waiting", "an integer >= 1", self.max_waiting)
         _require(self.priority_aging_steps >= 1, "priority_aging_steps", "an integer >= 1",
                  self.priority_aging_steps)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import itertools
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from pijax.block_manager import BlockManager
-from pijax.config import SchedulerConfig
+from pijax.config import ConfigError, SchedulerConfig
 from pijax.kv_cache_manager import KVCacheManager
 from pijax.request import FinishReason, Request, SamplingParams, Scope, ScopeKind
 from pijax.scheduler import Scheduler
@@ -90,6 +91,13 @@ def test_without_chunking_a_long_prefill_runs_whole():
     sched.add(req)
     plan = sched.schedule()
     assert [s.num_new_tokens for s in plan.seqs] == [1500]
+
+
+def test_without_chunking_the_budget_must_hold_the_longest_prompt():
+    with pytest.raises(ConfigError, match=r"max_num_batched_tokens must be an integer >= "
+                                          r"max_model_len=4096 when enable_chunked_prefill"):
+        SchedulerConfig(max_num_batched_tokens=256, max_model_len=4096,
+                        enable_chunked_prefill=False)
 
 
 def test_preemption_picks_least_urgent_latest_and_recomputes():

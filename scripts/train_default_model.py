@@ -1,7 +1,6 @@
 """Train pijax's embedded default claim-review model on the synthetic corpus, on CPU.
 
-    python scripts/train_default_model.py --out_dir pijax/data/default_model --steps 700 \\
-        --time_budget_min 24
+    python scripts/train_default_model.py --out_dir pijax/data/default_model
 
 Generates the synthetic payment-integrity corpus (`pijax.claims`; no real patient data), trains a
 byte-level BPE tokenizer on it, trains a small Llama with AdamW on the answer tokens, writes an HF
@@ -34,17 +33,19 @@ from pijax.model.hf_io import save_hf_checkpoint
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out_dir", "pijax/data/default_model", "Checkpoint directory to write.")
-flags.DEFINE_integer("steps", 700, "Training steps (an upper bound with --time_budget_min).")
+flags.DEFINE_integer("steps", 1600, "Training steps (an upper bound with --time_budget_min).")
 flags.DEFINE_integer("seed", 0, "Seed of the corpus, the initialization and the data order.")
 flags.DEFINE_integer("num_examples", None, "Distinct training claims (default steps * batch).")
 flags.DEFINE_integer("batch_size", 8, "Sequences per step.")
-flags.DEFINE_float("learning_rate", 2e-3, "Peak AdamW learning rate.")
-flags.DEFINE_integer("warmup_steps", 30, "Linear warmup steps.")
+flags.DEFINE_float("learning_rate", 2.5e-3, "Peak AdamW learning rate.")
+flags.DEFINE_integer("warmup_steps", 40, "Linear warmup steps.")
+flags.DEFINE_float("decay_fraction", 0.3, "Last share of training that decays the learning rate "
+                   "linearly to 0.")
 flags.DEFINE_float("time_budget_min", None, "Stop training after this many minutes (the "
                    "learning-rate decay is scheduled to finish by then).")
 flags.DEFINE_integer("vocab_size", 2048, "BPE vocabulary size (special tokens included).")
-flags.DEFINE_integer("hidden_size", 256, "Model width.")
-flags.DEFINE_integer("intermediate_size", 768, "MLP hidden width.")
+flags.DEFINE_integer("hidden_size", 192, "Model width.")
+flags.DEFINE_integer("intermediate_size", 512, "MLP hidden width.")
 flags.DEFINE_integer("num_layers", 4, "Decoder layers.")
 flags.DEFINE_integer("num_heads", 4, "Attention heads.")
 flags.DEFINE_integer("num_kv_heads", 2, "Key/value heads (grouped-query attention).")
@@ -64,7 +65,7 @@ def tokenizer_config(max_len: int) -> dict:
 
 def run_eval(out: Path, seed: int, num_claims: int, max_new_tokens: int, constrained: bool
              ) -> dict:
-    from pijax import LLM
+    from pijax.engine import LLM
 
     examples = generate_examples(seed, num_claims, split="heldout")
     prompts = [render_prompt(policy_scaffold(), ex.claim) for ex in examples]
@@ -107,7 +108,7 @@ def main(argv):
     cfg = train.TrainConfig(
         steps=FLAGS.steps, seed=FLAGS.seed, num_examples=FLAGS.num_examples,
         batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
-        warmup_steps=FLAGS.warmup_steps,
+        warmup_steps=FLAGS.warmup_steps, decay_fraction=FLAGS.decay_fraction,
         time_budget_s=None if FLAGS.time_budget_min is None else 60.0 * FLAGS.time_budget_min,
         vocab_size=FLAGS.vocab_size, hidden_size=FLAGS.hidden_size,
         intermediate_size=FLAGS.intermediate_size, num_layers=FLAGS.num_layers,

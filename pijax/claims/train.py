@@ -3,7 +3,9 @@
 The pipeline `scripts/train_default_model.py` drives: generate the corpus, train the BPE
 tokenizer, encode `prompt + answer` sequences, and fit a small `LlamaModel` with AdamW on the
 answer tokens only (the policy and claim are context, not targets). Training uses the model's own
-`forward_dense`; there is no second model definition.
+`forward_dense`; there is no second model definition. The policy segment, the same in every
+sequence, is passed as `forward_dense`'s shared prefix: computed once per batch rather than once
+per row (the same logits; about a third less work at batch 8).
 
 Budget: on a shared 2-core CPU the cost is tokens x (parameters + attention over the length), so
 sequences are grouped into a few length buckets (one compile each) and the learning rate follows
@@ -44,23 +46,23 @@ from pijax.claims.prompt import (
 from pijax.config import ModelConfig
 from pijax.model.llama import LlamaModel
 
-BUCKET = 128  # sequence lengths are padded up to a multiple of this (one compile per bucket)
+BUCKET = 64  # sequence lengths are padded up to a multiple of this (one compile per bucket)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 700
+    steps: int = 1600
     seed: int = 0
     num_examples: int | None = None  # distinct training claims; default steps * batch_size
     batch_size: int = 8
-    learning_rate: float = 2e-3
-    warmup_steps: int = 30
-    decay_fraction: float = 0.25  # the last share of progress decays the learning rate to 0
+    learning_rate: float = 2.5e-3
+    warmup_steps: int = 40
+    decay_fraction: float = 0.3  # the last share of progress decays the learning rate to 0
     weight_decay: float = 0.1
     time_budget_s: float | None = None  # stop (after decaying) once training took this long
     vocab_size: int = 2048
-    hidden_size: int = 256
-    intermediate_size: int = 768
+    hidden_size: int = 192
+    intermediate_size: int = 512
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
@@ -91,7 +93,7 @@ class TrainResult:
     tokenizer: tokenizers.Tokenizer
     steps_done: int
     examples_seen: int
-    tokens_seen: int  # padded positions run through the model
+    tokens_seen: int  # positions run through the model (padded rows + the prefix once)
     target_tokens_seen: int
     train_seconds: float
     losses: list[tuple[int, float]]  # (step, mean loss over the last log interval)
@@ -103,20 +105,27 @@ class TrainResult:
 
 @dataclasses.dataclass(frozen=True)
 class Encoded:
-    ids: np.ndarray  # prompt + answer token ids
-    answer_start: int  # index of the first answer token
+    ids: np.ndarray  # claim segment + answer token ids (the sequence after the shared prefix)
+    answer_start: int  # index in `ids` of the first answer token
 
 
-def encode_examples(tok: tokenizers.Tokenizer, examples: Sequence[Example]) -> list[Encoded]:
+@dataclasses.dataclass(frozen=True)
+class EncodedCorpus:
+    prefix: np.ndarray  # the policy segment's ids: every training sequence opens with them
+    rows: list[Encoded]
+
+
+def encode_examples(tok: tokenizers.Tokenizer, examples: Sequence[Example]) -> EncodedCorpus:
     # The policy segment is the same for every claim and ends before a special token, so it is
-    # encoded once and prepended (identical to encoding the whole prompt; see prompt.py).
+    # encoded once (prefix + row is exactly the whole prompt's encoding; see prompt.py).
     policy = tok.encode(render_policy_segment(policy_scaffold()), add_special_tokens=False).ids
     claims = tok.encode_batch([render_claim_segment(ex.claim) for ex in examples],
                               add_special_tokens=False)
     answers = tok.encode_batch([render_target(ex.findings, ex.narrative) for ex in examples],
                                add_special_tokens=False)
-    return [Encoded(np.asarray(policy + c.ids + a.ids, np.int32), len(policy) + len(c.ids))
+    rows = [Encoded(np.asarray(c.ids + a.ids, np.int32), len(c.ids))
             for c, a in zip(claims, answers, strict=True)]
+    return EncodedCorpus(np.asarray(policy, np.int32), rows)
 
 
 def batches(data: Sequence[Encoded], batch_size: int, seed: int, pad_id: int
@@ -200,8 +209,8 @@ def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
     return cfg.learning_rate * warm * max(0.0, (1.0 - progress) / cfg.decay_fraction)
 
 
-def _loss(graphdef, params, tokens, mask):
-    logits = nnx.merge(graphdef, params).forward_dense(tokens[:, :-1])
+def _loss(graphdef, params, prefix, tokens, mask):
+    logits = nnx.merge(graphdef, params).forward_dense(tokens[:, :-1], prefix)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     m = mask[:, 1:]
     return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
@@ -209,9 +218,10 @@ def _loss(graphdef, params, tokens, mask):
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation) -> Callable:
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, tokens, mask, lr):
+    def train_step(params, opt_state, prefix, tokens, mask, lr):
         opt_state.hyperparams["learning_rate"] = lr
-        loss, grads = jax.value_and_grad(functools.partial(_loss, graphdef))(params, tokens, mask)
+        loss, grads = jax.value_and_grad(functools.partial(_loss, graphdef))(
+            params, prefix, tokens, mask)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -228,10 +238,13 @@ def train(cfg: TrainConfig, tokenizer_path: str | Path, log: Callable[[str], Non
     tok = train_tokenizer(training_texts(examples[:cfg.tokenizer_examples]), cfg.vocab_size)
     Path(tokenizer_path).parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(tokenizer_path))
-    data = encode_examples(tok, examples)
-    lengths = np.array([len(d.ids) for d in data])
+    corpus = encode_examples(tok, examples)
+    data, prefix_len = corpus.rows, len(corpus.prefix)
+    lengths = prefix_len + np.array([len(d.ids) for d in data])
+    answer_share = np.mean([(len(d.ids) - d.answer_start) / (prefix_len + len(d.ids))
+                            for d in data])
     log(f"corpus: {len(data)} claims, sequence length mean {lengths.mean():.0f} max "
-        f"{lengths.max()}, answer share {np.mean([1 - d.answer_start / len(d.ids) for d in data]):.2f}"
+        f"{lengths.max()} (shared policy prefix {prefix_len}), answer share {answer_share:.2f}"
         f"; vocab {tok.get_vocab_size()}")
     if lengths.max() > cfg.max_position_embeddings:
         raise ValueError(f"a training sequence has {lengths.max()} tokens > "
@@ -247,6 +260,7 @@ def train(cfg: TrainConfig, tokenizer_path: str | Path, log: Callable[[str], Non
         f"{mcfg.hidden_size}, {mcfg.num_heads} heads / {mcfg.num_kv_heads} kv heads")
 
     stream = batches(data, cfg.batch_size, cfg.seed, special_token_ids(tok)[PAD])
+    prefix = jnp.asarray(corpus.prefix)
     losses: list[tuple[int, float]] = []
     window: list[float] = []
     tokens_seen = target_seen = 0
@@ -264,9 +278,9 @@ def train(cfg: TrainConfig, tokenizer_path: str | Path, log: Callable[[str], Non
             break
         tokens, mask = next(stream)
         lr = learning_rate(cfg, step, progress)
-        params, opt_state, loss = step_fn(params, opt_state, jnp.asarray(tokens),
+        params, opt_state, loss = step_fn(params, opt_state, prefix, jnp.asarray(tokens),
                                           jnp.asarray(mask), jnp.float32(lr))
-        tokens_seen += tokens.size
+        tokens_seen += tokens.size + len(corpus.prefix)
         target_seen += int(mask.sum())
         window.append(float(loss))
         bar.set_postfix(loss=f"{window[-1]:.3f}", lr=f"{lr:.1e}", refresh=False)

@@ -4,7 +4,7 @@ One implementation, two ways in:
   * `__call__` runs a ragged, paged step: a flattened token axis, K/V written into the pool and
     attention through `pijax.kernels.dispatch` (the engine's path);
   * `forward_dense` runs ordinary causal attention over `[batch, length]` tokens with no cache
-    (training and parity checks).
+    (training and parity checks), optionally after a prefix shared by every row.
 
 The engine never holds a live module: it splits it into a graph definition and a state pytree
 (`nnx.split`) and merges them inside the jitted step, so the step stays a pure function of arrays.
@@ -107,17 +107,26 @@ class Attention(nnx.Module):
         out = out.reshape(x.shape[0], self.num_heads * self.head_dim)
         return self.o_proj(out), LayerKV(kp, vp, ks, vs)
 
-    def forward_dense(self, x: Float[Array, "B L E"], positions, inv_freq):
+    def forward_dense(self, x: Float[Array, "B L E"], positions, inv_freq,
+                      past: tuple[Array, Array] | None = None) -> tuple[Array, tuple[Array, Array]]:
+        """Causal attention over `x`; with `past` (keys, values of shape [1, P, kv heads, D], one
+        prefix that every row continues), each row also sees all P prefix positions first.
+        Returns the output and `x`'s own (keys, values)."""
         q, k, v = self._qkv(x, positions, inv_freq)
         b, length = x.shape[:2]
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        keys, values = k, v
+        if past is not None:
+            pk, pv = (jnp.broadcast_to(t, (b, *t.shape[1:])) for t in past)
+            keys, values = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
+            causal = jnp.concatenate([jnp.ones((length, pk.shape[1]), bool), causal], 1)
         group = self.num_heads // self.num_kv_heads
         qg = q.reshape(b, length, self.num_kv_heads, group, self.head_dim).astype(jnp.float32)
-        s = jnp.einsum("bqkgd,blkd->bkgql", qg, k.astype(jnp.float32)) * self.sm_scale
-        causal = jnp.tril(jnp.ones((length, length), bool))
+        s = jnp.einsum("bqkgd,blkd->bkgql", qg, keys.astype(jnp.float32)) * self.sm_scale
         s = jnp.where(causal, s, -jnp.inf)
         p = jax.nn.softmax(s, axis=-1)
-        o = jnp.einsum("bkgql,blkd->bqkgd", p, v.astype(jnp.float32)).astype(x.dtype)
-        return self.o_proj(o.reshape(b, length, self.num_heads * self.head_dim))
+        o = jnp.einsum("bkgql,blkd->bqkgd", p, values.astype(jnp.float32)).astype(x.dtype)
+        return self.o_proj(o.reshape(b, length, self.num_heads * self.head_dim)), (k, v)
 
 
 class MLP(nnx.Module):
@@ -142,9 +151,10 @@ class DecoderLayer(nnx.Module):
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
-    def forward_dense(self, x, positions, inv_freq):
-        x = x + self.self_attn.forward_dense(self.input_layernorm(x), positions, inv_freq)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward_dense(self, x, positions, inv_freq, past=None):
+        h, kv = self.self_attn.forward_dense(self.input_layernorm(x), positions, inv_freq, past)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 class LlamaModel(nnx.Module):
@@ -181,12 +191,26 @@ class LlamaModel(nnx.Module):
             new_pool.append(cache)
         return self._logits(x[logits_indices]), tuple(new_pool)
 
-    def forward_dense(self, tokens: Int[Array, "B L"]) -> Float[Array, "B L V"]:
+    def forward_dense(self, tokens: Int[Array, "B L"], prefix: Int[Array, "P"] | None = None
+                      ) -> Float[Array, "B L V"]:
+        """Logits at every position of `tokens`. With `prefix`, each row continues the same
+        prefix tokens: the logits equal those of `concatenate([prefix, row])` at the row's
+        positions, but the prefix runs once (batch 1) instead of once per row, which is most of
+        the saving when a long shared prompt (a policy scaffold) opens every training sequence.
+        """
         inv_freq = rope_inv_freq(self.config)
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        start = 0 if prefix is None else prefix.shape[0]
+        positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed_tokens(tokens)
+        if prefix is None:
+            for layer in self.layers:
+                x, _ = layer.forward_dense(x, positions, inv_freq)
+            return self._logits(x)
+        xp = self.embed_tokens(prefix[None])
+        prefix_positions = jnp.arange(start)[None]
         for layer in self.layers:
-            x = layer.forward_dense(x, positions, inv_freq)
+            xp, past = layer.forward_dense(xp, prefix_positions, inv_freq)
+            x, _ = layer.forward_dense(x, positions, inv_freq, past)
         return self._logits(x)
 
 

@@ -28,18 +28,19 @@ def tokenizer(examples):
 
 
 def test_encoded_sequence_is_prompt_then_answer(tokenizer, examples):
-    data = train.encode_examples(tokenizer, examples[:5])
-    for ex, enc in zip(examples[:5], data, strict=True):
+    corpus = train.encode_examples(tokenizer, examples[:5])
+    prefix = corpus.prefix.tolist()
+    for ex, enc in zip(examples[:5], corpus.rows, strict=True):
         prompt = tokenizer.encode(render_prompt(policy_scaffold(), ex.claim),
                                   add_special_tokens=False).ids
         answer = tokenizer.encode(render_target(ex.findings, ex.narrative),
                                   add_special_tokens=False).ids
-        assert enc.ids.tolist() == prompt + answer
-        assert enc.answer_start == len(prompt)
+        assert prefix + enc.ids.tolist() == prompt + answer
+        assert len(prefix) + enc.answer_start == len(prompt)
 
 
 def test_batches_mask_only_answer_tokens(tokenizer, examples):
-    data = train.encode_examples(tokenizer, examples)
+    data = train.encode_examples(tokenizer, examples).rows
     stream = train.batches(data, batch_size=4, seed=0, pad_id=0)
     for _ in range(3):
         tokens, mask = next(stream)
@@ -55,7 +56,7 @@ def test_batches_mask_only_answer_tokens(tokenizer, examples):
 
 
 def test_batches_are_seeded(tokenizer, examples):
-    data = train.encode_examples(tokenizer, examples)
+    data = train.encode_examples(tokenizer, examples).rows
     a = [next(train.batches(data, 4, seed=1, pad_id=0))[0] for _ in range(1)]
     b = [next(train.batches(data, 4, seed=1, pad_id=0))[0] for _ in range(1)]
     np.testing.assert_array_equal(a[0], b[0])

@@ -1,0 +1,212 @@
+"""Controlled measurements beside the workload run.
+
+  * `measure_ceilings`: the machine's copy bandwidth (a large elementwise pass: one read and one
+    write per element) and matmul rate (a large square matmul per dtype), best of a few repeats,
+    in this process, on this device. They set the decode roofline floor.
+  * `long_arrival_probe`: D requests decoding steadily, then one long prompt arrives. Gives the
+    steady decode step time (for the roofline) and the inter-token latency of the running decodes
+    before the arrival and while the long prompt is prefilled (chunked or not).
+  * `unloaded_ttft`: one request at a time (scaffold + a claim), so TTFT is pure prefill time,
+    with or without the scaffold's KV reused.
+  * `decode_roofline`: floor = max(bytes moved / bandwidth, FLOPs / matmul rate) for a decode
+    step of D sequences at their context lengths; bytes moved = weights read once + KV read.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pijax.engine import Engine
+from pijax.kv_pool import bytes_per_token
+from pijax.request import PromptSegment, SamplingParams, Scope
+from pijax.workload import POLICY_ZONE, Workload
+
+
+def _best_time(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile + first touch
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure_ceilings(copy_mib: int = 256, matmul_n: int = 1024,
+                     dtypes: tuple[str, ...] = ("float32", "bfloat16"), repeats: int = 5) -> dict:
+    x = jnp.ones((copy_mib * 2**20 // 4,), jnp.float32)
+    scale = jax.jit(lambda a: a * 1.0001)  # not a no-op, so nothing is elided
+    t = _best_time(scale, x, repeats=repeats)
+    out = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+           "copy_bytes": 2 * x.nbytes, "copy_bandwidth_gbs": 2 * x.nbytes / t / 1e9,
+           "matmul_n": matmul_n, "matmul_tflops": {}}
+    del x
+    mm = jax.jit(lambda a, b: a @ b)
+    for name in dtypes:
+        a = jnp.ones((matmul_n, matmul_n), name)
+        t = _best_time(mm, a, a, repeats=repeats)
+        out["matmul_tflops"][name] = 2 * matmul_n**3 / t / 1e12
+    return out
+
+
+# --- the decode roofline --------------------------------------------------------------------------
+
+
+def model_info(model) -> dict:
+    cfg = model.config
+    leaves = jax.tree_util.tree_leaves(model.params)
+    return {"parameters": sum(int(x.size) for x in leaves),
+            "parameter_bytes": sum(int(x.nbytes) for x in leaves),
+            "layers": cfg.num_layers, "hidden": cfg.hidden_size, "heads": cfg.num_heads,
+            "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "vocab": cfg.vocab_size}
+
+
+def model_costs(engine: Engine) -> dict:
+    """Bytes and FLOPs that do not depend on the batch: weights read per step, matmul params."""
+    cfg = engine.model_config
+    leaves = jax.tree_util.tree_leaves(engine.model.params)
+    total_bytes = sum(int(x.nbytes) for x in leaves)
+    total_params = sum(int(x.size) for x in leaves)
+    itemsize = engine.config.dtype.jnp(0).dtype.itemsize
+    embed_params = cfg.vocab_size * cfg.hidden_size
+    # An untied embedding table is only gathered (one row per token), not read whole.
+    untied_embed = 0 if cfg.tie_word_embeddings else embed_params
+    return {
+        "weight_bytes": total_bytes - untied_embed * itemsize,
+        "matmul_params": total_params - untied_embed,
+        "kv_bytes_per_token": bytes_per_token(cfg, engine.config.cache.kv_cache_dtype,
+                                              engine.config.dtype.jnp),
+    }
+
+
+def decode_roofline(engine: Engine, ceilings: dict, contexts: list[int], step_s: float) -> dict:
+    cfg = engine.model_config
+    costs = model_costs(engine)
+    d = len(contexts)
+    kv_bytes = sum(contexts) * costs["kv_bytes_per_token"]
+    bytes_moved = costs["weight_bytes"] + d * cfg.hidden_size * 4 + kv_bytes
+    flops = (2 * d * costs["matmul_params"]
+             + 4 * sum(contexts) * cfg.num_heads * cfg.head_dim * cfg.num_layers)
+    bw = ceilings["copy_bandwidth_gbs"] * 1e9
+    rate = ceilings["matmul_tflops"][engine.config.dtype.value] * 1e12
+    floor = max(bytes_moved / bw, flops / rate)
+    # What the step actually computes: the batch is padded to its bucket (tokens T, block-table
+    # width W); the CPU reference attention gathers the W*page_size context rows for every token.
+    page = engine.blocks.page_size
+    T, S, W = engine.buckets.pick(d, d, -(-max(contexts) // page))
+    return {
+        "sequences": d,
+        "mean_context": float(np.mean(contexts)),
+        "weight_bytes": costs["weight_bytes"],
+        "kv_bytes_read": kv_bytes,
+        "bytes_moved": bytes_moved,
+        "flops": flops,
+        "memory_floor_s": bytes_moved / bw,
+        "compute_floor_s": flops / rate,
+        "floor_s": floor,
+        "bound": "memory" if bytes_moved / bw >= flops / rate else "compute",
+        "measured_step_s": step_s,
+        "floor_over_measured": floor / step_s,
+        "bucket": {"tokens": T, "seqs": S, "width": W},
+        "padded_kv_bytes_gathered": T * W * page * costs["kv_bytes_per_token"],
+    }
+
+
+# --- long arrival ----------------------------------------------------------------------------------
+
+
+def long_arrival_probe(engine: Engine, *, decodes: int, context: int, steady_steps: int,
+                       long_prompt: int, seed: int = 7) -> dict:
+    """Steady decode of `decodes` private prompts of `context` tokens, then a `long_prompt`-token
+    private prompt arrives. Leaves the engine empty."""
+    rng = np.random.default_rng(seed)
+    vocab = min(256, engine.model_config.vocab_size)
+    room = engine.max_model_len - context
+    ids = [f"probe-d{i}" for i in range(decodes)]
+    for rid in ids:
+        engine.add_request(rid, rng.integers(0, vocab, context).tolist(),
+                           SamplingParams(temperature=0.0, max_tokens=room, ignore_eos=True))
+    times: dict[str, list[float]] = {rid: [] for rid in ids}
+
+    def step() -> list:
+        outs = engine.step()
+        for o in outs:
+            if o.request_id in times:
+                times[o.request_id].append(o.timings.token_times[-1])
+        return outs
+
+    while min(len(v) for v in times.values()) == 0:  # every prefill done
+        step()
+    step_s, contexts = [], []
+    for _ in range(steady_steps):
+        t = time.monotonic()
+        step()
+        step_s.append(time.monotonic() - t)
+        contexts.append([context + len(v) for v in times.values()])
+    arrival = time.monotonic()
+    engine.add_request("probe-long", rng.integers(0, vocab, long_prompt).tolist(),
+                       SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    first = None
+    steps_in_window = 0
+    while first is None:
+        outs = step()
+        steps_in_window += 1
+        for o in outs:
+            if o.request_id == "probe-long":
+                first = o.timings.token_times[0]
+    for rid in [*ids, "probe-long"]:
+        engine.abort(rid)
+    before, during = [], []
+    for v in times.values():
+        for a, b in zip(v, v[1:], strict=False):
+            if b <= arrival:
+                before.append(b - a)
+            elif b <= first:
+                during.append(b - a)
+    # Only the steady part counts as "before": drop gaps that straddle the end of the prefills.
+    before = before[-decodes * (steady_steps - 1):]
+    p99_before = float(np.percentile(before, 99)) if before else None
+    p99_during = float(np.percentile(during, 99)) if during else None
+    return {
+        "decodes": decodes, "context": context, "long_prompt_tokens": long_prompt,
+        "max_num_batched_tokens": engine.config.scheduler.max_num_batched_tokens,
+        "chunked": engine.config.scheduler.enable_chunked_prefill,
+        "steady_step_s": float(np.median(step_s)),
+        "steady_contexts": contexts[len(contexts) // 2],
+        "itl_p99_before_s": p99_before, "itl_p99_during_s": p99_during,
+        "itl_max_during_s": max(during, default=None),
+        "p99_during_over_before": (p99_during / p99_before
+                                   if p99_before and p99_during else None),
+        "long_prompt_ttft_s": first - arrival, "steps_while_prefilling": steps_in_window,
+    }
+
+
+# --- unloaded TTFT -----------------------------------------------------------------------------------
+
+
+def unloaded_ttft(engine: Engine, workload: Workload, n: int) -> dict:
+    """TTFT of `n` scaffold + claim requests run one at a time (after one unmeasured request,
+    so a reusing engine has the scaffold cached as it would in steady state)."""
+    convs = workload.conversations
+    picks = [convs[-1]] + list(convs[:n])  # the first is the primer
+    ttfts = []
+    for i, conv in enumerate(picks):
+        prompt = [PromptSegment(workload.policy, Scope.parse(f"shared:{POLICY_ZONE}")),
+                  PromptSegment(conv.turns[0].new_tokens, Scope())]
+        rid = f"ttft-{i}"
+        engine.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=1),
+                           tenant=conv.tenant, permitted_zones=frozenset({POLICY_ZONE}))
+        done = None
+        while done is None:
+            for o in engine.step():
+                if o.request_id == rid and o.finished:
+                    done = o
+        if i > 0:
+            ttfts.append(done.timings.ttft)
+    return {"requests": n, "ttft_p50_s": float(np.median(ttfts)),
+            "ttft_mean_s": float(np.mean(ttfts))}

@@ -33,7 +33,7 @@ from pijax.model.hf_io import save_hf_checkpoint
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out_dir", "pijax/data/default_model", "Checkpoint directory to write.")
-flags.DEFINE_integer("steps", 1600, "Training steps (an upper bound with --time_budget_min).")
+flags.DEFINE_integer("steps", 2000, "Training steps (an upper bound with --time_budget_min).")
 flags.DEFINE_integer("seed", 0, "Seed of the corpus, the initialization and the data order.")
 flags.DEFINE_integer("num_examples", None, "Distinct training claims (default steps * batch).")
 flags.DEFINE_integer("batch_size", 8, "Sequences per step.")
@@ -41,6 +41,8 @@ flags.DEFINE_float("learning_rate", 2.5e-3, "Peak AdamW learning rate.")
 flags.DEFINE_integer("warmup_steps", 40, "Linear warmup steps.")
 flags.DEFINE_float("decay_fraction", 0.3, "Last share of training that decays the learning rate "
                    "linearly to 0.")
+flags.DEFINE_float("context_loss_weight", 0.3, "Loss weight of the claim tokens (the answer's "
+                   "is 1): what teaches the model to copy codes and ids.")
 flags.DEFINE_float("time_budget_min", None, "Stop training after this many minutes (the "
                    "learning-rate decay is scheduled to finish by then).")
 flags.DEFINE_integer("vocab_size", 2048, "BPE vocabulary size (special tokens included).")
@@ -109,6 +111,7 @@ def main(argv):
         steps=FLAGS.steps, seed=FLAGS.seed, num_examples=FLAGS.num_examples,
         batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
         warmup_steps=FLAGS.warmup_steps, decay_fraction=FLAGS.decay_fraction,
+        context_loss_weight=FLAGS.context_loss_weight,
         time_budget_s=None if FLAGS.time_budget_min is None else 60.0 * FLAGS.time_budget_min,
         vocab_size=FLAGS.vocab_size, hidden_size=FLAGS.hidden_size,
         intermediate_size=FLAGS.intermediate_size, num_layers=FLAGS.num_layers,

@@ -62,6 +62,14 @@ def test_batches_are_seeded(tokenizer, examples):
     np.testing.assert_array_equal(a[0], b[0])
 
 
+def test_loss_weights_answer_one_context_small_padding_zero():
+    tokens = np.array([[5, 6, 7, 8, 0, 0]])
+    mask = np.array([[0, 0, 1, 1, 0, 0]], np.float32)
+    w = train.loss_weights(tokens, mask, pad_id=0, context_weight=0.25)
+    np.testing.assert_array_equal(w, [[0.25, 0.25, 1, 1, 0, 0]])
+    assert w.dtype == np.float32
+
+
 def test_learning_rate_warms_up_holds_and_decays():
     cfg = train.TrainConfig(steps=100, learning_rate=1e-3, warmup_steps=10, decay_fraction=0.2)
     lr = [train.learning_rate(cfg, s, s / 100) for s in range(100)]

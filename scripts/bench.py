@@ -12,6 +12,7 @@ benchmarks/results/<date>-<device>-<preset>/). Presets live in configs/bench/.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -45,6 +46,9 @@ flags.DEFINE_list("kv_cache_dtype", [], "KV cache dtype(s) (default: the preset'
                   "paged-kv-<dtype> of the full engine at the same KV byte budget (e.g. "
                   "auto,int8: capacity and throughput side by side). Choices: auto, int8, "
                   "fp8_e4m3 (GPU/TPU only).")
+flags.DEFINE_integer("clients", None, "Closed-loop clients, overriding the preset's arrivals "
+                     "(e.g. with --engine_opt=max_num_seqs=16, so the pool, not the sequence "
+                     "limit, bounds concurrency).")
 flags.DEFINE_string("note", "", "Free text appended to the caveat written into the results "
                     "(e.g. what else ran on the machine).")
 
@@ -84,6 +88,11 @@ def main(argv):
     from pijax.bench.suite import Suite, SuiteOptions
 
     preset = load_bench_preset(FLAGS.preset)
+    if FLAGS.clients is not None:
+        from pijax.bench.driver import ArrivalMode, ArrivalSpec
+
+        preset = dataclasses.replace(preset, arrival=ArrivalSpec(ArrivalMode.CLOSED,
+                                                                 clients=FLAGS.clients))
     progress = {"auto": None, "on": True, "off": False}[FLAGS.progress]
     out_dir = Path(FLAGS.out_dir) if FLAGS.out_dir else default_out_dir(preset.name)
     if FLAGS.target:

@@ -77,11 +77,13 @@ def summarize(run: RunResult) -> dict:
         "compilations_after_warmup": run.compiles_during_run,
     }
     busy = [s for s in run.steps if s.running > 0]
-    running = [s.running for s in run.steps]
-    summary["concurrency"] = {
-        "peak": max(running, default=0),
-        "mean": float(np.mean([s.running for s in busy])) if busy else 0.0,
-    }
+    if run.steps:
+        summary["concurrency"] = {
+            "peak": max(s.running for s in run.steps),
+            "mean": float(np.mean([s.running for s in busy])) if busy else 0.0,
+        }
+    else:  # no engine samples (over gRPC): requests between first scheduled and finish
+        summary["concurrency"] = in_flight(turns)
     if run.usable_pages is not None:
         usage = [s.pool_usage for s in run.steps]
         waste = [s.waste for s in busy]
@@ -104,6 +106,24 @@ def summarize(run: RunResult) -> dict:
             "cached_prompt_share": cached / prompt if prompt else 0.0,
         }
     return summary
+
+
+def in_flight(turns) -> dict:
+    """Peak and time-weighted mean of turns running at once (first scheduled -> finish), over
+    the time at least one ran."""
+    events = sorted([(t.first_scheduled if t.first_scheduled is not None else t.arrival, 1)
+                     for t in turns] + [(t.finish, -1) for t in turns])
+    peak = level = 0
+    busy = area = 0.0
+    last = None
+    for time_, delta in events:
+        if last is not None and level > 0:
+            busy += time_ - last
+            area += level * (time_ - last)
+        level += delta
+        peak = max(peak, level)
+        last = time_
+    return {"peak": peak, "mean": area / busy if busy > 0 else 0.0}
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

@@ -105,8 +105,9 @@ def sweep(points: list[dict], path: Path) -> Path:
 
 
 def write_all(results: dict, runs: dict[str, RunResult], out_dir: Path) -> list[str]:
-    files = [latency_cdfs(runs, out_dir / "latency_cdf.png"),
-             timelines(runs, out_dir / "pool_timeline.png")]
+    files = [latency_cdfs(runs, out_dir / "latency_cdf.png")]
+    if any(r.usable_pages is not None and r.steps for r in runs.values()):
+        files.append(timelines(runs, out_dir / "pool_timeline.png"))
     if results.get("sweep"):
         files.append(sweep(results["sweep"]["points"], out_dir / "sweep.png"))
     return [p.name for p in files]

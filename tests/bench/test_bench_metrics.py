@@ -97,6 +97,16 @@ def test_summary_without_a_pool_has_no_memory_section():
     assert "memory" not in s and "prefix" not in s
 
 
+def test_concurrency_from_turns_when_there_are_no_engine_samples():
+    run = make_run()
+    run.steps = []
+    # running intervals: a [0, 3], b [2, 3.5], c [4, 8] -> 2 at once over [2, 3]
+    c = summarize(run)["concurrency"]
+    assert c["peak"] == 2
+    # busy time: [0, 3.5] and [4, 8] = 7.5 s; area: 3 + 1.5 + 4 = 8.5 turn-seconds
+    assert c["mean"] == pytest.approx(8.5 / 7.5)
+
+
 def test_ratio():
     assert ratio(3.0, 2.0) == 1.5
     assert ratio(None, 2.0) is None and ratio(1.0, 0.0) is None

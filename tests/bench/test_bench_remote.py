@@ -54,6 +54,7 @@ def test_smoke_workload_over_grpc(server_target):
     for key in ("ttft", "tpot", "itl", "queue", "e2e"):
         assert s["latency_s"][key]["p50"] is not None
     assert s["throughput"]["claims_per_hour"] > 0
+    assert s["concurrency"]["peak"] >= 1  # from the turns: no engine samples over gRPC
     # Sessions were ended after their last turn: nothing is left pinned.
     assert engine.kv.sessions.num_pages_held() == 0
     md = markdown(results)

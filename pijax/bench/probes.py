@@ -117,7 +117,7 @@ def decode_roofline(engine: Engine, ceilings: dict, contexts: list[int], step_s:
     }
 
 
-# --- long arrival ----------------------------------------------------------------------------------
+# --- long arrival ---------------------------------------------------------------------------
 
 
 def long_arrival_probe(engine: Engine, *, decodes: int, context: int, steady_steps: int,
@@ -186,7 +186,7 @@ def long_arrival_probe(engine: Engine, *, decodes: int, context: int, steady_ste
     }
 
 
-# --- unloaded TTFT -----------------------------------------------------------------------------------
+# --- unloaded TTFT ---------------------------------------------------------------------------
 
 
 def unloaded_ttft(engine: Engine, workload: Workload, n: int) -> dict:

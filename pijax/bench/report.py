@@ -118,9 +118,11 @@ def probes_section(p: dict) -> str:
         lines.append(
             f"- long arrival, **{name}** (budget {la['max_num_batched_tokens']} tokens/step): "
             f"{la['decodes']} decodes at ~{la['context']} tokens, then a "
-            f"{la['long_prompt_tokens']}-token prompt. ITL p99 before {_f(la['itl_p99_before_s'], 's')}"
+            f"{la['long_prompt_tokens']}-token prompt. ITL p99 before "
+            f"{_f(la['itl_p99_before_s'], 's')}"
             f", during its prefill {_f(la['itl_p99_during_s'], 's')} "
-            f"(max {_f(la['itl_max_during_s'], 's')}; ratio {_f(la['p99_during_over_before'], 'x')})"
+            f"(max {_f(la['itl_max_during_s'], 's')}; "
+            f"ratio {_f(la['p99_during_over_before'], 'x')})"
             f"; its TTFT {_f(la['long_prompt_ttft_s'], 's')} over {la['steps_while_prefilling']} "
             f"steps.")
     for name, ut in p.get("unloaded_ttft", {}).items():
@@ -132,7 +134,8 @@ def probes_section(p: dict) -> str:
             f"- decode roofline: {r['sequences']} sequences at ~{r['mean_context']:.0f} tokens; "
             f"floor {_f(r['floor_s'], 's')} ({r['bound']}-bound: {r['bytes_moved'] / 1e6:.1f} MB "
             f"moved, {r['flops'] / 1e9:.2f} GFLOP) vs measured step {_f(r['measured_step_s'], 's')}"
-            f" → floor/measured = {_f(r['floor_over_measured'], 'x')}. The step actually runs the "
+            f" → floor/measured = {_f(r['floor_over_measured'], 'x')}. "
+            "The step actually runs the "
             f"bucket T={r['bucket']['tokens']}, W={r['bucket']['width']} pages; the reference "
             f"attention gathers {r['padded_kv_bytes_gathered'] / 1e6:.1f} MB of KV for it.")
     return "\n".join(lines)

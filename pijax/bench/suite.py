@@ -143,7 +143,8 @@ class Suite:
         self._warm[key] = name
         return engine, info
 
-    def run_config(self, name: str, workload: Workload, arrival: ArrivalSpec) -> tuple[dict, RunResult]:
+    def run_config(self, name: str, workload: Workload,
+                   arrival: ArrivalSpec) -> tuple[dict, RunResult]:
         engine, warm = self.make_engine(name)
         bar = ProgressBar(self.progress, workload.num_requests, name)
         try:

@@ -74,7 +74,8 @@ def test_summary_by_hand():
     # ITLs pooled: 1, 1, 0.5, 1, 2
     assert lat["itl"]["n"] == 5 and lat["itl"]["p50"] == pytest.approx(1.0)
     assert lat["itl"]["mean"] == pytest.approx(5.5 / 5)
-    assert lat["queue"]["p50"] == pytest.approx(0.0) and lat["queue"]["mean"] == pytest.approx(1 / 3)
+    assert lat["queue"]["p50"] == pytest.approx(0.0)
+    assert lat["queue"]["mean"] == pytest.approx(1 / 3)
     assert lat["e2e"]["p50"] == pytest.approx(3.0)  # 3.0, 2.5, 4.0
     assert s["ttft_by_turn_kind_s"]["session_first"]["p50"] == pytest.approx(2.0)
     assert s["concurrency"] == {"peak": 3, "mean": pytest.approx(2.0)}  # busy steps: 2, 1, 3

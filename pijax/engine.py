@@ -376,9 +376,9 @@ class LLM:
     """
 
     def __init__(self, source: str | None = None, **overrides):
-        from pijax.config import DEFAULT_PRESET, engine_config_from_overrides
+        from pijax.config import DEFAULT_MODEL, engine_config_from_overrides
 
-        self.engine = Engine.from_source(source or DEFAULT_PRESET,
+        self.engine = Engine.from_source(source or DEFAULT_MODEL,
                                          engine_config_from_overrides(**overrides))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

@@ -23,7 +23,7 @@ import sys
 
 from absl import app, flags
 
-from pijax.config import DEFAULT_PRESET, parse_mesh
+from pijax.config import DEFAULT_MODEL, parse_mesh
 from pijax.quant_gate import (
     GateError,
     GateReport,
@@ -119,7 +119,7 @@ def main(argv):
     try:
         thresholds = load_thresholds(FLAGS.thresholds)
         settings = GateSettings(
-            model=FLAGS.model or DEFAULT_PRESET,
+            model=FLAGS.model or DEFAULT_MODEL,
             kv_cache_dtype=FLAGS.kv_cache_dtype,
             prompt_source=PromptSource.JSONL if FLAGS.prompts_jsonl else FLAGS.prompt_source,
             prompts_jsonl=FLAGS.prompts_jsonl,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from pijax.config import DEFAULT_PRESET, engine_config_from_overrides, parse_mesh
+from pijax.config import DEFAULT_MODEL, engine_config_from_overrides, parse_mesh
 from pijax.engine import Engine
 from pijax.quant_gate import GateError, enforce_gate
 from pijax.serving.auth import KeyStore
@@ -133,13 +133,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
-    model = FLAGS.model or DEFAULT_PRESET
+    model = FLAGS.model or DEFAULT_MODEL
     try:
         config = ServerConfig(
             host=FLAGS.host, port=FLAGS.port, metrics_host=FLAGS.metrics_host,
             metrics_port=None if FLAGS.metrics_port < 0 else FLAGS.metrics_port,
             api_keys_path=FLAGS.api_keys, insecure_dev_mode=FLAGS.insecure_dev_mode,
-            model_name=model,
+            model_name=FLAGS.model or "default_model",
             trusted_zones=tuple(FLAGS.trusted_zone), drain_grace_s=FLAGS.drain_grace_s,
             warmup=warmup_wanted())
     except ServerConfigError as e:

@@ -214,8 +214,9 @@ def summarize(answers: Sequence[str], examples: Sequence[Example], num_samples: 
 
 
 def engine_texts(llm, prompts: Sequence[str], max_new_tokens: int,
-                 new_constraint: Callable[[], object] | None = None) -> list[str]:
-    """Greedy completions from a `pijax.LLM`, all prompts queued at once (continuous batching).
+                 new_constraint: Callable[[], object] | None = None, params=None) -> list[str]:
+    """Completions from a `pijax.LLM`, all prompts queued at once (continuous batching); greedy
+    unless `params` (a `SamplingParams`, which then sets the token budget too) says otherwise.
 
     With `new_constraint`, each request gets its own token constraint (structured output); the
     caller supplies the factory, e.g. a compiled findings schema from `pijax.serving.structured`,
@@ -223,7 +224,7 @@ def engine_texts(llm, prompts: Sequence[str], max_new_tokens: int,
     """
     from pijax.request import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+    params = params or SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
     if new_constraint is None:
         return [out.text for out in llm.generate(list(prompts), params)]
     engine = llm.engine

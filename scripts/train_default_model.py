@@ -43,6 +43,10 @@ flags.DEFINE_float("decay_fraction", 0.3, "Last share of training that decays th
                    "linearly to 0.")
 flags.DEFINE_float("context_loss_weight", 0.3, "Loss weight of the claim tokens (the answer's "
                    "is 1): what teaches the model to copy codes and ids.")
+flags.DEFINE_string("init_from", None, "Continue training from this checkpoint directory (its "
+                    "weights and tokenizer; the model shape flags are ignored).")
+flags.DEFINE_integer("data_offset", 0, "Index of the first training claim (a continued run "
+                     "should take claims the first run did not see).")
 flags.DEFINE_float("time_budget_min", None, "Stop training after this many minutes (the "
                    "learning-rate decay is scheduled to finish by then).")
 flags.DEFINE_integer("vocab_size", 2048, "BPE vocabulary size (special tokens included).")
@@ -111,7 +115,7 @@ def main(argv):
         steps=FLAGS.steps, seed=FLAGS.seed, num_examples=FLAGS.num_examples,
         batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
         warmup_steps=FLAGS.warmup_steps, decay_fraction=FLAGS.decay_fraction,
-        context_loss_weight=FLAGS.context_loss_weight,
+        context_loss_weight=FLAGS.context_loss_weight, data_offset=FLAGS.data_offset,
         time_budget_s=None if FLAGS.time_budget_min is None else 60.0 * FLAGS.time_budget_min,
         vocab_size=FLAGS.vocab_size, hidden_size=FLAGS.hidden_size,
         intermediate_size=FLAGS.intermediate_size, num_layers=FLAGS.num_layers,
@@ -119,7 +123,12 @@ def main(argv):
     out = Path(FLAGS.out_dir)
     with tempfile.TemporaryDirectory() as staging:
         tok_path = Path(staging) / "tokenizer.json"
-        result = train.train(cfg, tok_path, log=lambda m: logging.info("%s", m))
+        previous = None
+        if FLAGS.init_from:
+            report_path = Path(FLAGS.init_from) / "train_report.json"
+            previous = json.loads(report_path.read_text()) if report_path.is_file() else None
+        result = train.train(cfg, tok_path, log=lambda m: logging.info("%s", m),
+                             init_from=FLAGS.init_from)
         (Path(staging) / "tokenizer_config.json").write_text(
             json.dumps(tokenizer_config(cfg.max_position_embeddings), indent=2) + "\n")
         save_hf_checkpoint(result.model_config, nnx.state(result.model, nnx.Param), tok_path,
@@ -141,6 +150,7 @@ def main(argv):
         "checkpoint_dtype": FLAGS.checkpoint_dtype,
         "model": result.model_config.to_hf_dict(),
         "train_config": {k: v for k, v in vars(cfg).items()},
+        "continued_from": previous,  # the report of the run whose weights this one started from
         "machine": {"backend": jax.default_backend(), "cpu_count": os.cpu_count(),
                     "jax": jax.__version__, "python": platform.python_version(),
                     "xla_flags": os.environ.get("XLA_FLAGS", "")},
@@ -189,6 +199,13 @@ def model_card(report: dict, ev: dict | None) -> str:
         f"- `model.safetensors`: {report['checkpoint_bytes'] / 2**20:.1f} MiB "
         f"({report['checkpoint_dtype']})",
         f"- command: `{report['command']}`",
+    ]
+    runs, prev = [], report.get("continued_from")
+    while prev:  # earliest run first
+        runs.insert(0, f"- continued from: {prev['steps']} steps ({prev['examples_seen']:,} claims) "
+                       f"in {prev['train_seconds'] / 60:.1f} min, command `{prev['command']}`")
+        prev = prev.get("continued_from")
+    lines += runs + [
         "",
         "Prompt format (`pijax.claims.prompt`): `<bos><|policy|>{policy}\\n<|claim|>{claim}\\n"
         "<|review|>`; the answer is the findings JSON (`configs/schemas/findings.schema.json`)",

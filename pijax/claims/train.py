@@ -73,6 +73,7 @@ class TrainConfig:
     num_kv_heads: int = 2
     max_position_embeddings: int = 2048
     tokenizer_examples: int = 4000
+    data_offset: int = 0  # index of the first training claim (a continued run takes fresh ones)
     log_every: int = 10
 
     def __post_init__(self):
@@ -247,11 +248,19 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation) -> Callab
 # --- the loop -----------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, tokenizer_path: str | Path, log: Callable[[str], None] = print
-          ) -> TrainResult:
-    """Corpus -> tokenizer (saved to `tokenizer_path`) -> trained model."""
-    examples = generate_examples(cfg.seed, cfg.total_examples, split="train")
-    tok = train_tokenizer(training_texts(examples[:cfg.tokenizer_examples]), cfg.vocab_size)
+def train(cfg: TrainConfig, tokenizer_path: str | Path, log: Callable[[str], None] = print,
+          init_from: str | Path | None = None) -> TrainResult:
+    """Corpus -> tokenizer (saved to `tokenizer_path`) -> trained model.
+
+    With `init_from` (an HF checkpoint directory this function wrote), training continues from
+    its weights and tokenizer; the model shape flags of `cfg` are then ignored.
+    """
+    examples = generate_examples(cfg.seed, cfg.total_examples, split="train",
+                                 start=cfg.data_offset)
+    if init_from is None:
+        tok = train_tokenizer(training_texts(examples[:cfg.tokenizer_examples]), cfg.vocab_size)
+    else:
+        tok = tokenizers.Tokenizer.from_file(str(Path(init_from) / "tokenizer.json"))
     Path(tokenizer_path).parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(tokenizer_path))
     corpus = encode_examples(tok, examples)
@@ -266,8 +275,15 @@ def train(cfg: TrainConfig, tokenizer_path: str | Path, log: Callable[[str], Non
         raise ValueError(f"a training sequence has {lengths.max()} tokens > "
                          f"max_position_embeddings={cfg.max_position_embeddings}")
 
-    mcfg = model_config(cfg, tok)
-    model = init_model(mcfg, cfg.seed)
+    if init_from is None:
+        mcfg = model_config(cfg, tok)
+        model = init_model(mcfg, cfg.seed)
+    else:
+        from pijax.model.loader import load_model
+        from pijax.sharding import make_mesh
+
+        model = load_model(init_from, dtype="float32", mesh=make_mesh((1, 1))).model()
+        mcfg = model.config
     graphdef, params = nnx.split(model)
     optimizer = make_optimizer(cfg)
     opt_state = optimizer.init(params)

@@ -67,6 +67,20 @@ def test_round_trip_within_half_a_scale_step_with_outlier_channels():
     assert float(jnp.mean(s2[:, 1])) < float(jnp.mean(s2[:, 0])) / 5
 
 
+def test_fp8_round_trip_within_half_an_ulp_with_outlier_channels():
+    from pijax.kernels.quantization import FP8_DTYPE, quantize_fp8
+
+    x = with_outlier_channels(jax.random.key(2), (64, 4, 64))
+    q, scale = quantize_fp8(x)
+    assert q.dtype == FP8_DTYPE and scale.shape == (64, 4)
+    assert bool(jnp.all(jnp.isfinite(q.astype(jnp.float32))))  # clipped, never NaN
+    err = jnp.abs(dequantize(q, scale) - x)
+    # e4m3: 3 mantissa bits -> half an ulp is <= |x| 2^-4; subnormals: half of 2^-9 (scaled).
+    bound = jnp.maximum(jnp.abs(x) * 2.0**-4, scale[..., None] * 2.0**-10) * (1 + 1e-5)
+    assert bool(jnp.all(err <= bound))
+    assert float(jnp.max(err / jnp.abs(x))) > 0.01  # coarser than int8 near its scale: a real bound
+
+
 def test_quantized_write_stores_per_token_per_head_scales():
     shape = (4, 16, 2, 32)  # pages, page size, kv heads, head dim
     k_new = with_outlier_channels(jax.random.key(2), (5, 2, 32))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -128,3 +129,21 @@ def test_tiny_training_run_lowers_the_loss(tmp_path):
     assert (tmp_path / "tokenizer.json").is_file()
     assert result.steps_done == 12 and result.stopped_by == "steps"
     assert result.losses[-1][1] < result.losses[0][1]
+
+
+@pytest.mark.slow
+def test_training_continues_from_a_saved_checkpoint(tmp_path):
+    from pijax.model.hf_io import save_hf_checkpoint
+
+    cfg = train.TrainConfig(steps=3, num_examples=8, batch_size=4, learning_rate=1e-2,
+                            warmup_steps=1, vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=1,
+                            num_heads=2, num_kv_heads=1, tokenizer_examples=8, log_every=1)
+    first = train.train(cfg, tmp_path / "tokenizer.json", log=lambda m: None)
+    ckpt = tmp_path / "ckpt"
+    save_hf_checkpoint(first.model_config, nnx.state(first.model, nnx.Param),
+                       tmp_path / "tokenizer.json", ckpt, "float32")
+    more = dataclasses.replace(cfg, data_offset=8, hidden_size=64)  # shape flags are ignored
+    second = train.train(more, tmp_path / "tokenizer2.json", log=lambda m: None, init_from=ckpt)
+    assert second.model_config == first.model_config
+    assert second.tokenizer.to_str() == first.tokenizer.to_str()
+    assert second.losses[0][1] < first.losses[0][1]  # starts where the first run got to

@@ -65,9 +65,21 @@ def resolve(impl: AttentionImpl) -> AttentionImpl:
 
 
 def paged_attention(
-    q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
-    sm_scale: float, impl: AttentionImpl = AttentionImpl.AUTO,
-    k_scales=None, v_scales=None, soft_cap=None, sliding_window=None, decode_only: bool = False,
+    q,
+    k_pages,
+    v_pages,
+    kv_lens,
+    block_tables,
+    cu_q_lens,
+    num_seqs,
+    *,
+    sm_scale: float,
+    impl: AttentionImpl = AttentionImpl.AUTO,
+    k_scales=None,
+    v_scales=None,
+    soft_cap=None,
+    sliding_window=None,
+    decode_only: bool = False,
 ):
     """Ragged paged attention over the pool (see `reference` for the argument contract)."""
     impl = resolve(impl)
@@ -75,7 +87,8 @@ def paged_attention(
     kwargs = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
     if impl is AttentionImpl.REFERENCE:
         return reference.ragged_paged_attention_reference(
-            *args, k_scales=k_scales, v_scales=v_scales, **kwargs)
+            *args, k_scales=k_scales, v_scales=v_scales, **kwargs
+        )
     kernel = _kernel(impl, decode_only)
     if impl is AttentionImpl.PALLAS_INTERPRET:
         kwargs["interpret"] = True
@@ -95,8 +108,10 @@ def _kernel(impl: AttentionImpl, decode_only: bool):
         from pijax.kernels.paged_attention import tpu  # Mosaic-only imports stay off GPU hosts
 
         return tpu.ragged_paged_attention_tpu
-    raise ValueError(f"attention_impl=pallas has no kernel for backend {backend!r}; use "
-                     f"{AttentionImpl.REFERENCE.value!r} or {AttentionImpl.PALLAS_INTERPRET.value!r}")
+    raise ValueError(
+        f"attention_impl=pallas has no kernel for backend {backend!r}; use "
+        f"{AttentionImpl.REFERENCE.value!r} or {AttentionImpl.PALLAS_INTERPRET.value!r}"
+    )
 
 
 def kv_head_mesh(k_pages):
@@ -121,16 +136,28 @@ def _shard_over_kv_heads(kernel, mesh, args, k_scales, v_scales, kwargs):
     q, k_pages = args[0], args[1]
     devices = mesh.shape[MODEL_AXIS]
     if k_pages.shape[2] % devices or q.shape[1] % devices:
-        raise ValueError(f"mesh axis {MODEL_AXIS!r} of size {devices} must divide the kv heads "
-                         f"({k_pages.shape[2]}) and query heads ({q.shape[1]})")
+        raise ValueError(
+            f"mesh axis {MODEL_AXIS!r} of size {devices} must divide the kv heads "
+            f"({k_pages.shape[2]}) and query heads ({q.shape[1]})"
+        )
     heads, rep = P(None, MODEL_AXIS, None), P()
     pages, scales = P(None, None, MODEL_AXIS, None), P(None, None, MODEL_AXIS)
     quantized = k_scales is not None
 
     def local(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *scale_args):
         ks, vs = scale_args if quantized else (None, None)
-        return kernel(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
-                      k_scales=ks, v_scales=vs, **kwargs)
+        return kernel(
+            q,
+            k_pages,
+            v_pages,
+            kv_lens,
+            block_tables,
+            cu_q_lens,
+            num_seqs,
+            k_scales=ks,
+            v_scales=vs,
+            **kwargs,
+        )
 
     in_specs = (heads, pages, pages, rep, rep, rep, rep) + (scales, scales) * quantized
     extra = (k_scales, v_scales) if quantized else ()
@@ -141,20 +168,29 @@ def _shard_map(fn, mesh, in_specs, out_specs):
     # A pallas_call's out_shape carries no manual-axis type, so varying-manual-axes checking
     # would reject it; the kernels' outputs vary over `model` exactly as their inputs do.
     if hasattr(jax, "shard_map"):
-        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                             check_vma=False)
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
     from jax.experimental.shard_map import shard_map  # JAX releases before jax.shard_map
 
     return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
-def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, k_scales=None, v_scales=None, *,
-             impl: AttentionImpl = AttentionImpl.AUTO):
+def write_kv(
+    k_pages,
+    v_pages,
+    k_new,
+    v_new,
+    slot_mapping,
+    k_scales=None,
+    v_scales=None,
+    *,
+    impl: AttentionImpl = AttentionImpl.AUTO,
+):
     """Scatter new K/V (and their int8 scales) into the pool; returns the updated arrays."""
     # One implementation on every backend: an XLA scatter of T rows, which XLA fuses with the
     # K/V projection's epilogue inside the jitted step. A Pallas write fused into the attention
     # kernel would save re-reading K/V new rows (T*K*D, small beside the context read); whether
     # that is measurable is a GPU question (see scripts/bench_kernels.py).
     del impl
-    return reference.write_kv_reference(k_pages, v_pages, k_new, v_new, slot_mapping,
-                                        k_scales, v_scales)
+    return reference.write_kv_reference(
+        k_pages, v_pages, k_new, v_new, slot_mapping, k_scales, v_scales
+    )

@@ -36,25 +36,33 @@ class Buckets:
     max_width: int
 
     @classmethod
-    def for_limits(cls, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
-                   page_size: int) -> Buckets:
+    def for_limits(
+        cls, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int, page_size: int
+    ) -> Buckets:
         max_width = -(-max_model_len // page_size)
-        return cls(next_pow2(max_num_batched_tokens, MIN_TOKENS), next_pow2(max_num_seqs, MIN_SEQS),
-                   next_pow2(max_width, MIN_WIDTH))
+        return cls(
+            next_pow2(max_num_batched_tokens, MIN_TOKENS),
+            next_pow2(max_num_seqs, MIN_SEQS),
+            next_pow2(max_width, MIN_WIDTH),
+        )
 
     def pick(self, num_tokens: int, num_seqs: int, width: int) -> tuple[int, int, int]:
-        return (min(next_pow2(num_tokens, MIN_TOKENS), self.max_tokens),
-                min(next_pow2(num_seqs, MIN_SEQS), self.max_seqs),
-                min(next_pow2(width, MIN_WIDTH), self.max_width))
+        return (
+            min(next_pow2(num_tokens, MIN_TOKENS), self.max_tokens),
+            min(next_pow2(num_seqs, MIN_SEQS), self.max_seqs),
+            min(next_pow2(width, MIN_WIDTH), self.max_width),
+        )
 
     def grid(self):
         """Every (T, S, W) shape the batch builder can produce."""
+
         def pows(lo, hi):
             v = lo
             while v < hi:
                 yield v
                 v *= 2
             yield hi
+
         for t in pows(MIN_TOKENS, self.max_tokens):
             for s in pows(MIN_SEQS, self.max_seqs):
                 if s <= max(t, MIN_SEQS):
@@ -72,8 +80,13 @@ class StepInput:
     sampling: SamplingInput
 
 
-def build_step_input(plan: SchedulePlan, blocks: BlockManager, buckets: Buckets,
-                     vocab_size: int, bitmasks: dict[str, np.ndarray] | None = None) -> StepInput:
+def build_step_input(
+    plan: SchedulePlan,
+    blocks: BlockManager,
+    buckets: Buckets,
+    vocab_size: int,
+    bitmasks: dict[str, np.ndarray] | None = None,
+) -> StepInput:
     """Numpy arrays for one step. `bitmasks` maps request id -> allowed-token bitmask row."""
     page_size = blocks.page_size
     seqs = plan.seqs
@@ -84,8 +97,12 @@ def build_step_input(plan: SchedulePlan, blocks: BlockManager, buckets: Buckets,
     batch = empty_step_input(T, S, W, words)
     tokens, positions, logits_indices = batch.tokens, batch.positions, batch.logits_indices
     meta, sp = batch.meta, batch.sampling
-    slot_mapping, kv_lens, block_tables, cu_q_lens = (meta.slot_mapping, meta.kv_lens,
-                                                      meta.block_tables, meta.cu_q_lens)
+    slot_mapping, kv_lens, block_tables, cu_q_lens = (
+        meta.slot_mapping,
+        meta.kv_lens,
+        meta.block_tables,
+        meta.cu_q_lens,
+    )
     temperature, top_k, top_p, seed = sp.temperature, sp.top_k, sp.top_p, sp.seed
     sample_pos, bitmask = sp.position, sp.token_bitmask
 
@@ -95,9 +112,9 @@ def build_step_input(plan: SchedulePlan, blocks: BlockManager, buckets: Buckets,
         start = req.num_computed_tokens
         table = np.asarray(blocks.block_table(req.request_id), np.int32)
         pos = np.arange(start, start + n, dtype=np.int32)
-        tokens[t:t + n] = req.all_token_ids[start:start + n]
-        positions[t:t + n] = pos
-        slot_mapping[t:t + n] = table[pos // page_size] * page_size + pos % page_size
+        tokens[t : t + n] = req.all_token_ids[start : start + n]
+        positions[t : t + n] = pos
+        slot_mapping[t : t + n] = table[pos // page_size] * page_size + pos % page_size
         kv_lens[i] = start + n
         width = min(len(table), W)
         block_tables[i, :width] = table[:width]
@@ -110,7 +127,7 @@ def build_step_input(plan: SchedulePlan, blocks: BlockManager, buckets: Buckets,
         sample_pos[i] = start + n
         if bitmasks and req.request_id in bitmasks:
             bitmask[i] = bitmasks[req.request_id]
-    cu_q_lens[len(seqs) + 1:] = t
+    cu_q_lens[len(seqs) + 1 :] = t
 
     meta.num_seqs = np.asarray(len(seqs), np.int32)
     return batch
@@ -122,12 +139,19 @@ def empty_step_input(T: int, S: int, W: int, words: int) -> StepInput:
         tokens=np.zeros(T, np.int32),
         positions=np.zeros(T, np.int32),
         logits_indices=np.zeros(S, np.int32),
-        meta=AttentionMetadata(slot_mapping=np.zeros(T, np.int32), kv_lens=np.zeros(S, np.int32),
-                               block_tables=np.full((S, W), NULL_PAGE, np.int32),
-                               cu_q_lens=np.zeros(S + 1, np.int32),
-                               num_seqs=np.asarray(0, np.int32)),
-        sampling=SamplingInput(temperature=np.zeros(S, np.float32), top_k=np.zeros(S, np.int32),
-                               top_p=np.ones(S, np.float32), seed=np.zeros(S, np.int32),
-                               position=np.zeros(S, np.int32),
-                               token_bitmask=np.full((S, words), -1, np.int32)),
+        meta=AttentionMetadata(
+            slot_mapping=np.zeros(T, np.int32),
+            kv_lens=np.zeros(S, np.int32),
+            block_tables=np.full((S, W), NULL_PAGE, np.int32),
+            cu_q_lens=np.zeros(S + 1, np.int32),
+            num_seqs=np.asarray(0, np.int32),
+        ),
+        sampling=SamplingInput(
+            temperature=np.zeros(S, np.float32),
+            top_k=np.zeros(S, np.int32),
+            top_p=np.ones(S, np.float32),
+            seed=np.zeros(S, np.int32),
+            position=np.zeros(S, np.int32),
+            token_bitmask=np.full((S, words), -1, np.int32),
+        ),
     )

@@ -41,7 +41,12 @@ class DType(enum.Enum):
     def parse(cls, value: str | DType, field: str = "dtype") -> DType:
         if isinstance(value, DType):
             return value
-        aliases = {"float32": cls.FLOAT32, "f32": cls.FLOAT32, "bfloat16": cls.BFLOAT16, "bf16": cls.BFLOAT16}
+        aliases = {
+            "float32": cls.FLOAT32,
+            "f32": cls.FLOAT32,
+            "bfloat16": cls.BFLOAT16,
+            "bf16": cls.BFLOAT16,
+        }
         _require(value in aliases, field, f"one of {sorted(aliases)}", value)
         return aliases[value]
 
@@ -95,14 +100,30 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             v = getattr(self, name)
             _require(isinstance(v, int) and v > 0, name, "a positive integer", v)
-        _require(self.num_heads % self.num_kv_heads == 0, "num_key_value_heads",
-                 f"a divisor of num_attention_heads={self.num_heads}", self.num_kv_heads)
-        _require(self.architecture in SUPPORTED_ARCHITECTURES, "architectures",
-                 f"one of {list(SUPPORTED_ARCHITECTURES)}", self.architecture)
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            "num_key_value_heads",
+            f"a divisor of num_attention_heads={self.num_heads}",
+            self.num_kv_heads,
+        )
+        _require(
+            self.architecture in SUPPORTED_ARCHITECTURES,
+            "architectures",
+            f"one of {list(SUPPORTED_ARCHITECTURES)}",
+            self.architecture,
+        )
 
     @classmethod
     def from_hf_dict(cls, cfg: dict, source: str = "config.json") -> ModelConfig:
@@ -174,8 +195,11 @@ class ModelConfig:
     def to_hf_dict(self) -> dict:
         d = {
             "architectures": [self.architecture],
-            "model_type": {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                           "Qwen2ForCausalLM": "qwen2"}[self.architecture],
+            "model_type": {
+                "LlamaForCausalLM": "llama",
+                "MistralForCausalLM": "mistral",
+                "Qwen2ForCausalLM": "qwen2",
+            }[self.architecture],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -190,7 +214,8 @@ class ModelConfig:
             "attention_bias": self.attention_bias,
             "hidden_act": "silu",
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1
+            "eos_token_id": list(self.eos_token_ids)
+            if len(self.eos_token_ids) != 1
             else self.eos_token_ids[0],
         }
         if self.rope_scaling is not None:
@@ -215,20 +240,39 @@ class CacheConfig:
     audit_log_path: str | None = None
 
     def __post_init__(self):
-        _require(self.page_size in (8, 16, 32, 64, 128), "page_size", "one of [8, 16, 32, 64, 128]",
-                 self.page_size)
-        _require(self.num_pages is None or (isinstance(self.num_pages, int) and self.num_pages >= 2),
-                 "num_pages", "None or an integer >= 2 (page 0 is the null page)", self.num_pages)
-        _require(0.0 < self.memory_fraction <= 0.95, "memory_fraction", "in (0, 0.95]",
-                 self.memory_fraction)
+        _require(
+            self.page_size in (8, 16, 32, 64, 128),
+            "page_size",
+            "one of [8, 16, 32, 64, 128]",
+            self.page_size,
+        )
+        _require(
+            self.num_pages is None or (isinstance(self.num_pages, int) and self.num_pages >= 2),
+            "num_pages",
+            "None or an integer >= 2 (page 0 is the null page)",
+            self.num_pages,
+        )
+        _require(
+            0.0 < self.memory_fraction <= 0.95,
+            "memory_fraction",
+            "in (0, 0.95]",
+            self.memory_fraction,
+        )
         budget = self.kv_cache_memory_bytes
-        _require(budget is None or (isinstance(budget, int) and budget > 0),
-                 "kv_cache_memory_bytes", "None or a positive integer (bytes per device)",
-                 self.kv_cache_memory_bytes)
+        _require(
+            budget is None or (isinstance(budget, int) and budget > 0),
+            "kv_cache_memory_bytes",
+            "None or a positive integer (bytes per device)",
+            self.kv_cache_memory_bytes,
+        )
         object.__setattr__(self, "kv_cache_dtype", KVCacheDType.parse(self.kv_cache_dtype))
         _require(self.session_ttl_s > 0, "session_ttl_s", "> 0 seconds", self.session_ttl_s)
-        _require(0 <= self.session_max_pages_fraction <= 1, "session_max_pages_fraction",
-                 "in [0, 1]", self.session_max_pages_fraction)
+        _require(
+            0 <= self.session_max_pages_fraction <= 1,
+            "session_max_pages_fraction",
+            "in [0, 1]",
+            self.session_max_pages_fraction,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,16 +290,28 @@ class SchedulerConfig:
 
     def __post_init__(self):
         _require(self.max_num_seqs >= 1, "max_num_seqs", "an integer >= 1", self.max_num_seqs)
-        _require(self.max_num_batched_tokens >= self.max_num_seqs, "max_num_batched_tokens",
-                 f"an integer >= max_num_seqs={self.max_num_seqs}", self.max_num_batched_tokens)
+        _require(
+            self.max_num_batched_tokens >= self.max_num_seqs,
+            "max_num_batched_tokens",
+            f"an integer >= max_num_seqs={self.max_num_seqs}",
+            self.max_num_batched_tokens,
+        )
         _require(self.max_model_len >= 2, "max_model_len", "an integer >= 2", self.max_model_len)
         # Without chunking a prefill runs whole in one step, so every prompt must fit one.
-        _require(self.enable_chunked_prefill or self.max_num_batched_tokens >= self.max_model_len,
-                 "max_num_batched_tokens", f"an integer >= max_model_len={self.max_model_len} "
-                 "when enable_chunked_prefill is False", self.max_num_batched_tokens)
+        _require(
+            self.enable_chunked_prefill or self.max_num_batched_tokens >= self.max_model_len,
+            "max_num_batched_tokens",
+            f"an integer >= max_model_len={self.max_model_len} "
+            "when enable_chunked_prefill is False",
+            self.max_num_batched_tokens,
+        )
         _require(self.max_waiting >= 1, "max_waiting", "an integer >= 1", self.max_waiting)
-        _require(self.priority_aging_steps >= 1, "priority_aging_steps", "an integer >= 1",
-                 self.priority_aging_steps)
+        _require(
+            self.priority_aging_steps >= 1,
+            "priority_aging_steps",
+            "an integer >= 1",
+            self.priority_aging_steps,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,8 +328,12 @@ class EngineConfig:
         object.__setattr__(self, "dtype", DType.parse(self.dtype))
         object.__setattr__(self, "attention_impl", AttentionImpl.parse(self.attention_impl))
         ms = tuple(self.mesh_shape)
-        _require(len(ms) == 2 and all(isinstance(x, int) and x >= 1 for x in ms), "mesh_shape",
-                 "two positive integers (data, model)", self.mesh_shape)
+        _require(
+            len(ms) == 2 and all(isinstance(x, int) and x >= 1 for x in ms),
+            "mesh_shape",
+            "two positive integers (data, model)",
+            self.mesh_shape,
+        )
         object.__setattr__(self, "mesh_shape", ms)
 
 
@@ -284,12 +344,17 @@ def parse_mesh(text: str) -> tuple[int, int]:
         shape = tuple(int(p) for p in parts)
     except ValueError:
         raise ConfigError(f"mesh must be 'DATA,MODEL' (e.g. '1,2'); got {text!r}") from None
-    _require(len(shape) == 2 and all(x >= 1 for x in shape), "mesh",
-             "'DATA,MODEL' with positive integers", text)
+    _require(
+        len(shape) == 2 and all(x >= 1 for x in shape),
+        "mesh",
+        "'DATA,MODEL' with positive integers",
+        text,
+    )
     return shape  # type: ignore[return-value]
 
 
 # --- presets -----------------------------------------------------------------------------------
+
 
 def preset_names() -> list[str]:
     root = resources.files("pijax.configs") / "presets"
@@ -311,12 +376,26 @@ DEFAULT_PRESET = "tiny-random"
 # trained by scripts/train_default_model.py and shipped as package data.
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "data" / "default_model")
 
-_CACHE_KEYS = {"page_size", "num_pages", "memory_fraction", "kv_cache_memory_bytes",
-               "kv_cache_dtype", "enable_prefix_reuse", "session_ttl_s",
-               "session_max_pages_fraction", "audit_log_path"}
-_SCHED_KEYS = {"max_num_seqs", "max_num_batched_tokens", "max_model_len",
-               "enable_chunked_prefill", "max_waiting", "priority_aging_steps",
-               "reserve_full_length"}
+_CACHE_KEYS = {
+    "page_size",
+    "num_pages",
+    "memory_fraction",
+    "kv_cache_memory_bytes",
+    "kv_cache_dtype",
+    "enable_prefix_reuse",
+    "session_ttl_s",
+    "session_max_pages_fraction",
+    "audit_log_path",
+}
+_SCHED_KEYS = {
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "max_model_len",
+    "enable_chunked_prefill",
+    "max_waiting",
+    "priority_aging_steps",
+    "reserve_full_length",
+}
 _ENGINE_KEYS = {"dtype", "mesh_shape", "attention_impl", "compilation_cache_dir", "seed"}
 
 
@@ -324,8 +403,13 @@ def engine_config_from_overrides(**overrides) -> EngineConfig:
     """Flat keyword overrides (as `LLM(...)` and the scripts take them) -> EngineConfig."""
     unknown = set(overrides) - _CACHE_KEYS - _SCHED_KEYS - _ENGINE_KEYS
     if unknown:
-        raise ConfigError(f"unknown engine option(s) {sorted(unknown)}; allowed: "
-                          f"{sorted(_CACHE_KEYS | _SCHED_KEYS | _ENGINE_KEYS)}")
+        raise ConfigError(
+            f"unknown engine option(s) {sorted(unknown)}; allowed: "
+            f"{sorted(_CACHE_KEYS | _SCHED_KEYS | _ENGINE_KEYS)}"
+        )
     pick = lambda keys: {k: v for k, v in overrides.items() if k in keys and v is not None}  # noqa: E731
-    return EngineConfig(cache=CacheConfig(**pick(_CACHE_KEYS)),
-                        scheduler=SchedulerConfig(**pick(_SCHED_KEYS)), **pick(_ENGINE_KEYS))
+    return EngineConfig(
+        cache=CacheConfig(**pick(_CACHE_KEYS)),
+        scheduler=SchedulerConfig(**pick(_SCHED_KEYS)),
+        **pick(_ENGINE_KEYS),
+    )

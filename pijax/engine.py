@@ -75,33 +75,49 @@ class Engine:
         self.model_config = model.config
         self.tokenizer = model.tokenizer
         self.mesh = mesh
-        self.max_model_len = min(config.scheduler.max_model_len,
-                                 model.config.max_position_embeddings)
+        self.max_model_len = min(
+            config.scheduler.max_model_len, model.config.max_position_embeddings
+        )
         cache = config.cache
-        num_pages = num_pages_for_budget(model.config, cache, config.dtype.jnp, None,
-                                         kv_shards=mesh.shape["model"])
+        num_pages = num_pages_for_budget(
+            model.config, cache, config.dtype.jnp, None, kv_shards=mesh.shape["model"]
+        )
         self.kv_pool = allocate_pool(model.config, cache, num_pages, config.dtype.jnp, mesh)
         self.blocks = BlockManager(num_pages, cache.page_size)
         self.kv = KVCacheManager(
-            self.blocks, enable_prefix_reuse=cache.enable_prefix_reuse,
-            audit=AuditLog(cache.audit_log_path), session_ttl_s=cache.session_ttl_s,
-            session_max_pages=int(self.blocks.num_usable_pages * cache.session_max_pages_fraction))
+            self.blocks,
+            enable_prefix_reuse=cache.enable_prefix_reuse,
+            audit=AuditLog(cache.audit_log_path),
+            session_ttl_s=cache.session_ttl_s,
+            session_max_pages=int(self.blocks.num_usable_pages * cache.session_max_pages_fraction),
+        )
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.buckets = Buckets.for_limits(config.scheduler.max_num_batched_tokens,
-                                          config.scheduler.max_num_seqs, self.max_model_len,
-                                          cache.page_size)
+        self.buckets = Buckets.for_limits(
+            config.scheduler.max_num_batched_tokens,
+            config.scheduler.max_num_seqs,
+            self.max_model_len,
+            cache.page_size,
+        )
         quantized = self.kv_pool[0].k_scale is not None
         layer_sh = type(self.kv_pool[0])(
-            pool_sharding(mesh), pool_sharding(mesh),
-            scale_sharding(mesh) if quantized else None, scale_sharding(mesh) if quantized else None)
+            pool_sharding(mesh),
+            pool_sharding(mesh),
+            scale_sharding(mesh) if quantized else None,
+            scale_sharding(mesh) if quantized else None,
+        )
         self._step = StepFunction(model.graphdef, mesh, tuple(layer_sh for _ in self.kv_pool))
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._emitted_chars: dict[str, int] = {}
         self._arrivals = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)
-        log.info("engine ready: %d pages of %d tokens, max_model_len=%d, mesh=%s",
-                 num_pages, cache.page_size, self.max_model_len, dict(mesh.shape))
+        log.info(
+            "engine ready: %d pages of %d tokens, max_model_len=%d, mesh=%s",
+            num_pages,
+            cache.page_size,
+            self.max_model_len,
+            dict(mesh.shape),
+        )
 
     @classmethod
     def from_source(cls, source: str, config: EngineConfig | None = None) -> Engine:
@@ -110,8 +126,13 @@ class Engine:
         if config.compilation_cache_dir:
             jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
         mesh = make_mesh(config.mesh_shape)
-        model = load_model(source, dtype=config.dtype, mesh=mesh,
-                           attention_impl=config.attention_impl, seed=config.seed)
+        model = load_model(
+            source,
+            dtype=config.dtype,
+            mesh=mesh,
+            attention_impl=config.attention_impl,
+            seed=config.seed,
+        )
         make_mesh(config.mesh_shape, model.config)  # validates the model axis against kv heads
         return cls(model, config, mesh)
 
@@ -121,14 +142,17 @@ class Engine:
         """Token ids of a prompt: text, token ids, or a list of scoped segments (concatenated)."""
         return [t for ids, _ in self.prompt_segments(prompt) for t in ids]
 
-    def prompt_segments(self, prompt: Prompt | Sequence[PromptSegment],
-                        session_id: str | None = None) -> list[tuple[list[int], Scope]]:
+    def prompt_segments(
+        self, prompt: Prompt | Sequence[PromptSegment], session_id: str | None = None
+    ) -> list[tuple[list[int], Scope]]:
         """Validated (token ids, scope) segments. A plain prompt is one segment: private, or
         `session:<session_id>` when the request belongs to a session."""
         if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], PromptSegment):
             # BOS (where the tokenizer adds one) starts the prompt, not every text segment.
-            segs = [(self._token_ids(s.content, "prompt segment", bos=i == 0), s.scope)
-                    for i, s in enumerate(prompt)]
+            segs = [
+                (self._token_ids(s.content, "prompt segment", bos=i == 0), s.scope)
+                for i, s in enumerate(prompt)
+            ]
             if not all(ids for ids, _ in segs):
                 raise InvalidRequestError("prompt segments must each be non-empty")
             return segs
@@ -138,7 +162,9 @@ class Engine:
     def _token_ids(self, content: Prompt, field: str, bos: bool = True) -> list[int]:
         if isinstance(content, str):
             if not content:
-                raise InvalidRequestError(f"{field} must be a non-empty string or token list; got ''")
+                raise InvalidRequestError(
+                    f"{field} must be a non-empty string or token list; got ''"
+                )
             return self.tokenizer.encode(content, add_bos=None if bos else False)
         ids = list(content)
         if not ids:
@@ -147,14 +173,22 @@ class Engine:
         bad = [t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(
-                f"{field} token ids must be integers in [0, {vocab}); got {bad[:5]!r}")
+                f"{field} token ids must be integers in [0, {vocab}); got {bad[:5]!r}"
+            )
         return [int(t) for t in ids]
 
-    def add_request(self, request_id: str, prompt: Prompt | Sequence[PromptSegment],
-                    params: SamplingParams | None = None, *, priority: int = 0,
-                    tenant: str = "default", session_id: str | None = None,
-                    permitted_zones: frozenset[str] = frozenset(),
-                    constraint: TokenConstraint | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Prompt | Sequence[PromptSegment],
+        params: SamplingParams | None = None,
+        *,
+        priority: int = 0,
+        tenant: str = "default",
+        session_id: str | None = None,
+        permitted_zones: frozenset[str] = frozenset(),
+        constraint: TokenConstraint | None = None,
+    ) -> None:
         """Queue a request, or raise `InvalidRequestError`/`OverloadedError` and queue nothing.
 
         `prompt` is text, token ids, or scoped `PromptSegment`s. `tenant` is the authenticated
@@ -167,26 +201,38 @@ class Engine:
             raise InvalidRequestError(f"params must be SamplingParams; got {type(params).__name__}")
         if not request_id or request_id in self._requests:
             raise InvalidRequestError(
-                f"request_id must be non-empty and not in use; got {request_id!r}")
+                f"request_id must be non-empty and not in use; got {request_id!r}"
+            )
         segments = self.prompt_segments(prompt, session_id)
         ids = [t for seg, _ in segments for t in seg]
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
             raise InvalidRequestError(
                 f"prompt tokens ({len(ids)}) + max_tokens ({params.max_tokens}) must be <= "
-                f"max_model_len={self.max_model_len}; got {total}")
+                f"max_model_len={self.max_model_len}; got {total}"
+            )
         if self.blocks.pages_needed("", total) > self.blocks.num_usable_pages:
             raise InvalidRequestError(
                 f"prompt + max_tokens = {total} tokens exceeds the KV pool "
-                f"({self.blocks.num_usable_pages * self.blocks.page_size} tokens)")
+                f"({self.blocks.num_usable_pages * self.blocks.page_size} tokens)"
+            )
         if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
             raise OverloadedError(
-                f"waiting queue is full ({self.config.scheduler.max_waiting} requests)")
+                f"waiting queue is full ({self.config.scheduler.max_waiting} requests)"
+            )
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**32))
-        req = Request(request_id=request_id, prompt_token_ids=ids, params=params,
-                      eos_token_ids=self.model.eos_token_ids, seed=seed, priority=priority,
-                      arrival_order=next(self._arrivals), tenant=tenant,
-                      session_id=session_id, constraint=constraint)
+        req = Request(
+            request_id=request_id,
+            prompt_token_ids=ids,
+            params=params,
+            eos_token_ids=self.model.eos_token_ids,
+            seed=seed,
+            priority=priority,
+            arrival_order=next(self._arrivals),
+            tenant=tenant,
+            session_id=session_id,
+            constraint=constraint,
+        )
         self.kv.register(req, segments, frozenset(permitted_zones))  # may refuse a bad scope
         self._requests[request_id] = req
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer)
@@ -211,8 +257,9 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
-        batch = build_step_input(plan, self.blocks, self.buckets, self.model_config.vocab_size,
-                                 self._bitmasks(plan))
+        batch = build_step_input(
+            plan, self.blocks, self.buckets, self.model_config.vocab_size, self._bitmasks(plan)
+        )
         packed, self.kv_pool = self._step(self.model.params, self.kv_pool, batch)
         sampled = StepFunction.unpack(np.asarray(packed), len(plan.seqs))
         return [self._emit(req) for req in self.scheduler.update(plan, sampled)]
@@ -227,8 +274,9 @@ class Engine:
         shapes = list(self.buckets.grid())
         packed = None
         for T, S, W in shapes:
-            packed, self.kv_pool = self._step(self.model.params, self.kv_pool,
-                                              empty_step_input(T, S, W, words))
+            packed, self.kv_pool = self._step(
+                self.model.params, self.kv_pool, empty_step_input(T, S, W, words)
+            )
         jax.block_until_ready(packed)
         log.info("warm-up compiled %d step shapes", len(shapes))
         return len(shapes)
@@ -292,17 +340,24 @@ class Engine:
         if req.is_finished:
             self._emitted_chars.pop(req.request_id, None)
         return RequestOutput(
-            request_id=req.request_id, new_token_ids=new_ids, new_text=new_text,
-            token_ids=list(req.output_token_ids), text=req.output_text, finished=req.is_finished,
-            finish_reason=req.finish_reason, num_prompt_tokens=len(req.prompt_token_ids),
+            request_id=req.request_id,
+            new_token_ids=new_ids,
+            new_text=new_text,
+            token_ids=list(req.output_token_ids),
+            text=req.output_text,
+            finished=req.is_finished,
+            finish_reason=req.finish_reason,
+            num_prompt_tokens=len(req.prompt_token_ids),
             num_cached_tokens=req.num_cached_prompt_tokens,
             logprobs=list(req.output_logprobs) if req.params.logprobs else None,
-            timings=req.timings)
+            timings=req.timings,
+        )
 
     # --- trust zones, sessions, audit ----------------------------------------------------------
 
-    def register_trusted_prefix(self, zone: str, prefix: str | Sequence[int],
-                                source: str = "api") -> int:
+    def register_trusted_prefix(
+        self, zone: str, prefix: str | Sequence[int], source: str = "api"
+    ) -> int:
         """Declare `prefix` trusted for `shared:<zone>`: only registered prefixes are cached
         under a shared zone. Returns its token count."""
         Scope.parse(f"shared:{zone}")  # validates the zone name
@@ -333,13 +388,19 @@ class Engine:
     def stats(self) -> EngineStats:
         pc = self.kv.prefix_cache.stats()
         return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            pool_usage=self.blocks.usage(), num_free_pages=self.blocks.num_free_pages(),
-            num_preemptions=self.scheduler.num_preemptions, compile_count=self.compile_count,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            pool_usage=self.blocks.usage(),
+            num_free_pages=self.blocks.num_free_pages(),
+            num_preemptions=self.scheduler.num_preemptions,
+            compile_count=self.compile_count,
             pages_held_by_prefix_cache=self.blocks.num_held_pages(),
             pages_held_by_sessions=self.kv.sessions.num_pages_held(),
-            waste=self._waste(), prefix_queries_by_zone=dict(pc.queries_by_zone),
-            prefix_hits_by_zone=dict(pc.hits_by_zone), prefix_tokens_saved=pc.tokens_saved)
+            waste=self._waste(),
+            prefix_queries_by_zone=dict(pc.queries_by_zone),
+            prefix_hits_by_zone=dict(pc.hits_by_zone),
+            prefix_tokens_saved=pc.tokens_saved,
+        )
 
     def _waste(self) -> float:
         ps = self.blocks.page_size
@@ -378,23 +439,30 @@ class LLM:
     def __init__(self, source: str | None = None, **overrides):
         from pijax.config import DEFAULT_MODEL, engine_config_from_overrides
 
-        self.engine = Engine.from_source(source or DEFAULT_MODEL,
-                                         engine_config_from_overrides(**overrides))
+        self.engine = Engine.from_source(
+            source or DEFAULT_MODEL, engine_config_from_overrides(**overrides)
+        )
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None
-                 ) -> list[CompletionOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[CompletionOutput]:
         """Runs all prompts concurrently; returns one output per prompt, in order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
-        params_list = (list(params) if isinstance(params, Sequence)
-                       else [params or SamplingParams()] * len(prompts))
+        params_list = (
+            list(params)
+            if isinstance(params, Sequence)
+            else [params or SamplingParams()] * len(prompts)
+        )
         if len(params_list) != len(prompts):
             raise InvalidRequestError(
                 f"params must be one SamplingParams or one per prompt ({len(prompts)}); "
-                f"got {len(params_list)}")
+                f"got {len(params_list)}"
+            )
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
         # Validate every prompt before queueing any, so a bad one leaves nothing half-queued.
         encoded = [self.engine.encode_prompt(p) for p in prompts]
@@ -410,6 +478,14 @@ class LLM:
             for out in self.engine.step():
                 if out.finished:
                     final[out.request_id] = out
-        return [CompletionOutput(rid, p, final[rid].token_ids, final[rid].text,
-                                 final[rid].finish_reason, final[rid].logprobs)
-                for rid, p in zip(ids, encoded, strict=True)]
+        return [
+            CompletionOutput(
+                rid,
+                p,
+                final[rid].token_ids,
+                final[rid].text,
+                final[rid].finish_reason,
+                final[rid].logprobs,
+            )
+            for rid, p in zip(ids, encoded, strict=True)
+        ]

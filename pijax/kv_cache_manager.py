@@ -39,32 +39,48 @@ class CacheState:
 
 
 class KVCacheManager:
-    def __init__(self, blocks: BlockManager, *, enable_prefix_reuse: bool = True,
-                 audit: AuditLog | None = None, session_ttl_s: float = 600.0,
-                 session_max_pages: int | None = None):
+    def __init__(
+        self,
+        blocks: BlockManager,
+        *,
+        enable_prefix_reuse: bool = True,
+        audit: AuditLog | None = None,
+        session_ttl_s: float = 600.0,
+        session_max_pages: int | None = None,
+    ):
         self.blocks = blocks
         self.page_size = blocks.page_size
         self.audit = audit if audit is not None else AuditLog()
         self.enable_prefix_reuse = enable_prefix_reuse
         self.prefix_cache = PrefixCache(blocks, self.audit)
         self.sessions = SessionStore(
-            blocks, ttl_s=session_ttl_s, audit=self.audit,
-            max_pages=session_max_pages if session_max_pages is not None
-            else max(1, blocks.num_usable_pages // 4))
+            blocks,
+            ttl_s=session_ttl_s,
+            audit=self.audit,
+            max_pages=session_max_pages
+            if session_max_pages is not None
+            else max(1, blocks.num_usable_pages // 4),
+        )
         self._state: dict[str, CacheState] = {}
 
     # --- requests -------------------------------------------------------------------------------
 
-    def register(self, req: Request, segments: Sequence[tuple[Sequence[int], Scope]],
-                 permitted_zones: frozenset[str]) -> None:
+    def register(
+        self,
+        req: Request,
+        segments: Sequence[tuple[Sequence[int], Scope]],
+        permitted_zones: frozenset[str],
+    ) -> None:
         """Resolve a new request's block scopes (validates session scopes; raises on misuse)."""
         segs = [(list(t), s) for t, s in segments]
         infos = self.prefix_cache.resolve_blocks(
-            segs, tenant=req.tenant, session_id=req.session_id, permitted_zones=permitted_zones)
+            segs, tenant=req.tenant, session_id=req.session_id, permitted_zones=permitted_zones
+        )
         self._state[req.request_id] = CacheState(segs, permitted_zones, infos)
         if req.session_id is not None:
-            self.sessions.touch(req.tenant, _store_id(req.tenant, req.session_id),
-                                request_id=req.request_id)
+            self.sessions.touch(
+                req.tenant, _store_id(req.tenant, req.session_id), request_id=req.request_id
+            )
 
     def match_prefix(self, req: Request) -> int:
         """Attach the longest reusable cached prefix to a request about to start; returns the
@@ -74,8 +90,9 @@ class KVCacheManager:
         if not self.enable_prefix_reuse or st is None or req.num_computed_tokens:
             return 0
         max_blocks = (req.num_tokens - 1) // self.page_size
-        pages = self.prefix_cache.match(st.infos[:max_blocks], request_id=req.request_id,
-                                        tenant=req.tenant)
+        pages = self.prefix_cache.match(
+            st.infos[:max_blocks], request_id=req.request_id, tenant=req.tenant
+        )
         if not pages:
             return 0
         self.blocks.attach(req.request_id, pages)
@@ -120,20 +137,31 @@ class KVCacheManager:
         st = self._state.pop(req.request_id, None)
         if not self.blocks.has_seq(req.request_id):
             return
-        if keep_session and req.session_id is not None and st is not None \
-                and self.enable_prefix_reuse:
+        if (
+            keep_session
+            and req.session_id is not None
+            and st is not None
+            and self.enable_prefix_reuse
+        ):
             pages = self._session_blocks(req, st)
             if pages:
-                self.sessions.retain(req.tenant, _store_id(req.tenant, req.session_id), pages,
-                                     len(pages) * self.page_size)
+                self.sessions.retain(
+                    req.tenant,
+                    _store_id(req.tenant, req.session_id),
+                    pages,
+                    len(pages) * self.page_size,
+                )
         self.blocks.free(req.request_id)
 
     def _session_blocks(self, req: Request, st: CacheState) -> list[int]:
         computed = req.all_token_ids[: req.num_computed_tokens]
         infos = self.prefix_cache.resolve_blocks(
-            st.segments, tenant=req.tenant, session_id=req.session_id,
+            st.segments,
+            tenant=req.tenant,
+            session_id=req.session_id,
             permitted_zones=st.permitted_zones,
-            extra_tokens=computed[sum(len(t) for t, _ in st.segments):])
+            extra_tokens=computed[sum(len(t) for t, _ in st.segments) :],
+        )
         table = self.blocks.block_table(req.request_id)
         pages = []
         for i, info in enumerate(infos[: req.num_computed_tokens // self.page_size]):

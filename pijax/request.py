@@ -43,22 +43,48 @@ class SamplingParams:
     logprobs: bool = False
 
     def __post_init__(self):
-        _check(isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-               and self.temperature >= 0, "temperature", "a finite number >= 0", self.temperature)
-        _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p",
-               "in (0, 1]", self.top_p)
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k",
-               "an integer >= 0 (0 disables top-k)", self.top_k)
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens",
-               "an integer >= 1", self.max_tokens)
-        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**32),
-               "seed", "None or an integer in [0, 2**32)", self.seed)
+        _check(
+            isinstance(self.temperature, (int, float))
+            and math.isfinite(self.temperature)
+            and self.temperature >= 0,
+            "temperature",
+            "a finite number >= 0",
+            self.temperature,
+        )
+        _check(
+            isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+            "top_p",
+            "in (0, 1]",
+            self.top_p,
+        )
+        _check(
+            isinstance(self.top_k, int) and self.top_k >= 0,
+            "top_k",
+            "an integer >= 0 (0 disables top-k)",
+            self.top_k,
+        )
+        _check(
+            isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+            "max_tokens",
+            "an integer >= 1",
+            self.max_tokens,
+        )
+        _check(
+            self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**32),
+            "seed",
+            "None or an integer in [0, 2**32)",
+            self.seed,
+        )
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         _check(all(isinstance(s, str) and s for s in stop), "stop", "non-empty strings", self.stop)
         object.__setattr__(self, "stop", stop)
         ids = tuple(self.stop_token_ids)
-        _check(all(isinstance(t, int) and t >= 0 for t in ids), "stop_token_ids",
-               "non-negative integers", self.stop_token_ids)
+        _check(
+            all(isinstance(t, int) and t >= 0 for t in ids),
+            "stop_token_ids",
+            "non-negative integers",
+            self.stop_token_ids,
+        )
         object.__setattr__(self, "stop_token_ids", ids)
 
 
@@ -82,8 +108,10 @@ class Scope:
 
     @classmethod
     def parse(cls, text: str) -> Scope:
-        allowed = "'private', 'tenant', 'session:<id>' or 'shared:<zone>' (names: letters, " \
-                  "digits, '_', '-', '.'; 1-128 chars)"
+        allowed = (
+            "'private', 'tenant', 'session:<id>' or 'shared:<zone>' (names: letters, "
+            "digits, '_', '-', '.'; 1-128 chars)"
+        )
         kind, _, name = (text or "private").partition(":")
         try:
             k = ScopeKind(kind)
@@ -197,7 +225,8 @@ class Request:
     output_text: str = ""
     constraint: TokenConstraint | None = None
     timings: RequestTimings = dataclasses.field(
-        default_factory=lambda: RequestTimings(arrival=time.monotonic()))
+        default_factory=lambda: RequestTimings(arrival=time.monotonic())
+    )
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -31,7 +31,9 @@ def unpack_bitmask(bitmask: Int[Array, "S W"], vocab_size: int) -> Bool[Array, "
     return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].astype(bool)
 
 
-def sample(logits: Float[Array, "S V"], p: SamplingInput) -> tuple[Int[Array, "S"], Float[Array, "S"]]:
+def sample(
+    logits: Float[Array, "S V"], p: SamplingInput
+) -> tuple[Int[Array, "S"], Float[Array, "S"]]:
     """Returns the sampled token and its log-probability under the model (before temperature)."""
     vocab = logits.shape[-1]
     logits = logits.astype(jnp.float32)

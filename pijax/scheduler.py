@@ -91,8 +91,11 @@ class Scheduler:
         return req.priority - waited // self.config.priority_aging_steps
 
     def _queue_key(self, req: Request):
-        return (self.effective_priority(req), req.request_id not in self._requeued,
-                req.arrival_order)
+        return (
+            self.effective_priority(req),
+            req.request_id not in self._requeued,
+            req.arrival_order,
+        )
 
     # --- scheduling -----------------------------------------------------------------------------
 

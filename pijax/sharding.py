@@ -29,10 +29,12 @@ def make_mesh(shape: tuple[int, int], cfg: ModelConfig | None = None) -> Mesh:
     devices = jax.devices()
     if data * model > len(devices):
         raise ConfigError(
-            f"mesh_shape={shape} needs {data * model} devices; {len(devices)} available")
+            f"mesh_shape={shape} needs {data * model} devices; {len(devices)} available"
+        )
     if cfg is not None and cfg.num_kv_heads % model:
         raise ConfigError(
-            f"mesh_shape model axis={model} must divide num_kv_heads={cfg.num_kv_heads}")
+            f"mesh_shape model axis={model} must divide num_kv_heads={cfg.num_kv_heads}"
+        )
     grid = np.asarray(devices[: data * model]).reshape(data, model)
     return Mesh(grid, ("data", "model"))
 
@@ -54,7 +56,8 @@ def _names(path) -> tuple:
 def param_shardings(state: nnx.State, mesh: Mesh):
     """A pytree of `NamedSharding`s with the structure of `state`, by parameter path."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: NamedSharding(mesh, param_spec(_names(path), leaf.ndim)), state)
+        lambda path, leaf: NamedSharding(mesh, param_spec(_names(path), leaf.ndim)), state
+    )
 
 
 def shard_params(state: nnx.State, mesh: Mesh) -> nnx.State:

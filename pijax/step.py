@@ -24,14 +24,14 @@ _TRACE_COUNT = 0
 _JITTED: dict = {}
 
 
-def _step_impl(graphdef: nnx.GraphDef, params_def, param_leaves, kv_pool: KVPool,
-               batch: StepInput):
+def _step_impl(graphdef: nnx.GraphDef, params_def, param_leaves, kv_pool: KVPool, batch: StepInput):
     global _TRACE_COUNT
     _TRACE_COUNT += 1  # Python runs only while tracing: this counts compilations
     params = jax.tree_util.tree_unflatten(params_def, param_leaves)
     model = nnx.merge(graphdef, params)
-    logits, kv_pool = model(batch.tokens, batch.positions, kv_pool, batch.meta,
-                            batch.logits_indices)
+    logits, kv_pool = model(
+        batch.tokens, batch.positions, kv_pool, batch.meta, batch.logits_indices
+    )
     tokens, logprobs = sample(logits, batch.sampling)
     packed = jnp.stack([tokens, jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
     return packed, kv_pool
@@ -61,13 +61,19 @@ class StepFunction:
 
     def _bind(self, params) -> None:
         leaves, params_def = jax.tree_util.tree_flatten(params)
-        key = (self._graphdef, params_def, self._mesh,
-               jax.tree_util.tree_structure(self._pool_shardings),
-               tuple(jax.tree_util.tree_leaves(self._pool_shardings)))
+        key = (
+            self._graphdef,
+            params_def,
+            self._mesh,
+            jax.tree_util.tree_structure(self._pool_shardings),
+            tuple(jax.tree_util.tree_leaves(self._pool_shardings)),
+        )
         if key not in _JITTED:
-            _JITTED[key] = jax.jit(functools.partial(_step_impl, self._graphdef, params_def),
-                                   donate_argnums=(1,),
-                                   out_shardings=(self._replicated, self._pool_shardings))
+            _JITTED[key] = jax.jit(
+                functools.partial(_step_impl, self._graphdef, params_def),
+                donate_argnums=(1,),
+                out_shardings=(self._replicated, self._pool_shardings),
+            )
         self._jitted = _JITTED[key]
         self._params, self._leaves = params, leaves
 

@@ -96,8 +96,10 @@ class WorkloadConfig:
             if not 0 <= lo <= hi:
                 raise ValueError(f"{name} must be (lo, hi) with 0 <= lo <= hi; got {(lo, hi)}")
         if self.policy_tokens + self.professional_claim.lo + 1 > self.max_context:
-            raise ValueError(f"max_context={self.max_context} cannot hold the policy scaffold "
-                             f"({self.policy_tokens}) plus the shortest claim")
+            raise ValueError(
+                f"max_context={self.max_context} cannot hold the policy scaffold "
+                f"({self.policy_tokens}) plus the shortest claim"
+            )
 
     @classmethod
     def from_dict(cls, d: dict) -> WorkloadConfig:
@@ -105,8 +107,9 @@ class WorkloadConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = set(d) - set(fields)
         if unknown:
-            raise ValueError(f"unknown workload field(s) {sorted(unknown)}; allowed: "
-                             f"{sorted(fields)}")
+            raise ValueError(
+                f"unknown workload field(s) {sorted(unknown)}; allowed: {sorted(fields)}"
+            )
         kw = {}
         for k, v in d.items():
             default = fields[k].default
@@ -157,15 +160,16 @@ class Workload:
             raise ValueError(f"rate must be > 0 conversations/s; got {rate!r}")
         return (np.cumsum([c.unit_gap for c in self.conversations]) / rate).tolist()
 
-    def prompt(self, conv: Conversation, history: Sequence[int],
-               turn: int) -> list[PromptSegment]:
+    def prompt(self, conv: Conversation, history: Sequence[int], turn: int) -> list[PromptSegment]:
         """The prompt of `turn`: scaffold (`shared:policy`), then the conversation's own tokens —
         `history` (claim, earlier outputs and tool outputs) and this turn's new tokens — scoped
         `session:<id>` in a session and `private` otherwise."""
         own = tuple(history) + conv.turns[turn].new_tokens
         scope = Scope.parse(f"session:{conv.session_id}") if conv.session_id else Scope()
-        return [PromptSegment(self.policy, Scope.parse(f"shared:{POLICY_ZONE}")),
-                PromptSegment(own, scope)]
+        return [
+            PromptSegment(self.policy, Scope.parse(f"shared:{POLICY_ZONE}")),
+            PromptSegment(own, scope),
+        ]
 
     def prompt_len(self, conv: Conversation, turn: int) -> int:
         """Prompt tokens of `turn` (history lengths are known in advance: outputs have their
@@ -194,8 +198,13 @@ class Workload:
 
 def _describe(xs: Sequence[int]) -> dict:
     a = np.asarray(xs)
-    return {"min": int(a.min()), "p50": float(np.median(a)), "p90": float(np.percentile(a, 90)),
-            "max": int(a.max()), "total": int(a.sum())}
+    return {
+        "min": int(a.min()),
+        "p50": float(np.median(a)),
+        "p90": float(np.percentile(a, 90)),
+        "max": int(a.max()),
+        "total": int(a.sum()),
+    }
 
 
 # --- generation ----------------------------------------------------------------------------------
@@ -206,6 +215,7 @@ TokenSource = Callable[[np.random.Generator, int], tuple[int, ...]]
 def random_tokens(lo: int, hi: int) -> TokenSource:
     def draw(rng: np.random.Generator, n: int) -> tuple[int, ...]:
         return tuple(int(t) for t in rng.integers(lo, hi, size=n))
+
     return draw
 
 
@@ -221,12 +231,14 @@ _WORDS = (
 
 def text_tokens(encode: Callable[[str], list[int]]) -> TokenSource:
     """Claim-like text through a real tokenizer, cut or padded (by repetition) to `n` tokens."""
+
     def draw(rng: np.random.Generator, n: int) -> tuple[int, ...]:
         ids: list[int] = []
         while len(ids) < n:
             words = rng.choice(_WORDS, size=max(8, n // 2))
             ids.extend(encode(" ".join(words)))
         return tuple(ids[:n])
+
     return draw
 
 
@@ -251,13 +263,19 @@ def _output_len(cfg: WorkloadConfig, rng: np.random.Generator) -> int:
     return int(rng.integers(lo, hi + 1)) + cfg.narrative_output.sample(rng)
 
 
-def _conversation(cfg: WorkloadConfig, index: int, rng: np.random.Generator,
-                  token_rng: np.random.Generator, draw: TokenSource) -> Conversation:
+def _conversation(
+    cfg: WorkloadConfig,
+    index: int,
+    rng: np.random.Generator,
+    token_rng: np.random.Generator,
+    draw: TokenSource,
+) -> Conversation:
     institutional = rng.random() < cfg.institutional_share
     dist = cfg.institutional_claim if institutional else cfg.professional_claim
     is_session = rng.random() < cfg.session_share
-    n_follow = int(rng.integers(cfg.follow_up_turns[0], cfg.follow_up_turns[1] + 1)) \
-        if is_session else 0
+    n_follow = (
+        int(rng.integers(cfg.follow_up_turns[0], cfg.follow_up_turns[1] + 1)) if is_session else 0
+    )
     gap = float(rng.exponential(1.0))
     tenant = f"tenant-{int(rng.integers(cfg.num_tenants))}"
     out0 = _output_len(cfg, rng)

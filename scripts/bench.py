@@ -23,34 +23,66 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "cpu", "Bench preset in configs/bench/ (smoke, cpu, gpu-1b, gpu-8b).")
-flags.DEFINE_bool("compare", False, "Also run the baselines (contiguous, no-prefix-reuse, "
-                  "no-chunked-prefill, hf-transformers) on the identical request list.")
+flags.DEFINE_bool(
+    "compare",
+    False,
+    "Also run the baselines (contiguous, no-prefix-reuse, "
+    "no-chunked-prefill, hf-transformers) on the identical request list.",
+)
 flags.DEFINE_bool("sweep", False, "Also sweep Poisson arrival rates (full engine only).")
-flags.DEFINE_bool("hf", True, "With --compare, include the transformers baseline (needs the "
-                  "reference extra).")
+flags.DEFINE_bool(
+    "hf", True, "With --compare, include the transformers baseline (needs the reference extra)."
+)
 flags.DEFINE_bool("probes", True, "Run the roofline, long-arrival and unloaded-TTFT probes.")
-flags.DEFINE_string("out_dir", None, "Results folder (default: "
-                    "benchmarks/results/<date>-<device>-<preset>).")
-flags.DEFINE_enum("progress", "auto", ["auto", "on", "off"],
-                  "Progress bar over requests: auto = only on a terminal and never under CI.")
-flags.DEFINE_string("compilation_cache_dir", "~/.cache/pijax/xla",
-                    "Persistent XLA compilation cache ('' = off). Warm-up still compiles every "
-                    "shape; the cache makes a second run's warm-up load instead of compile.")
-flags.DEFINE_string("target", None, "host:port of a running pijax server: run the workload over "
-                    "gRPC against it instead of in-process (no baselines, no probes).")
+flags.DEFINE_string(
+    "out_dir", None, "Results folder (default: benchmarks/results/<date>-<device>-<preset>)."
+)
+flags.DEFINE_enum(
+    "progress",
+    "auto",
+    ["auto", "on", "off"],
+    "Progress bar over requests: auto = only on a terminal and never under CI.",
+)
+flags.DEFINE_string(
+    "compilation_cache_dir",
+    "~/.cache/pijax/xla",
+    "Persistent XLA compilation cache ('' = off). Warm-up still compiles every "
+    "shape; the cache makes a second run's warm-up load instead of compile.",
+)
+flags.DEFINE_string(
+    "target",
+    None,
+    "host:port of a running pijax server: run the workload over "
+    "gRPC against it instead of in-process (no baselines, no probes).",
+)
 flags.DEFINE_string("api_key", None, "API key for --target (else $PIJAX_API_KEY).")
-flags.DEFINE_multi_string("engine_opt", [], "Engine override KEY=VALUE applied to every "
-                          "configuration (e.g. max_num_seqs=16); repeatable.")
-flags.DEFINE_list("kv_cache_dtype", [], "KV cache dtype(s) (default: the preset's): the first "
-                  "is every configuration's; each further one adds a configuration "
-                  "paged-kv-<dtype> of the full engine at the same KV byte budget (e.g. "
-                  "auto,int8: capacity and throughput side by side). Choices: auto, int8, "
-                  "fp8_e4m3 (GPU/TPU only).")
-flags.DEFINE_integer("clients", None, "Closed-loop clients, overriding the preset's arrivals "
-                     "(e.g. with --engine_opt=max_num_seqs=16, so the pool, not the sequence "
-                     "limit, bounds concurrency).")
-flags.DEFINE_string("note", "", "Free text appended to the caveat written into the results "
-                    "(e.g. what else ran on the machine).")
+flags.DEFINE_multi_string(
+    "engine_opt",
+    [],
+    "Engine override KEY=VALUE applied to every configuration (e.g. max_num_seqs=16); repeatable.",
+)
+flags.DEFINE_list(
+    "kv_cache_dtype",
+    [],
+    "KV cache dtype(s) (default: the preset's): the first "
+    "is every configuration's; each further one adds a configuration "
+    "paged-kv-<dtype> of the full engine at the same KV byte budget (e.g. "
+    "auto,int8: capacity and throughput side by side). Choices: auto, int8, "
+    "fp8_e4m3 (GPU/TPU only).",
+)
+flags.DEFINE_integer(
+    "clients",
+    None,
+    "Closed-loop clients, overriding the preset's arrivals "
+    "(e.g. with --engine_opt=max_num_seqs=16, so the pool, not the sequence "
+    "limit, bounds concurrency).",
+)
+flags.DEFINE_string(
+    "note",
+    "",
+    "Free text appended to the caveat written into the results "
+    "(e.g. what else ran on the machine).",
+)
 
 
 def engine_overrides() -> dict:
@@ -71,8 +103,12 @@ def default_out_dir(preset: str) -> Path:
     from pijax.bench.suite import device_slug
 
     date = datetime.date.today().isoformat()
-    return Path(__file__).resolve().parents[1] / "benchmarks" / "results" / \
-        f"{date}-{device_slug()}-{preset}"
+    return (
+        Path(__file__).resolve().parents[1]
+        / "benchmarks"
+        / "results"
+        / f"{date}-{device_slug()}-{preset}"
+    )
 
 
 def main(argv):
@@ -81,8 +117,9 @@ def main(argv):
     import jax
 
     if FLAGS.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir",
-                          os.path.expanduser(FLAGS.compilation_cache_dir))
+        jax.config.update(
+            "jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache_dir)
+        )
     from pijax.bench import report
     from pijax.bench.presets import load_bench_preset
     from pijax.bench.suite import Suite, SuiteOptions
@@ -91,21 +128,32 @@ def main(argv):
     if FLAGS.clients is not None:
         from pijax.bench.driver import ArrivalMode, ArrivalSpec
 
-        preset = dataclasses.replace(preset, arrival=ArrivalSpec(ArrivalMode.CLOSED,
-                                                                 clients=FLAGS.clients))
+        preset = dataclasses.replace(
+            preset, arrival=ArrivalSpec(ArrivalMode.CLOSED, clients=FLAGS.clients)
+        )
     progress = {"auto": None, "on": True, "off": False}[FLAGS.progress]
     out_dir = Path(FLAGS.out_dir) if FLAGS.out_dir else default_out_dir(preset.name)
     if FLAGS.target:
         from pijax.bench.remote import run_remote
 
-        results, runs = run_remote(preset, FLAGS.target,
-                                   api_key=FLAGS.api_key or os.environ.get("PIJAX_API_KEY"),
-                                   progress=progress, note=FLAGS.note)
+        results, runs = run_remote(
+            preset,
+            FLAGS.target,
+            api_key=FLAGS.api_key or os.environ.get("PIJAX_API_KEY"),
+            progress=progress,
+            note=FLAGS.note,
+        )
     else:
-        options = SuiteOptions(compare=FLAGS.compare, sweep=FLAGS.sweep, hf=FLAGS.hf,
-                               probes=FLAGS.probes, progress=progress,
-                               engine_overrides=engine_overrides(),
-                               kv_cache_dtypes=tuple(FLAGS.kv_cache_dtype[1:]), note=FLAGS.note)
+        options = SuiteOptions(
+            compare=FLAGS.compare,
+            sweep=FLAGS.sweep,
+            hf=FLAGS.hf,
+            probes=FLAGS.probes,
+            progress=progress,
+            engine_overrides=engine_overrides(),
+            kv_cache_dtypes=tuple(FLAGS.kv_cache_dtype[1:]),
+            note=FLAGS.note,
+        )
         results, runs = Suite(preset, options).run()
     files = report.write(results, runs, out_dir)
     print(report.markdown(results))

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from jax import lax
+
 from pijax.kernels import dispatch, quantization
 from pijax.kernels.paged_attention import decode, ragged, reference
 from pijax.kernels.paged_attention.cases import Case
@@ -57,10 +58,13 @@ OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "where JSON and M
 SEED = flags.DEFINE_integer("seed", 0, "seed for lengths, page order and values")
 ONLY = flags.DEFINE_string("only", "", "run only shapes whose name contains this")
 MAX_REFERENCE_GB = flags.DEFINE_float(
-    "max_reference_gb", 4.0, "skip the reference where its gather would exceed this")
+    "max_reference_gb", 4.0, "skip the reference where its gather would exceed this"
+)
 
-NOT_A_FIGURE = ("CPU run: the reference and the Pallas kernels in interpret mode at toy sizes. "
-                "NOT a performance figure.")
+NOT_A_FIGURE = (
+    "CPU run: the reference and the Pallas kernels in interpret mode at toy sizes. "
+    "NOT a performance figure."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,23 +105,46 @@ def grid(kind: str, backend: str) -> list[Shape]:
     if kind == "small":  # interpret mode copies whole inputs per grid step: toy sizes only
         for kv in kv_dtypes(backend):
             for batch, context in ((1, 100), (4, 40)):
-                shapes.append(Shape(f"decode-b{batch}-c{context}-{kv}", batch, context, (),
-                                    2, 4, 64, 16, kv))
-            shapes.append(Shape(f"mixed-b3-c40-p24-{kv}", 3, 40, ((24, 24),), 2, 4, 64, 16, kv,
-                                spread=True))
+                shapes.append(
+                    Shape(f"decode-b{batch}-c{context}-{kv}", batch, context, (), 2, 4, 64, 16, kv)
+                )
+            shapes.append(
+                Shape(f"mixed-b3-c40-p24-{kv}", 3, 40, ((24, 24),), 2, 4, 64, 16, kv, spread=True)
+            )
         return shapes
     llama3_8b = dict(num_kv_heads=8, group=4, head_dim=128, page_size=16)
     for kv in kv_dtypes(backend):
         points = [(b, c) for b in (1, 8, 64, 256) for c in (512, 2048, 8192, 32768)]
         for batch, context in sorted(points + [(64, 4096)]):
-            shapes.append(Shape(f"decode-b{batch}-c{context}-{kv}", batch, context, (),
-                                kv_dtype=kv, **llama3_8b))
+            shapes.append(
+                Shape(
+                    f"decode-b{batch}-c{context}-{kv}", batch, context, (), kv_dtype=kv, **llama3_8b
+                )
+            )
         # A step of the engine under load: decodes of mixed length beside prefill chunks, one
         # starting a claim, one continuing a long one.
-        shapes.append(Shape(f"mixed-b64-c4k-p2x512-{kv}", 64, 4096, ((512, 512), (512, 2560)),
-                            kv_dtype=kv, spread=True, **llama3_8b))
-        shapes.append(Shape(f"mixed-b8-c8k-p2048-{kv}", 8, 8192, ((2048, 6144),), kv_dtype=kv,
-                            spread=True, **llama3_8b))
+        shapes.append(
+            Shape(
+                f"mixed-b64-c4k-p2x512-{kv}",
+                64,
+                4096,
+                ((512, 512), (512, 2560)),
+                kv_dtype=kv,
+                spread=True,
+                **llama3_8b,
+            )
+        )
+        shapes.append(
+            Shape(
+                f"mixed-b8-c8k-p2048-{kv}",
+                8,
+                8192,
+                ((2048, 6144),),
+                kv_dtype=kv,
+                spread=True,
+                **llama3_8b,
+            )
+        )
     return shapes
 
 
@@ -135,8 +162,9 @@ def _random_pool(key, num_pages: int, shape: Shape):
     n = -(-num_pages // chunk)
 
     def one(k):
-        x = jax.random.normal(k, (chunk, shape.page_size, shape.num_kv_heads, shape.head_dim),
-                              jnp.float32)
+        x = jax.random.normal(
+            k, (chunk, shape.page_size, shape.num_kv_heads, shape.head_dim), jnp.float32
+        )
         if shape.kv_dtype == "int8":
             return quantization.quantize_int8(x)
         if shape.kv_dtype == "fp8_e4m3":
@@ -152,8 +180,9 @@ def _random_pool(key, num_pages: int, shape: Shape):
 def build(shape: Shape, seed: int) -> Case:
     rng = np.random.default_rng(seed)
     if shape.spread:
-        ctx = np.clip(rng.lognormal(np.log(shape.context), 0.6, shape.decodes), 1,
-                      4 * shape.context).astype(int)
+        ctx = np.clip(
+            rng.lognormal(np.log(shape.context), 0.6, shape.decodes), 1, 4 * shape.context
+        ).astype(int)
     else:
         ctx = np.full(shape.decodes, shape.context)
     seqs = [(1, int(c)) for c in ctx] + [tuple(p) for p in shape.prefills]  # decodes first
@@ -173,16 +202,24 @@ def build(shape: Shape, seed: int) -> Case:
     block_tables = np.zeros((max_seqs, width), np.int32)
     ends = np.cumsum(pages_needed)
     for s, (n, end) in enumerate(zip(pages_needed, ends, strict=True)):
-        block_tables[s, :n] = free[end - n:end]
+        block_tables[s, :n] = free[end - n : end]
     kv_lens = np.zeros(max_seqs, np.int32)
-    kv_lens[:len(seqs)] = [kv for _, kv in seqs]
+    kv_lens[: len(seqs)] = [kv for _, kv in seqs]
     cu = np.zeros(max_seqs + 1, np.int32)
-    cu[1:len(seqs) + 1] = np.cumsum([ql for ql, _ in seqs])
-    cu[len(seqs) + 1:] = cu[len(seqs)]
-    return Case(q=q, k_pages=k_pages, v_pages=v_pages, kv_lens=jnp.asarray(kv_lens),
-                block_tables=jnp.asarray(block_tables), cu_q_lens=jnp.asarray(cu),
-                num_seqs=jnp.asarray(len(seqs), jnp.int32), k_scales=k_scales,
-                v_scales=v_scales, seqs=tuple(seqs))
+    cu[1 : len(seqs) + 1] = np.cumsum([ql for ql, _ in seqs])
+    cu[len(seqs) + 1 :] = cu[len(seqs)]
+    return Case(
+        q=q,
+        k_pages=k_pages,
+        v_pages=v_pages,
+        kv_lens=jnp.asarray(kv_lens),
+        block_tables=jnp.asarray(block_tables),
+        cu_q_lens=jnp.asarray(cu),
+        num_seqs=jnp.asarray(len(seqs), jnp.int32),
+        k_scales=k_scales,
+        v_scales=v_scales,
+        seqs=tuple(seqs),
+    )
 
 
 def bytes_moved(case: Case) -> int:
@@ -211,14 +248,20 @@ def _sub_batch(case: Case, first: int, last: int):
     """Metadata of sequences [first, last) alone (their rows, lengths and tables)."""
     cu = np.asarray(case.cu_q_lens)
     lo, hi = int(cu[first]), int(cu[last])
-    sub_cu = jnp.asarray(cu[first:last + 1] - lo)
-    return (lo, hi, case.kv_lens[first:last], case.block_tables[first:last], sub_cu,
-            jnp.asarray(last - first, jnp.int32))
+    sub_cu = jnp.asarray(cu[first : last + 1] - lo)
+    return (
+        lo,
+        hi,
+        case.kv_lens[first:last],
+        case.block_tables[first:last],
+        sub_cu,
+        jnp.asarray(last - first, jnp.int32),
+    )
 
 
 def candidates(shape: Shape, case: Case, backend: str, on_cpu: bool) -> dict:
     """name -> zero-argument function returning [T, H, D] attention output (bundled: [B, H, D])."""
-    sm_scale = shape.head_dim ** -0.5
+    sm_scale = shape.head_dim**-0.5
     kw = dict(sm_scale=sm_scale, k_scales=case.k_scales, v_scales=case.v_scales)
     interpret = dict(interpret=True) if on_cpu else {}
     suffix = " (interpret)" if on_cpu else ""
@@ -231,11 +274,13 @@ def candidates(shape: Shape, case: Case, backend: str, on_cpu: bool) -> dict:
 
         out["ragged (mosaic)"] = lambda: tpu.ragged_paged_attention_tpu(*case.args(), **kw)
     else:
-        out["ragged" + suffix] = lambda: ragged.ragged_paged_attention(*case.args(), **kw,
-                                                                       **interpret)
+        out["ragged" + suffix] = lambda: ragged.ragged_paged_attention(
+            *case.args(), **kw, **interpret
+        )
         if shape.is_decode:
             out["decode split-K" + suffix] = lambda: decode.paged_decode_attention(
-                *case.args(), **kw, **interpret)
+                *case.args(), **kw, **interpret
+            )
         else:
             out["prefill+decode as 2 calls" + suffix] = _two_calls(shape, case, kw, interpret)
     return out
@@ -265,7 +310,7 @@ def bundled(shape: Shape, case: Case, backend: str, on_cpu: bool) -> dict:
         return {}
     live = len(case.seqs)
     # The bundled ops take no softmax scale: queries come pre-scaled.
-    q = (case.q[:live].astype(jnp.float32) * shape.head_dim ** -0.5).astype(case.q.dtype)
+    q = (case.q[:live].astype(jnp.float32) * shape.head_dim**-0.5).astype(case.q.dtype)
     lengths, tables = case.kv_lens[:live], case.block_tables[:live]
     to_head_major = jax.jit(lambda x: jnp.moveaxis(x, 2, 0))
     k_hm, v_hm = to_head_major(case.k_pages), to_head_major(case.v_pages)
@@ -277,14 +322,19 @@ def bundled(shape: Shape, case: Case, backend: str, on_cpu: bool) -> dict:
         if case.k_scales is not None:
             if case.k_pages.dtype != jnp.int8:
                 return {}  # the bundled GPU op knows int8 scales only
-            scales = dict(k_scales_pages=to_head_major(case.k_scales),
-                          v_scales_pages=to_head_major(case.v_scales))
+            scales = dict(
+                k_scales_pages=to_head_major(case.k_scales),
+                v_scales_pages=to_head_major(case.v_scales),
+            )
         width = tables.shape[1]
         for k_splits in (1,) if on_cpu else (1, 16):
             if width % k_splits:
                 continue
-            fn = jax.jit(lambda q, k, v, t, n, ks=k_splits: gpu_op.paged_attention(
-                q, k, v, t, n, **scales, k_splits=ks, interpret=on_cpu))
+            fn = jax.jit(
+                lambda q, k, v, t, n, ks=k_splits: gpu_op.paged_attention(
+                    q, k, v, t, n, **scales, k_splits=ks, interpret=on_cpu
+                )
+            )
             name = f"jax bundled gpu op (k_splits={k_splits})" + (" (interpret)" * on_cpu)
             out[name] = lambda fn=fn: fn(q, k_hm, v_hm, tables, lengths)
     elif backend == "tpu" and case.k_scales is None:
@@ -333,11 +383,12 @@ def write_kv_seconds(case: Case, iters: int) -> tuple[float, int]:
     slots = np.zeros(rows, np.int32)  # padded rows write into the null page
     for s, (q_len, kv_len) in enumerate(case.seqs):
         pos = np.arange(kv_len - q_len, kv_len)
-        slots[cu[s]:cu[s] + q_len] = bt[s, pos // page_size] * page_size + pos % page_size
+        slots[cu[s] : cu[s] + q_len] = bt[s, pos // page_size] * page_size + pos % page_size
     slots = jnp.asarray(slots)
     write = jax.jit(lambda kp, vp, ks, vs: dispatch.write_kv(kp, vp, new, new, slots, ks, vs))
-    seconds, _ = timed(lambda: write(case.k_pages, case.v_pages, case.k_scales, case.v_scales),
-                       iters)
+    seconds, _ = timed(
+        lambda: write(case.k_pages, case.v_pages, case.k_scales, case.v_scales), iters
+    )
     written = 2 * rows * new[0].size * case.k_pages.dtype.itemsize
     if case.k_scales is not None:
         written += 2 * rows * case.k_pages.shape[2] * case.k_scales.dtype.itemsize
@@ -353,19 +404,34 @@ def run_shape(shape: Shape, backend: str, bandwidth: float, iters: int) -> list[
     on_cpu = backend == "cpu"
     case = build(shape, SEED.value)
     nbytes = bytes_moved(case)
-    base = dict(shape=shape.name, kv_dtype=shape.kv_dtype, decodes=shape.decodes,
-                context=shape.context, prefill_tokens=sum(q for q, _ in shape.prefills),
-                bytes=nbytes)
+    base = dict(
+        shape=shape.name,
+        kv_dtype=shape.kv_dtype,
+        decodes=shape.decodes,
+        context=shape.context,
+        prefill_tokens=sum(q for q, _ in shape.prefills),
+        bytes=nbytes,
+    )
     rows, outputs = [], {}
     live = sum(q for q, _ in case.seqs)
     fns = candidates(shape, case, backend, on_cpu)
     for name, fn in fns.items():
         seconds, result = timed(fn, iters)
         outputs[name] = result
-        rows.append(dict(base, impl=name, seconds=seconds, gbps=nbytes / seconds / 1e9,
-                         of_copy_bw=nbytes / seconds / bandwidth))
-    truth_name = "reference" if "reference" in outputs else next(
-        n for n in outputs if n.startswith("ragged"))
+        rows.append(
+            dict(
+                base,
+                impl=name,
+                seconds=seconds,
+                gbps=nbytes / seconds / 1e9,
+                of_copy_bw=nbytes / seconds / bandwidth,
+            )
+        )
+    truth_name = (
+        "reference"
+        if "reference" in outputs
+        else next(n for n in outputs if n.startswith("ragged"))
+    )
     truth = outputs[truth_name][:live]
     for row in rows:
         row["rel_err"] = rel_err(outputs[row["impl"]][:live], truth)
@@ -373,13 +439,30 @@ def run_shape(shape: Shape, backend: str, bandwidth: float, iters: int) -> list[
     outputs.clear()
     for name, fn in bundled(shape, case, backend, on_cpu).items():
         seconds, result = timed(fn, iters)
-        rows.append(dict(base, impl=name, seconds=seconds, gbps=nbytes / seconds / 1e9,
-                         of_copy_bw=nbytes / seconds / bandwidth, rel_err=rel_err(result, truth),
-                         checked_against=truth_name))
+        rows.append(
+            dict(
+                base,
+                impl=name,
+                seconds=seconds,
+                gbps=nbytes / seconds / 1e9,
+                of_copy_bw=nbytes / seconds / bandwidth,
+                rel_err=rel_err(result, truth),
+                checked_against=truth_name,
+            )
+        )
     seconds, written = write_kv_seconds(case, iters)
-    rows.append(dict(base, impl="write_kv (xla scatter)", seconds=seconds, bytes=written,
-                     gbps=written / seconds / 1e9, of_copy_bw=written / seconds / bandwidth,
-                     rel_err=None, checked_against=None))
+    rows.append(
+        dict(
+            base,
+            impl="write_kv (xla scatter)",
+            seconds=seconds,
+            bytes=written,
+            gbps=written / seconds / 1e9,
+            of_copy_bw=written / seconds / bandwidth,
+            rel_err=None,
+            checked_against=None,
+        )
+    )
     return rows
 
 
@@ -387,8 +470,11 @@ def run_shape(shape: Shape, backend: str, bandwidth: float, iters: int) -> list[
 
 
 def _best(rows, shape_name, prefixes):
-    cands = [r for r in rows if r["shape"] == shape_name
-             and any(r["impl"].startswith(p) for p in prefixes)]
+    cands = [
+        r
+        for r in rows
+        if r["shape"] == shape_name and any(r["impl"].startswith(p) for p in prefixes)
+    ]
     return min(cands, key=lambda r: r["seconds"]) if cands else None
 
 
@@ -398,26 +484,33 @@ def goals(rows: list[dict]) -> list[str]:
     lines = []
     for r in rows:
         if r["shape"] == "decode-b64-c4096-bfloat16" and r["impl"].split(" (")[0] in ours:
-            lines.append(f"b64 x 4k bf16, {r['impl']}: {r['of_copy_bw']:.0%} of copy bandwidth "
-                         f"(goal >= 80%)")
+            lines.append(
+                f"b64 x 4k bf16, {r['impl']}: {r['of_copy_bw']:.0%} of copy bandwidth (goal >= 80%)"
+            )
     for r in rows:
         if r["shape"].startswith("decode-") and r["shape"].endswith("-int8"):
-            bf16_name = r["shape"][:-len("int8")] + "bfloat16"
+            bf16_name = r["shape"][: -len("int8")] + "bfloat16"
             a, b = _best(rows, bf16_name, ours), _best(rows, r["shape"], ours)
             if a and b and r is b:
-                lines.append(f"{r['shape']}: int8 {a['seconds'] / b['seconds']:.2f}x faster "
-                             f"than bf16 (goal >= 1.6x)")
+                lines.append(
+                    f"{r['shape']}: int8 {a['seconds'] / b['seconds']:.2f}x faster "
+                    f"than bf16 (goal >= 1.6x)"
+                )
     for shape in sorted({r["shape"] for r in rows}):
         peer = _best(rows, shape, ("jax bundled",))
         mine = _best(rows, shape, ("decode split-K", "ragged"))
         if peer and mine:
-            lines.append(f"{shape}: ours ({mine['impl']}) {peer['seconds'] / mine['seconds']:.2f}x "
-                         f"the speed of {peer['impl']} (goal >= 1.0x)")
+            lines.append(
+                f"{shape}: ours ({mine['impl']}) {peer['seconds'] / mine['seconds']:.2f}x "
+                f"the speed of {peer['impl']} (goal >= 1.0x)"
+            )
         two = _best(rows, shape, ("prefill+decode",))
         one = _best(rows, shape, ("ragged",))
         if two and one:
-            lines.append(f"{shape}: one ragged launch {two['seconds'] / one['seconds']:.2f}x the "
-                         f"speed of two calls (goal > 1.0x)")
+            lines.append(
+                f"{shape}: one ragged launch {two['seconds'] / one['seconds']:.2f}x the "
+                f"speed of two calls (goal > 1.0x)"
+            )
     return lines
 
 
@@ -425,25 +518,33 @@ def write_report(meta: dict, rows: list[dict], out_dir: pathlib.Path) -> pathlib
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"kernels-{meta['backend']}-{meta['grid']}"
     goal_lines = goals(rows)
-    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, goals=goal_lines, rows=rows),
-                                                    indent=1))
+    stem.with_suffix(".json").write_text(
+        json.dumps(dict(meta=meta, goals=goal_lines, rows=rows), indent=1)
+    )
 
     def num(x, fmt):
         return "" if x is None else format(x, fmt)
 
-    lines = [f"# Paged-attention kernels: {meta['device']} ({meta['backend']})", "",
-             f"**{meta['note']}**", "",
-             f"jax {meta['jax']}, grid `{meta['grid']}`, median of {meta['iters']}, read+write "
-             f"copy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s (same run), {meta['when']}.",
-             "Bytes = owned KV (+ scales) + queries + output; GB/s = bytes / time. rel err is "
-             "max |out - truth| / max |truth| against the column `vs`.", "",
-             "| shape | impl | ms | MB moved | GB/s | of copy BW | rel err | vs |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        f"# Paged-attention kernels: {meta['device']} ({meta['backend']})",
+        "",
+        f"**{meta['note']}**",
+        "",
+        f"jax {meta['jax']}, grid `{meta['grid']}`, median of {meta['iters']}, read+write "
+        f"copy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s (same run), {meta['when']}.",
+        "Bytes = owned KV (+ scales) + queries + output; GB/s = bytes / time. rel err is "
+        "max |out - truth| / max |truth| against the column `vs`.",
+        "",
+        "| shape | impl | ms | MB moved | GB/s | of copy BW | rel err | vs |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['impl']} | {r['seconds'] * 1e3:.3f} | "
-                     f"{r['bytes'] / 1e6:.2f} | {num(r['gbps'], '.2f')} | "
-                     f"{num(r['of_copy_bw'], '.1%')} | {num(r['rel_err'], '.1e')} | "
-                     f"{r['checked_against'] or ''} |")
+        lines.append(
+            f"| {r['shape']} | {r['impl']} | {r['seconds'] * 1e3:.3f} | "
+            f"{r['bytes'] / 1e6:.2f} | {num(r['gbps'], '.2f')} | "
+            f"{num(r['of_copy_bw'], '.1%')} | {num(r['rel_err'], '.1e')} | "
+            f"{r['checked_against'] or ''} |"
+        )
     lines += ["", "## Goals (from the issue, stated for an H100)", ""]
     if meta["backend"] == "cpu":
         lines.append("Not evaluated: interpret-mode times say nothing about kernel speed.")
@@ -465,11 +566,17 @@ def main(argv):
         rows += run_shape(shape, backend, bandwidth, ITERS.value)
         print(f"{shape.name}: done", flush=True)
     device = jax.devices()[0]
-    meta = dict(backend=backend, device=getattr(device, "device_kind", str(device)),
-                jax=jax.__version__, host=platform.node(), grid=GRID.value,
-                copy_bandwidth_gbps=bandwidth / 1e9, iters=ITERS.value,
-                when=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                note=NOT_A_FIGURE if backend == "cpu" else "accelerator run")
+    meta = dict(
+        backend=backend,
+        device=getattr(device, "device_kind", str(device)),
+        jax=jax.__version__,
+        host=platform.node(),
+        grid=GRID.value,
+        copy_bandwidth_gbps=bandwidth / 1e9,
+        iters=ITERS.value,
+        when=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        note=NOT_A_FIGURE if backend == "cpu" else "accelerator run",
+    )
     stem = write_report(meta, rows, pathlib.Path(OUT_DIR.value))
     print(f"wrote {stem}.json and {stem}.md")
 

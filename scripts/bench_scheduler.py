@@ -58,8 +58,14 @@ def pct(xs, q) -> float:
 
 
 def summary(xs) -> dict:
-    return {"n": len(xs), "mean": float(np.mean(xs)), "p50": pct(xs, 50), "p90": pct(xs, 90),
-            "p99": pct(xs, 99), "max": float(np.max(xs))}
+    return {
+        "n": len(xs),
+        "mean": float(np.mean(xs)),
+        "p50": pct(xs, 50),
+        "p90": pct(xs, 90),
+        "p99": pct(xs, 99),
+        "max": float(np.max(xs)),
+    }
 
 
 def run_until_done(engine: Engine, on_output=None) -> None:
@@ -86,9 +92,13 @@ def reuse_engine(model, mesh, enable: bool) -> Engine:
     per_request = FLAGS.policy_tokens + FLAGS.claim_tokens + FLAGS.output_tokens
     pages = n * (-(-per_request // FLAGS.page_size)) + 2 * FLAGS.policy_tokens // FLAGS.page_size
     cfg = engine_config_from_overrides(
-        page_size=FLAGS.page_size, num_pages=pages + 8, max_num_seqs=n,
-        max_num_batched_tokens=FLAGS.reuse_budget, max_model_len=per_request + FLAGS.page_size,
-        enable_prefix_reuse=enable)
+        page_size=FLAGS.page_size,
+        num_pages=pages + 8,
+        max_num_seqs=n,
+        max_num_batched_tokens=FLAGS.reuse_budget,
+        max_model_len=per_request + FLAGS.page_size,
+        enable_prefix_reuse=enable,
+    )
     return Engine(model, cfg, mesh)
 
 
@@ -97,51 +107,76 @@ def reuse_round(engine: Engine, policy: list[int], rng, tag: str) -> ReuseResult
     params = SamplingParams(temperature=0.0, max_tokens=FLAGS.output_tokens, ignore_eos=True)
     zones = frozenset({ZONE})
     # A warm server: the policy has been prefilled by an earlier request.
-    engine.add_request(f"{tag}-warm", [PromptSegment(tuple(policy), Scope(ScopeKind.SHARED, ZONE)),
-                                       PromptSegment(tuple(rng.integers(3, vocab, 16).tolist()))],
-                       params, permitted_zones=zones)
+    engine.add_request(
+        f"{tag}-warm",
+        [
+            PromptSegment(tuple(policy), Scope(ScopeKind.SHARED, ZONE)),
+            PromptSegment(tuple(rng.integers(3, vocab, 16).tolist())),
+        ],
+        params,
+        permitted_zones=zones,
+    )
     run_until_done(engine)
     compiles = engine.compile_count
     done = {}
     start = time.perf_counter()
     for i in range(FLAGS.num_requests):
         claim = tuple(rng.integers(3, vocab, FLAGS.claim_tokens).tolist())
-        engine.add_request(f"{tag}-{i}", [PromptSegment(tuple(policy),
-                                                        Scope(ScopeKind.SHARED, ZONE)),
-                                          PromptSegment(claim)], params, permitted_zones=zones)
+        engine.add_request(
+            f"{tag}-{i}",
+            [PromptSegment(tuple(policy), Scope(ScopeKind.SHARED, ZONE)), PromptSegment(claim)],
+            params,
+            permitted_zones=zones,
+        )
     run_until_done(engine, lambda o: done.__setitem__(o.request_id, o) if o.finished else None)
     seconds = time.perf_counter() - start
     outs = list(done.values())
-    return ReuseResult([o.timings.ttft for o in outs], sum(o.num_cached_tokens for o in outs),
-                       sum(o.num_prompt_tokens for o in outs), engine.compile_count - compiles,
-                       seconds)
+    return ReuseResult(
+        [o.timings.ttft for o in outs],
+        sum(o.num_cached_tokens for o in outs),
+        sum(o.num_prompt_tokens for o in outs),
+        engine.compile_count - compiles,
+        seconds,
+    )
 
 
 def scenario_reuse(model, mesh) -> dict:
     rng = np.random.default_rng(FLAGS.seed)
     vocab = model.config.vocab_size
     policy = rng.integers(3, vocab, FLAGS.policy_tokens).tolist()
-    engines = {"reuse": reuse_engine(model, mesh, True), "no-reuse": reuse_engine(model, mesh, False)}
+    engines = {
+        "reuse": reuse_engine(model, mesh, True),
+        "no-reuse": reuse_engine(model, mesh, False),
+    }
     for e in engines.values():
         e.register_trusted_prefix(ZONE, policy)
     results: dict[str, list[ReuseResult]] = {k: [] for k in engines}
     for rep in range(FLAGS.repeats + 1):  # round 0 compiles
         for name, e in engines.items():
             r = reuse_round(e, policy, rng, f"{name}-{rep}")
-            logging.info("reuse scenario %s round %d: TTFT p50 %.3fs, %d/%d prompt tokens cached",
-                         name, rep, pct(r.ttft, 50), r.cached_tokens, r.prompt_tokens)
+            logging.info(
+                "reuse scenario %s round %d: TTFT p50 %.3fs, %d/%d prompt tokens cached",
+                name,
+                rep,
+                pct(r.ttft, 50),
+                r.cached_tokens,
+                r.prompt_tokens,
+            )
             if rep:
                 results[name].append(r)
     out = {}
     for name, rs in results.items():
         ttft = [t for r in rs for t in r.ttft]
-        out[name] = {"ttft_s": summary(ttft),
-                     "cached_prompt_share": sum(r.cached_tokens for r in rs)
-                     / sum(r.prompt_tokens for r in rs),
-                     "seconds_per_round": float(np.mean([r.seconds for r in rs])),
-                     "compilations_after_warmup": sum(r.compilations for r in rs)}
+        out[name] = {
+            "ttft_s": summary(ttft),
+            "cached_prompt_share": sum(r.cached_tokens for r in rs)
+            / sum(r.prompt_tokens for r in rs),
+            "seconds_per_round": float(np.mean([r.seconds for r in rs])),
+            "compilations_after_warmup": sum(r.compilations for r in rs),
+        }
     out["ratio_no_reuse_over_reuse"] = {
-        k: out["no-reuse"]["ttft_s"][k] / out["reuse"]["ttft_s"][k] for k in ("mean", "p50", "p99")}
+        k: out["no-reuse"]["ttft_s"][k] / out["reuse"]["ttft_s"][k] for k in ("mean", "p50", "p99")
+    }
     return out
 
 
@@ -152,16 +187,19 @@ def chunk_engine(model, mesh, chunked: bool) -> Engine:
     max_len = FLAGS.long_prompt + 2 * FLAGS.page_size
     pages = (FLAGS.decoders + 1) * (max_len // FLAGS.page_size + 1) + 2
     cfg = engine_config_from_overrides(
-        page_size=FLAGS.page_size, num_pages=pages, max_num_seqs=FLAGS.decoders + 1,
+        page_size=FLAGS.page_size,
+        num_pages=pages,
+        max_num_seqs=FLAGS.decoders + 1,
         max_num_batched_tokens=FLAGS.budget if chunked else max_len + FLAGS.decoders,
-        max_model_len=max_len, enable_chunked_prefill=chunked)
+        max_model_len=max_len,
+        enable_chunked_prefill=chunked,
+    )
     return Engine(model, cfg, mesh)
 
 
 def chunk_round(engine: Engine, rng, tag: str) -> dict:
     vocab = engine.model_config.vocab_size
-    decode = SamplingParams(temperature=0.0, max_tokens=engine.max_model_len - 64,
-                            ignore_eos=True)
+    decode = SamplingParams(temperature=0.0, max_tokens=engine.max_model_len - 64, ignore_eos=True)
     ids = [f"{tag}-d{i}" for i in range(FLAGS.decoders)]
     for rid in ids:
         engine.add_request(rid, rng.integers(3, vocab, 64).tolist(), decode)
@@ -182,8 +220,11 @@ def chunk_round(engine: Engine, rng, tag: str) -> dict:
     steady = [b - a for t in times.values() for a, b in zip(t[-3:-1], t[-2:], strict=True)]
     compiles = engine.compile_count
     t0 = time.perf_counter()
-    engine.add_request(long_id, rng.integers(3, vocab, FLAGS.long_prompt).tolist(),
-                       SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    engine.add_request(
+        long_id,
+        rng.integers(3, vocab, FLAGS.long_prompt).tolist(),
+        SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
+    )
     steps = 0
     while not long_first:
         steps += 1
@@ -198,34 +239,52 @@ def chunk_round(engine: Engine, rng, tag: str) -> dict:
         itl += [b - a for a, b in zip(marks, marks[1:], strict=False)]
     for rid in ids:
         engine.abort(rid)
-    return {"itl": itl, "steady": steady, "window_s": t1 - t0, "steps": steps,
-            "long_ttft_s": t1 - t0, "compilations": engine.compile_count - compiles}
+    return {
+        "itl": itl,
+        "steady": steady,
+        "window_s": t1 - t0,
+        "steps": steps,
+        "long_ttft_s": t1 - t0,
+        "compilations": engine.compile_count - compiles,
+    }
 
 
 def scenario_chunking(model, mesh) -> dict:
     rng = np.random.default_rng(FLAGS.seed + 1)
-    engines = {"chunked": chunk_engine(model, mesh, True),
-               "unchunked": chunk_engine(model, mesh, False)}
+    engines = {
+        "chunked": chunk_engine(model, mesh, True),
+        "unchunked": chunk_engine(model, mesh, False),
+    }
     results: dict[str, list[dict]] = {k: [] for k in engines}
     for rep in range(FLAGS.repeats + 1):
         for name, e in engines.items():
             r = chunk_round(e, rng, f"{name}-{rep}")
-            logging.info("chunking scenario %s round %d: %d steps, ITL p99 %.3fs, long TTFT %.3fs",
-                         name, rep, r["steps"], pct(r["itl"], 99), r["long_ttft_s"])
+            logging.info(
+                "chunking scenario %s round %d: %d steps, ITL p99 %.3fs, long TTFT %.3fs",
+                name,
+                rep,
+                r["steps"],
+                pct(r["itl"], 99),
+                r["long_ttft_s"],
+            )
             if rep:
                 results[name].append(r)
     out = {}
     for name, rs in results.items():
-        out[name] = {"itl_during_long_prefill_s": summary([x for r in rs for x in r["itl"]]),
-                     "itl_steady_decode_s": summary([x for r in rs for x in r["steady"]]),
-                     "long_prompt_ttft_s": float(np.mean([r["long_ttft_s"] for r in rs])),
-                     "steps_to_prefill": float(np.mean([r["steps"] for r in rs])),
-                     "compilations_after_warmup": sum(r["compilations"] for r in rs)}
+        out[name] = {
+            "itl_during_long_prefill_s": summary([x for r in rs for x in r["itl"]]),
+            "itl_steady_decode_s": summary([x for r in rs for x in r["steady"]]),
+            "long_prompt_ttft_s": float(np.mean([r["long_ttft_s"] for r in rs])),
+            "steps_to_prefill": float(np.mean([r["steps"] for r in rs])),
+            "compilations_after_warmup": sum(r["compilations"] for r in rs),
+        }
     d = {k: out[k]["itl_during_long_prefill_s"] for k in engines}
-    out["ratio_unchunked_over_chunked"] = {k: d["unchunked"][k] / d["chunked"][k]
-                                           for k in ("p50", "p99", "max")}
+    out["ratio_unchunked_over_chunked"] = {
+        k: d["unchunked"][k] / d["chunked"][k] for k in ("p50", "p99", "max")
+    }
     out["ratio_unchunked_over_chunked"]["long_prompt_ttft"] = (
-        out["unchunked"]["long_prompt_ttft_s"] / out["chunked"]["long_prompt_ttft_s"])
+        out["unchunked"]["long_prompt_ttft_s"] / out["chunked"]["long_prompt_ttft_s"]
+    )
     return out
 
 
@@ -236,35 +295,52 @@ def markdown(res: dict) -> str:
     r, c = res["prefix_reuse"], res["chunked_prefill"]
     ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
     lines = [
-        f"# Scheduler figures ({res['device']})", "",
-        res["note"], "",
+        f"# Scheduler figures ({res['device']})",
+        "",
+        res["note"],
+        "",
         f"## Prefix reuse: {FLAGS.num_requests} requests, {FLAGS.policy_tokens}-token shared "
-        f"policy + {FLAGS.claim_tokens}-token private claim, arriving together", "",
+        f"policy + {FLAGS.claim_tokens}-token private claim, arriving together",
+        "",
         "| engine | TTFT mean ms | p50 ms | p99 ms | prompt tokens cached | round s | "
         "compilations after warm-up |",
-        "|---|---|---|---|---|---|---|"]
+        "|---|---|---|---|---|---|---|",
+    ]
     for k in ("reuse", "no-reuse"):
         t = r[k]["ttft_s"]
-        lines.append(f"| {k} | {ms(t['mean'])} | {ms(t['p50'])} | {ms(t['p99'])} | "
-                     f"{100 * r[k]['cached_prompt_share']:.1f}% | {r[k]['seconds_per_round']:.2f} "
-                     f"| {r[k]['compilations_after_warmup']} |")
+        lines.append(
+            f"| {k} | {ms(t['mean'])} | {ms(t['p50'])} | {ms(t['p99'])} | "
+            f"{100 * r[k]['cached_prompt_share']:.1f}% | {r[k]['seconds_per_round']:.2f} "
+            f"| {r[k]['compilations_after_warmup']} |"
+        )
     q = r["ratio_no_reuse_over_reuse"]
-    lines += ["", f"TTFT without reuse / with reuse: mean {q['mean']:.2f}x, p50 {q['p50']:.2f}x, "
-              f"p99 {q['p99']:.2f}x.", "",
-              f"## Chunked prefill: {FLAGS.decoders} running decodes while a "
-              f"{FLAGS.long_prompt}-token prompt is prefilled (budget {FLAGS.budget} tokens/step "
-              "with chunking)", "",
-              "| engine | ITL during prefill p50 ms | p99 ms | max ms | steady ITL p50 ms | "
-              "steps to prefill | long prompt TTFT ms | compilations after warm-up |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"TTFT without reuse / with reuse: mean {q['mean']:.2f}x, p50 {q['p50']:.2f}x, "
+        f"p99 {q['p99']:.2f}x.",
+        "",
+        f"## Chunked prefill: {FLAGS.decoders} running decodes while a "
+        f"{FLAGS.long_prompt}-token prompt is prefilled (budget {FLAGS.budget} tokens/step "
+        "with chunking)",
+        "",
+        "| engine | ITL during prefill p50 ms | p99 ms | max ms | steady ITL p50 ms | "
+        "steps to prefill | long prompt TTFT ms | compilations after warm-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for k in ("chunked", "unchunked"):
         d, s = c[k]["itl_during_long_prefill_s"], c[k]["itl_steady_decode_s"]
-        lines.append(f"| {k} | {ms(d['p50'])} | {ms(d['p99'])} | {ms(d['max'])} | "
-                     f"{ms(s['p50'])} | {c[k]['steps_to_prefill']:.0f} | "
-                     f"{ms(c[k]['long_prompt_ttft_s'])} | {c[k]['compilations_after_warmup']} |")
+        lines.append(
+            f"| {k} | {ms(d['p50'])} | {ms(d['p99'])} | {ms(d['max'])} | "
+            f"{ms(s['p50'])} | {c[k]['steps_to_prefill']:.0f} | "
+            f"{ms(c[k]['long_prompt_ttft_s'])} | {c[k]['compilations_after_warmup']} |"
+        )
     q = c["ratio_unchunked_over_chunked"]
-    lines += ["", f"Decode ITL without chunking / with: p99 {q['p99']:.2f}x, max {q['max']:.2f}x; "
-              f"the long prompt's own TTFT without / with: {q['long_prompt_ttft']:.2f}x.", ""]
+    lines += [
+        "",
+        f"Decode ITL without chunking / with: p99 {q['p99']:.2f}x, max {q['max']:.2f}x; "
+        f"the long prompt's own TTFT without / with: {q['long_prompt_ttft']:.2f}x.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -280,13 +356,32 @@ def main(argv):
     device = f"{dev.platform}: {getattr(dev, 'device_kind', dev.platform)}"
     if dev.platform == "cpu":
         device += f", {platform.machine()}, {len(jax.devices())} device, host CPU"
-    res = {"device": device, "model": FLAGS.model,
-           "note": "Same process, same weights, configurations alternated per round. "
-                   + ("CPU run: absolute times are not performance figures; compare the ratios."
-                      if dev.platform == "cpu" else ""),
-           "flags": {k: FLAGS[k].value for k in (
-               "repeats", "seed", "page_size", "num_requests", "policy_tokens", "claim_tokens",
-               "output_tokens", "reuse_budget", "decoders", "long_prompt", "budget")}}
+    res = {
+        "device": device,
+        "model": FLAGS.model,
+        "note": "Same process, same weights, configurations alternated per round. "
+        + (
+            "CPU run: absolute times are not performance figures; compare the ratios."
+            if dev.platform == "cpu"
+            else ""
+        ),
+        "flags": {
+            k: FLAGS[k].value
+            for k in (
+                "repeats",
+                "seed",
+                "page_size",
+                "num_requests",
+                "policy_tokens",
+                "claim_tokens",
+                "output_tokens",
+                "reuse_budget",
+                "decoders",
+                "long_prompt",
+                "budget",
+            )
+        },
+    }
     res["prefix_reuse"] = scenario_reuse(model, mesh)
     res["chunked_prefill"] = scenario_chunking(model, mesh)
     out = Path(FLAGS.out)

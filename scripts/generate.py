@@ -28,14 +28,21 @@ from pijax.claims.schema import findings_schema, is_valid_findings
 from pijax.config import DEFAULT_MODEL, parse_mesh
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "HF checkpoint dir, converted orbax dir, or preset name "
-                    "(default: the embedded default model)")
-flags.DEFINE_multi_string("prompt", None, "Prompt text (repeatable). Default: review a sample "
-                          "claim.")
+flags.DEFINE_string(
+    "model",
+    None,
+    "HF checkpoint dir, converted orbax dir, or preset name (default: the embedded default model)",
+)
+flags.DEFINE_multi_string(
+    "prompt", None, "Prompt text (repeatable). Default: review a sample claim."
+)
 flags.DEFINE_integer("claim_index", SAMPLE_INDEX, "Which synthetic sample claim to review.")
 flags.DEFINE_bool("structured", True, "Constrain the review to the findings JSON schema.")
-flags.DEFINE_integer("max_tokens", None, "Tokens to generate per prompt (default: 64 for "
-                     "--prompt, 512 for a review).")
+flags.DEFINE_integer(
+    "max_tokens",
+    None,
+    "Tokens to generate per prompt (default: 64 for --prompt, 512 for a review).",
+)
 flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1].")
 flags.DEFINE_integer("top_k", 0, "Top-k (0 = off).")
@@ -48,9 +55,14 @@ flags.DEFINE_bool("ignore_eos", False, "Keep generating past end-of-sequence.")
 
 
 def sampling_params(default_max_tokens: int) -> SamplingParams:
-    return SamplingParams(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
-                          seed=FLAGS.seed, max_tokens=FLAGS.max_tokens or default_max_tokens,
-                          ignore_eos=FLAGS.ignore_eos)
+    return SamplingParams(
+        temperature=FLAGS.temperature,
+        top_p=FLAGS.top_p,
+        top_k=FLAGS.top_k,
+        seed=FLAGS.seed,
+        max_tokens=FLAGS.max_tokens or default_max_tokens,
+        ignore_eos=FLAGS.ignore_eos,
+    )
 
 
 def findings_constraint_factory(llm: LLM):
@@ -61,19 +73,23 @@ def findings_constraint_factory(llm: LLM):
         logging.warning("structured output unavailable (%s): decoding unconstrained", e)
         return None
     engine = llm.engine
-    compiler = SchemaCompiler.for_tokenizer(llm.tokenizer,
-                                            vocab_size=engine.model_config.vocab_size,
-                                            eos_token_ids=engine.model.eos_token_ids)
+    compiler = SchemaCompiler.for_tokenizer(
+        llm.tokenizer,
+        vocab_size=engine.model_config.vocab_size,
+        eos_token_ids=engine.model.eos_token_ids,
+    )
     return compiler.compile(json.dumps(findings_schema())).new_constraint
 
 
 def format_findings(obj: dict) -> str:
     """The findings without the narrative, one flag per line."""
     flag_lines = [f"    {json.dumps(f)}" for f in obj.get("flags", [])]
-    rows = ["{", f'  "claim_id": {json.dumps(obj.get("claim_id"))},',
-            '  "flags": [' + ("\n" + ",\n".join(flag_lines) + "\n  ]," if flag_lines else "],")]
-    rows += [f'  "{k}": {json.dumps(obj.get(k))},' for k in ("risk_category",
-                                                            "recommended_action")]
+    rows = [
+        "{",
+        f'  "claim_id": {json.dumps(obj.get("claim_id"))},',
+        '  "flags": [' + ("\n" + ",\n".join(flag_lines) + "\n  ]," if flag_lines else "],"),
+    ]
+    rows += [f'  "{k}": {json.dumps(obj.get(k))},' for k in ("risk_category", "recommended_action")]
     rows[-1] = rows[-1].rstrip(",")
     return "\n".join(rows + ["}"])
 
@@ -83,8 +99,9 @@ def review_sample(llm: LLM, source: str) -> None:
     prompt = render_prompt(policy_scaffold(), example.claim)
     factory = findings_constraint_factory(llm) if FLAGS.structured else None
     start = time.perf_counter()
-    text = evaluate.engine_texts(llm, [prompt], FLAGS.max_tokens or 512, factory,
-                                 params=sampling_params(512))[0]
+    text = evaluate.engine_texts(
+        llm, [prompt], FLAGS.max_tokens or 512, factory, params=sampling_params(512)
+    )[0]
     elapsed = time.perf_counter() - start
     print(f"model: {source}")
     print("\n=== claim (synthetic) ===")
@@ -104,8 +121,10 @@ def review_sample(llm: LLM, source: str) -> None:
     score = evaluate.score_answer(text, example)
     verdict = "match" if score.flags_match else "do NOT match"
     shown = ", ".join(f"{code} on line {line}" for code, line in truth) or "no flags"
-    print(f"\nschema-valid: {'yes' if is_valid_findings(obj) else 'no'}; the flags {verdict} "
-          f"the rules' answer ({shown}).")
+    print(
+        f"\nschema-valid: {'yes' if is_valid_findings(obj) else 'no'}; the flags {verdict} "
+        f"the rules' answer ({shown})."
+    )
 
 
 def complete_prompts(llm: LLM, prompts: list[str]) -> None:
@@ -117,16 +136,23 @@ def complete_prompts(llm: LLM, prompts: list[str]) -> None:
         print(f"=== completion ({len(out.token_ids)} tokens, {out.finish_reason.value}) ===")
         print(out.text)
     n = sum(len(o.token_ids) for o in outs)
-    print(f"--- {n} tokens in {elapsed:.2f}s ({n / elapsed:.1f} tok/s incl. compilation; "
-          f"{llm.engine.compile_count} compilations)")
+    print(
+        f"--- {n} tokens in {elapsed:.2f}s ({n / elapsed:.1f} tok/s incl. compilation; "
+        f"{llm.engine.compile_count} compilations)"
+    )
 
 
 def main(argv):
     del argv
     logging.getLogger().setLevel(logging.WARNING)
     source = FLAGS.model or DEFAULT_MODEL
-    llm = LLM(source, mesh_shape=parse_mesh(FLAGS.mesh), dtype=FLAGS.dtype,
-              page_size=FLAGS.page_size, num_pages=FLAGS.num_pages)
+    llm = LLM(
+        source,
+        mesh_shape=parse_mesh(FLAGS.mesh),
+        dtype=FLAGS.dtype,
+        page_size=FLAGS.page_size,
+        num_pages=FLAGS.num_pages,
+    )
     if FLAGS.prompt:
         complete_prompts(llm, FLAGS.prompt)
     else:

@@ -42,14 +42,25 @@ from pijax.serving.proto.pijax.v1 import inference_pb2_grpc as pb_grpc
 FLAGS = flags.FLAGS
 flags.DEFINE_string("target", "127.0.0.1:50051", "host:port of the pijax server.")
 flags.DEFINE_string("api_key", None, "API key (default: $PIJAX_API_KEY; unused in dev mode).")
-flags.DEFINE_string("claims", None, "JSON file: a list of {claim_id, text}. Default: synthetic "
-                    "claims from pijax.claims, or the bundled sample.")
-flags.DEFINE_string("policy", None, "Text file with the policy scaffold (default: the one of "
-                    "pijax.claims, or the bundled sample's).")
+flags.DEFINE_string(
+    "claims",
+    None,
+    "JSON file: a list of {claim_id, text}. Default: synthetic "
+    "claims from pijax.claims, or the bundled sample.",
+)
+flags.DEFINE_string(
+    "policy",
+    None,
+    "Text file with the policy scaffold (default: the one of "
+    "pijax.claims, or the bundled sample's).",
+)
 flags.DEFINE_integer("num_claims", 3, "How many claims to review.")
 flags.DEFINE_integer("seed", 7, "Seed of the synthetic claims.")
-flags.DEFINE_string("schema", None, "Findings JSON schema file (default: the packaged "
-                    "configs/schemas/findings.schema.json).")
+flags.DEFINE_string(
+    "schema",
+    None,
+    "Findings JSON schema file (default: the packaged configs/schemas/findings.schema.json).",
+)
 flags.DEFINE_integer("max_tokens", 768, "Token budget of the findings answer.")
 flags.DEFINE_integer("tool_call_tokens", 32, "Token budget of the model's tool-call turn.")
 flags.DEFINE_integer("narrative_tokens", 96, "Token budget of the narrative turn.")
@@ -114,6 +125,7 @@ class Result:
 
 # --- inputs ---------------------------------------------------------------------------------------
 
+
 def load_cases(opts: Options) -> list[Case]:
     cases = _cases(opts)
     if opts.policy_file:
@@ -126,8 +138,10 @@ def _cases(opts: Options) -> list[Case]:
     if opts.claims_file:
         items = json.loads(Path(opts.claims_file).read_text())
         policy = _policy_segment()
-        return [Case(c["claim_id"], policy, _bundled_claim_segment(c["text"]))
-                for c in items[:opts.num_claims]]
+        return [
+            Case(c["claim_id"], policy, _bundled_claim_segment(c["text"]))
+            for c in items[: opts.num_claims]
+        ]
     try:
         from pijax.claims.corpus import generate_examples
         from pijax.claims.prompt import (
@@ -136,11 +150,15 @@ def _cases(opts: Options) -> list[Case]:
             render_policy_segment,
         )
     except ImportError:
-        return [Case(c["claim_id"], sample_claims.POLICY_TEXT, _bundled_claim_segment(c["text"]))
-                for c in sample_claims.CLAIMS[:opts.num_claims]]
+        return [
+            Case(c["claim_id"], sample_claims.POLICY_TEXT, _bundled_claim_segment(c["text"]))
+            for c in sample_claims.CLAIMS[: opts.num_claims]
+        ]
     policy = render_policy_segment(policy_scaffold())
-    return [Case(e.claim.claim_id, policy, render_claim_segment(e.claim), e.findings_json())
-            for e in generate_examples(opts.seed, opts.num_claims, split="demo")]
+    return [
+        Case(e.claim.claim_id, policy, render_claim_segment(e.claim), e.findings_json())
+        for e in generate_examples(opts.seed, opts.num_claims, split="demo")
+    ]
 
 
 def _policy_segment() -> str:
@@ -170,6 +188,7 @@ def load_schema(path: str | None) -> tuple[str, dict] | None:
 
 # --- the client -----------------------------------------------------------------------------------
 
+
 class Client:
     def __init__(self, opts: Options):
         self._channel = grpc.insecure_channel(opts.target)
@@ -181,8 +200,9 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def generate(self, kind: str, request: pb.GenerateRequest
-                 ) -> tuple[str, list[int], pb.GenerateResponse, CallStats]:
+    def generate(
+        self, kind: str, request: pb.GenerateRequest
+    ) -> tuple[str, list[int], pb.GenerateResponse, CallStats]:
         start = time.perf_counter()
         first = None
         texts, ids, last = [], [], None
@@ -194,34 +214,46 @@ class Client:
             last = r
         end = time.perf_counter()
         stats = CallStats(
-            kind=kind, client_ttft_s=(first or end) - start, client_total_s=end - start,
+            kind=kind,
+            client_ttft_s=(first or end) - start,
+            client_total_s=end - start,
             server_ttft_s=last.timings.time_to_first_token_seconds,
-            server_total_s=last.timings.total_seconds, prompt_tokens=last.usage.prompt_tokens,
+            server_total_s=last.timings.total_seconds,
+            prompt_tokens=last.usage.prompt_tokens,
             cached_tokens=last.usage.cached_prompt_tokens,
             completion_tokens=last.usage.completion_tokens,
-            finish=pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower())
+            finish=pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower(),
+        )
         return "".join(texts), ids, last, stats
 
 
 def policy_scope(client: Client, policy_text: str, out) -> str:
     """`shared:policy` when the server knows the zone and the key may use it (an admin key
     registers the scaffold itself), else `private` (correct, just not reused)."""
-    info = client.stub.ModelInfo(pb.ModelInfoRequest(), metadata=client.metadata,
-                                 timeout=client.timeout)
-    print(f"server: model {info.model or '?'} ({info.architecture}), context "
-          f"{info.context_length} tokens, KV pages of {info.page_size}; tenant {info.tenant}, "
-          f"zones {list(info.permitted_zones)}", file=out)
+    info = client.stub.ModelInfo(
+        pb.ModelInfoRequest(), metadata=client.metadata, timeout=client.timeout
+    )
+    print(
+        f"server: model {info.model or '?'} ({info.architecture}), context "
+        f"{info.context_length} tokens, KV pages of {info.page_size}; tenant {info.tenant}, "
+        f"zones {list(info.permitted_zones)}",
+        file=out,
+    )
     if POLICY_ZONE in info.permitted_zones:
         return f"shared:{POLICY_ZONE}"
     if info.admin:
         client.stub.RegisterTrustedPrefix(
             pb.RegisterTrustedPrefixRequest(zone=POLICY_ZONE, text=policy_text),
-            metadata=client.metadata, timeout=client.timeout)
-        print(f"registered the policy scaffold as a trusted prefix of shared:{POLICY_ZONE}",
-              file=out)
+            metadata=client.metadata,
+            timeout=client.timeout,
+        )
+        print(
+            f"registered the policy scaffold as a trusted prefix of shared:{POLICY_ZONE}", file=out
+        )
         return f"shared:{POLICY_ZONE}"
-    print(f"zone {POLICY_ZONE!r} not available to this key: sending the policy as private",
-          file=out)
+    print(
+        f"zone {POLICY_ZONE!r} not available to this key: sending the policy as private", file=out
+    )
     return "private"
 
 
@@ -231,8 +263,15 @@ def sampling(opts: Options, seed: int) -> pb.SamplingParams:
 
 # --- one claim ------------------------------------------------------------------------------------
 
-def review_claim(client: Client, case: Case, scope: str, schema: tuple[str, dict] | None,
-                 opts: Options, index: int) -> Result:
+
+def review_claim(
+    client: Client,
+    case: Case,
+    scope: str,
+    schema: tuple[str, dict] | None,
+    opts: Options,
+    index: int,
+) -> Result:
     res = Result(case)
     try:
         _findings(client, case, scope, schema, opts, index, res)
@@ -245,10 +284,14 @@ def review_claim(client: Client, case: Case, scope: str, schema: tuple[str, dict
 def _findings(client, case, scope, schema, opts, index, res: Result) -> None:
     request = pb.GenerateRequest(
         request_id=f"review-{index}-{_safe(case.claim_id)}",
-        prompt=[pb.PromptSegment(text=case.policy_text, scope=scope),
-                pb.PromptSegment(text=case.claim_text, scope="private")],
-        max_tokens=opts.max_tokens, sampling=sampling(opts, index),
-        json_schema=schema[0] if schema else "")
+        prompt=[
+            pb.PromptSegment(text=case.policy_text, scope=scope),
+            pb.PromptSegment(text=case.claim_text, scope="private"),
+        ],
+        max_tokens=opts.max_tokens,
+        sampling=sampling(opts, index),
+        json_schema=schema[0] if schema else "",
+    )
     text, _, _, stats = client.generate("review", request)
     res.calls.append(stats)
     res.findings_text = text
@@ -266,34 +309,54 @@ def _investigate(client, case, scope, opts, index, res: Result) -> None:
     """Two session turns: the model calls tools, the agent answers with FAKE lookups, the model
     writes the narrative. Everything after the policy is in the session's scope, so turn two
     prefills only what turn one did not already compute."""
-    findings = (json.dumps(res.findings, separators=(",", ":")) if res.findings is not None
-                else "(no findings parsed)")
+    findings = (
+        json.dumps(res.findings, separators=(",", ":"))
+        if res.findings is not None
+        else "(no findings parsed)"
+    )
     history = [
         pb.PromptSegment(text=case.policy_text, scope=scope),
         pb.PromptSegment(text=case.claim_text, scope="session"),
-        pb.PromptSegment(text=f"{findings}\n[investigator] Which lookups confirm these findings? "
-                              "Call tools.\n", scope="session"),
+        pb.PromptSegment(
+            text=f"{findings}\n[investigator] Which lookups confirm these findings? Call tools.\n",
+            scope="session",
+        ),
     ]
-    turn1 = pb.GenerateRequest(request_id=f"tools-{index}-{_safe(case.claim_id)}",
-                               prompt=history, start_session=True,
-                               max_tokens=opts.tool_call_tokens, sampling=sampling(opts, index))
+    turn1 = pb.GenerateRequest(
+        request_id=f"tools-{index}-{_safe(case.claim_id)}",
+        prompt=history,
+        start_session=True,
+        max_tokens=opts.tool_call_tokens,
+        sampling=sampling(opts, index),
+    )
     _, ids, last, stats = client.generate("tool_call", turn1)
     res.calls.append(stats)
     res.session_id = last.session_id
     res.tool_output = fake_tools(case, res.findings)
-    history = [*history,
-               pb.PromptSegment(token_ids=pb.TokenIds(ids=ids), scope="session"),
-               pb.PromptSegment(text=f"\n{res.tool_output}\n[investigator] Narrative for the case "
-                                     "file:\n", scope="session")]
-    turn2 = pb.GenerateRequest(request_id=f"narrative-{index}-{_safe(case.claim_id)}",
-                               prompt=history, session_id=res.session_id,
-                               max_tokens=opts.narrative_tokens, sampling=sampling(opts, index))
+    history = [
+        *history,
+        pb.PromptSegment(token_ids=pb.TokenIds(ids=ids), scope="session"),
+        pb.PromptSegment(
+            text=f"\n{res.tool_output}\n[investigator] Narrative for the case file:\n",
+            scope="session",
+        ),
+    ]
+    turn2 = pb.GenerateRequest(
+        request_id=f"narrative-{index}-{_safe(case.claim_id)}",
+        prompt=history,
+        session_id=res.session_id,
+        max_tokens=opts.narrative_tokens,
+        sampling=sampling(opts, index),
+    )
     try:
         res.narrative, _, _, stats = client.generate("narrative", turn2)
         res.calls.append(stats)
     finally:
-        client.stub.EndSession(pb.EndSessionRequest(session_id=res.session_id),
-                               metadata=client.metadata, timeout=client.timeout)
+        client.stub.EndSession(
+            pb.EndSessionRequest(session_id=res.session_id),
+            metadata=client.metadata,
+            timeout=client.timeout,
+        )
 
 
 def fake_tools(case: Case, findings: dict | None) -> str:
@@ -319,6 +382,7 @@ def _safe(text: str) -> str:
 
 # --- output ---------------------------------------------------------------------------------------
 
+
 def print_result(res: Result, n: int, total: int, out) -> None:
     case = res.case
     print(f"\n=== claim {case.claim_id} ({n}/{total}) ===", file=out)
@@ -326,19 +390,30 @@ def print_result(res: Result, n: int, total: int, out) -> None:
         print(f"error: {res.error}", file=out)
     review = next((c for c in res.calls if c.kind == "review"), None)
     if review is not None:
-        state = {True: "valid against the schema", False: "INVALID against the schema",
-                 None: "not validated"}[res.schema_valid]
+        state = {
+            True: "valid against the schema",
+            False: "INVALID against the schema",
+            None: "not validated",
+        }[res.schema_valid]
         if res.findings is None:
             state = f"not parseable JSON (finish: {review.finish})"
         print(f"findings ({state}):", file=out)
-        print(json.dumps(res.findings, indent=2) if res.findings is not None
-              else res.findings_text, file=out)
+        print(
+            json.dumps(res.findings, indent=2) if res.findings is not None else res.findings_text,
+            file=out,
+        )
         if case.truth is not None and res.findings is not None:
-            got = {(f.get("code"), f.get("line")) for f in res.findings.get("flags", [])
-                   if isinstance(f, dict)}
+            got = {
+                (f.get("code"), f.get("line"))
+                for f in res.findings.get("flags", [])
+                if isinstance(f, dict)
+            }
             want = {(f["code"], f["line"]) for f in case.truth["flags"]}
-            print(f"flags match the rule-derived truth: {'yes' if got == want else 'no'} "
-                  f"(truth: {sorted(want) or 'no flags'})", file=out)
+            print(
+                f"flags match the rule-derived truth: {'yes' if got == want else 'no'} "
+                f"(truth: {sorted(want) or 'no flags'})",
+                file=out,
+            )
     if res.session_id:
         print(f"investigation (session {res.session_id}):", file=out)
         print(res.tool_output, file=out)
@@ -359,12 +434,15 @@ def summary(results: Sequence[Result], wall_s: float) -> str:
             f"p90 {_pct(cs, 'client_ttft_s', 90):.3f}s | e2e p50 "
             f"{_pct(cs, 'client_total_s', 50):.3f}s p90 {_pct(cs, 'client_total_s', 90):.3f}s | "
             f"server TTFT p50 {_pct(cs, 'server_ttft_s', 50):.3f}s | "
-            f"{toks / busy if busy else 0:.1f} tok/s per stream")
+            f"{toks / busy if busy else 0:.1f} tok/s per stream"
+        )
     prompt = sum(c.prompt_tokens for c in calls)
     cached = sum(c.cached_tokens for c in calls)
-    out.append(f"prompt tokens {prompt}, of which reused from cache {cached} "
-               f"({100 * cached / prompt if prompt else 0:.0f}%): shared policy scaffold and "
-               "session turns")
+    out.append(
+        f"prompt tokens {prompt}, of which reused from cache {cached} "
+        f"({100 * cached / prompt if prompt else 0:.0f}%): shared policy scaffold and "
+        "session turns"
+    )
     done = sum(1 for r in results if not r.error)
     if wall_s > 0:
         out.append(f"reviewed claims/hour at this concurrency: {3600 * done / wall_s:.0f}")
@@ -380,6 +458,7 @@ def _pct(calls: Sequence[CallStats], field: str, q: int) -> float:
 
 # --- main -----------------------------------------------------------------------------------------
 
+
 def run(opts: Options, out=sys.stdout) -> list[Result]:
     cases = load_cases(opts)
     schema = load_schema(opts.schema_file)
@@ -390,9 +469,12 @@ def run(opts: Options, out=sys.stdout) -> list[Result]:
             print("no findings schema found: findings are unconstrained", file=out)
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(max(1, opts.concurrency)) as pool:
-            results = list(pool.map(
-                lambda ic: review_claim(client, ic[1], scope, schema, opts, ic[0]),
-                enumerate(cases)))
+            results = list(
+                pool.map(
+                    lambda ic: review_claim(client, ic[1], scope, schema, opts, ic[0]),
+                    enumerate(cases),
+                )
+            )
         wall = time.perf_counter() - start
     finally:
         client.close()
@@ -406,12 +488,20 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     opts = Options(
-        target=FLAGS.target, api_key=FLAGS.api_key, claims_file=FLAGS.claims,
+        target=FLAGS.target,
+        api_key=FLAGS.api_key,
+        claims_file=FLAGS.claims,
         policy_file=FLAGS.policy,
-        num_claims=FLAGS.num_claims, seed=FLAGS.seed, schema_file=FLAGS.schema,
-        max_tokens=FLAGS.max_tokens, tool_call_tokens=FLAGS.tool_call_tokens,
-        narrative_tokens=FLAGS.narrative_tokens, temperature=FLAGS.temperature,
-        concurrency=FLAGS.concurrency, timeout_s=FLAGS.timeout_s)
+        num_claims=FLAGS.num_claims,
+        seed=FLAGS.seed,
+        schema_file=FLAGS.schema,
+        max_tokens=FLAGS.max_tokens,
+        tool_call_tokens=FLAGS.tool_call_tokens,
+        narrative_tokens=FLAGS.narrative_tokens,
+        temperature=FLAGS.temperature,
+        concurrency=FLAGS.concurrency,
+        timeout_s=FLAGS.timeout_s,
+    )
     try:
         results = run(opts)
     except grpc.RpcError as e:

@@ -31,25 +31,45 @@ from pijax.serving.auth import KeyStore
 from pijax.serving.server import InferenceServer, ServerConfig, ServerConfigError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "HF checkpoint dir, converted orbax dir, or preset name "
-                    "(default: the embedded default model)")
+flags.DEFINE_string(
+    "model",
+    None,
+    "HF checkpoint dir, converted orbax dir, or preset name (default: the embedded default model)",
+)
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 or [::] for all).")
 flags.DEFINE_integer("port", 50051, "gRPC port (0 = any free port).")
 flags.DEFINE_string("api_keys", None, "API-key file (JSON: key -> tenant, zones, admin).")
-flags.DEFINE_bool("insecure_dev_mode", False, "No authentication: every caller is tenant 'dev' "
-                  "with every zone and admin rights. Local demos only.")
+flags.DEFINE_bool(
+    "insecure_dev_mode",
+    False,
+    "No authentication: every caller is tenant 'dev' "
+    "with every zone and admin rights. Local demos only.",
+)
 flags.DEFINE_integer("metrics_port", 9400, "Prometheus /metrics port (0 = any free, -1 = off).")
 flags.DEFINE_string("metrics_host", "127.0.0.1", "Address for the metrics endpoint.")
 flags.DEFINE_float("drain_grace_s", 30.0, "On SIGTERM, seconds in-flight requests get to finish.")
-flags.DEFINE_multi_string("trusted_zone", [], "A zone the server knows besides those in the key "
-                          "file (repeatable).")
-flags.DEFINE_multi_string("trusted_prefix", [], "ZONE=FILE: register FILE's text as a trusted "
-                          "prefix of shared:ZONE at start-up (repeatable).")
-flags.DEFINE_bool("register_claims_policy", True, "Register the synthetic claims policy scaffold "
-                  "in zone 'policy' when pijax.claims is available.")
-flags.DEFINE_enum("warmup", "auto", ["auto", "on", "off"], "Compile every step shape before "
-                  "reporting SERVING; auto = on for GPU/TPU, off on CPU (where it takes minutes "
-                  "and shapes compile on first use instead).")
+flags.DEFINE_multi_string(
+    "trusted_zone", [], "A zone the server knows besides those in the key file (repeatable)."
+)
+flags.DEFINE_multi_string(
+    "trusted_prefix",
+    [],
+    "ZONE=FILE: register FILE's text as a trusted prefix of shared:ZONE at start-up (repeatable).",
+)
+flags.DEFINE_bool(
+    "register_claims_policy",
+    True,
+    "Register the synthetic claims policy scaffold "
+    "in zone 'policy' when pijax.claims is available.",
+)
+flags.DEFINE_enum(
+    "warmup",
+    "auto",
+    ["auto", "on", "off"],
+    "Compile every step shape before "
+    "reporting SERVING; auto = on for GPU/TPU, off on CPU (where it takes minutes "
+    "and shapes compile on first use instead).",
+)
 # Engine.
 flags.DEFINE_string("mesh", "1,1", "Device mesh 'DATA,MODEL'.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight and activation dtype.")
@@ -57,10 +77,17 @@ flags.DEFINE_integer("page_size", 16, "KV page size in tokens.")
 flags.DEFINE_integer("num_pages", None, "KV pool pages (default: a memory fraction).")
 flags.DEFINE_float("memory_fraction", None, "Share of free device memory for the KV pool.")
 flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8", "fp8_e4m3"], "KV cache dtype.")
-flags.DEFINE_string("kv_quant_gate_report", None, "Passing report of scripts/kv_quant_eval.py "
-                    "for this model and --kv_cache_dtype; required for a quantized cache.")
-flags.DEFINE_bool("skip_kv_quant_gate", False, "Start a quantized KV cache without a gate "
-                  "report (logged as a warning).")
+flags.DEFINE_string(
+    "kv_quant_gate_report",
+    None,
+    "Passing report of scripts/kv_quant_eval.py "
+    "for this model and --kv_cache_dtype; required for a quantized cache.",
+)
+flags.DEFINE_bool(
+    "skip_kv_quant_gate",
+    False,
+    "Start a quantized KV cache without a gate report (logged as a warning).",
+)
 flags.DEFINE_integer("max_num_seqs", None, "Sequences per step.")
 flags.DEFINE_integer("max_num_batched_tokens", None, "Token budget per step.")
 flags.DEFINE_integer("max_model_len", None, "Prompt + completion tokens per request.")
@@ -74,12 +101,20 @@ log = logging.getLogger("pijax.serve")
 
 def engine_overrides() -> dict:
     overrides = dict(
-        mesh_shape=parse_mesh(FLAGS.mesh), dtype=FLAGS.dtype, page_size=FLAGS.page_size,
-        num_pages=FLAGS.num_pages, memory_fraction=FLAGS.memory_fraction,
-        kv_cache_dtype=FLAGS.kv_cache_dtype, max_num_seqs=FLAGS.max_num_seqs,
-        max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_model_len=FLAGS.max_model_len,
-        max_waiting=FLAGS.max_waiting, audit_log_path=FLAGS.audit_log,
-        compilation_cache_dir=FLAGS.compilation_cache_dir, seed=FLAGS.seed)
+        mesh_shape=parse_mesh(FLAGS.mesh),
+        dtype=FLAGS.dtype,
+        page_size=FLAGS.page_size,
+        num_pages=FLAGS.num_pages,
+        memory_fraction=FLAGS.memory_fraction,
+        kv_cache_dtype=FLAGS.kv_cache_dtype,
+        max_num_seqs=FLAGS.max_num_seqs,
+        max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+        max_model_len=FLAGS.max_model_len,
+        max_waiting=FLAGS.max_waiting,
+        audit_log_path=FLAGS.audit_log,
+        compilation_cache_dir=FLAGS.compilation_cache_dir,
+        seed=FLAGS.seed,
+    )
     return {k: v for k, v in overrides.items() if v is not None}
 
 
@@ -136,26 +171,33 @@ def main(argv):
     model = FLAGS.model or DEFAULT_MODEL
     try:
         config = ServerConfig(
-            host=FLAGS.host, port=FLAGS.port, metrics_host=FLAGS.metrics_host,
+            host=FLAGS.host,
+            port=FLAGS.port,
+            metrics_host=FLAGS.metrics_host,
             metrics_port=None if FLAGS.metrics_port < 0 else FLAGS.metrics_port,
-            api_keys_path=FLAGS.api_keys, insecure_dev_mode=FLAGS.insecure_dev_mode,
+            api_keys_path=FLAGS.api_keys,
+            insecure_dev_mode=FLAGS.insecure_dev_mode,
             model_name=FLAGS.model or "default_model",
-            trusted_zones=tuple(FLAGS.trusted_zone), drain_grace_s=FLAGS.drain_grace_s,
-            warmup=warmup_wanted())
+            trusted_zones=tuple(FLAGS.trusted_zone),
+            drain_grace_s=FLAGS.drain_grace_s,
+            warmup=warmup_wanted(),
+        )
     except ServerConfigError as e:
         raise app.UsageError(str(e)) from None
     if FLAGS.api_keys:
         KeyStore.from_file(FLAGS.api_keys)  # fail on a bad key file before loading the model
     try:  # before loading the model: a quantized cache needs its quality gate
-        enforce_gate(FLAGS.kv_cache_dtype, model, FLAGS.kv_quant_gate_report,
-                     FLAGS.skip_kv_quant_gate)
+        enforce_gate(
+            FLAGS.kv_cache_dtype, model, FLAGS.kv_quant_gate_report, FLAGS.skip_kv_quant_gate
+        )
     except GateError as e:
         raise app.UsageError(str(e)) from None
     prefixes = trusted_prefixes()
     engine = Engine.from_source(model, engine_config_from_overrides(**engine_overrides()))
     if prefixes and not callable(getattr(engine, "register_trusted_prefix", None)):
-        log.warning("this engine has no trusted-prefix support; ignoring %d prefixes",
-                    len(prefixes))
+        log.warning(
+            "this engine has no trusted-prefix support; ignoring %d prefixes", len(prefixes)
+        )
         prefixes = []
     asyncio.run(serve(engine, config, prefixes))
 

@@ -39,16 +39,33 @@ flags.DEFINE_integer("num_examples", None, "Distinct training claims (default st
 flags.DEFINE_integer("batch_size", 8, "Sequences per step.")
 flags.DEFINE_float("learning_rate", 2.5e-3, "Peak AdamW learning rate.")
 flags.DEFINE_integer("warmup_steps", 40, "Linear warmup steps.")
-flags.DEFINE_float("decay_fraction", 0.3, "Last share of training that decays the learning rate "
-                   "linearly to 0.")
-flags.DEFINE_float("context_loss_weight", 0.3, "Loss weight of the claim tokens (the answer's "
-                   "is 1): what teaches the model to copy codes and ids.")
-flags.DEFINE_string("init_from", None, "Continue training from this checkpoint directory (its "
-                    "weights and tokenizer; the model shape flags are ignored).")
-flags.DEFINE_integer("data_offset", 0, "Index of the first training claim (a continued run "
-                     "should take claims the first run did not see).")
-flags.DEFINE_float("time_budget_min", None, "Stop training after this many minutes (the "
-                   "learning-rate decay is scheduled to finish by then).")
+flags.DEFINE_float(
+    "decay_fraction", 0.3, "Last share of training that decays the learning rate linearly to 0."
+)
+flags.DEFINE_float(
+    "context_loss_weight",
+    0.3,
+    "Loss weight of the claim tokens (the answer's "
+    "is 1): what teaches the model to copy codes and ids.",
+)
+flags.DEFINE_string(
+    "init_from",
+    None,
+    "Continue training from this checkpoint directory (its "
+    "weights and tokenizer; the model shape flags are ignored).",
+)
+flags.DEFINE_integer(
+    "data_offset",
+    0,
+    "Index of the first training claim (a continued run "
+    "should take claims the first run did not see).",
+)
+flags.DEFINE_float(
+    "time_budget_min",
+    None,
+    "Stop training after this many minutes (the "
+    "learning-rate decay is scheduled to finish by then).",
+)
 flags.DEFINE_integer("vocab_size", 2048, "BPE vocabulary size (special tokens included).")
 flags.DEFINE_integer("hidden_size", 192, "Model width.")
 flags.DEFINE_integer("intermediate_size", 512, "MLP hidden width.")
@@ -64,25 +81,43 @@ flags.DEFINE_integer("log_every", 10, "Steps between loss log lines.")
 
 def tokenizer_config(max_len: int) -> dict:
     # The rendered prompt carries <bos> itself, so loaders must not add another.
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False,
-            "add_eos_token": False, "bos_token": BOS, "eos_token": END, "pad_token": PAD,
-            "model_max_length": max_len, "clean_up_tokenization_spaces": False}
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "bos_token": BOS,
+        "eos_token": END,
+        "pad_token": PAD,
+        "model_max_length": max_len,
+        "clean_up_tokenization_spaces": False,
+    }
 
 
-def run_eval(out: Path, seed: int, num_claims: int, max_new_tokens: int, constrained: bool
-             ) -> dict:
+def run_eval(out: Path, seed: int, num_claims: int, max_new_tokens: int, constrained: bool) -> dict:
     from pijax.engine import LLM
 
     examples = generate_examples(seed, num_claims, split="heldout")
     prompts = [render_prompt(policy_scaffold(), ex.claim) for ex in examples]
     max_len, seqs, page = 1536, 32, 16
-    llm = LLM(str(out), max_model_len=max_len, max_num_seqs=seqs, max_num_batched_tokens=1024,
-              page_size=page, num_pages=1 + seqs * max_len // page)
-    result: dict = {"split": "heldout", "seed": seed, "num_claims": num_claims,
-                    "decoding": "greedy", "max_new_tokens": max_new_tokens}
+    llm = LLM(
+        str(out),
+        max_model_len=max_len,
+        max_num_seqs=seqs,
+        max_num_batched_tokens=1024,
+        page_size=page,
+        num_pages=1 + seqs * max_len // page,
+    )
+    result: dict = {
+        "split": "heldout",
+        "seed": seed,
+        "num_claims": num_claims,
+        "decoding": "greedy",
+        "max_new_tokens": max_new_tokens,
+    }
     t = time.monotonic()
     result["unconstrained"] = evaluate.evaluate_unconstrained(
-        llm, prompts, examples, max_new_tokens).to_json()
+        llm, prompts, examples, max_new_tokens
+    ).to_json()
     result["unconstrained"]["seconds"] = round(time.monotonic() - t, 1)
     factory, why = _constraint_factory(llm) if constrained else (None, "--noconstrained_eval")
     t = time.monotonic()
@@ -102,8 +137,10 @@ def _constraint_factory(llm):
         return None, f"structured output unavailable: {e}"
     engine = llm.engine
     compiler = SchemaCompiler.for_tokenizer(
-        llm.tokenizer, vocab_size=engine.model_config.vocab_size,
-        eos_token_ids=engine.model.eos_token_ids)
+        llm.tokenizer,
+        vocab_size=engine.model_config.vocab_size,
+        eos_token_ids=engine.model.eos_token_ids,
+    )
     compiled = compiler.compile(json.dumps(findings_schema()))
     return compiled.new_constraint, ""
 
@@ -112,14 +149,24 @@ def main(argv):
     del argv
     t0 = time.monotonic()
     cfg = train.TrainConfig(
-        steps=FLAGS.steps, seed=FLAGS.seed, num_examples=FLAGS.num_examples,
-        batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
-        warmup_steps=FLAGS.warmup_steps, decay_fraction=FLAGS.decay_fraction,
-        context_loss_weight=FLAGS.context_loss_weight, data_offset=FLAGS.data_offset,
+        steps=FLAGS.steps,
+        seed=FLAGS.seed,
+        num_examples=FLAGS.num_examples,
+        batch_size=FLAGS.batch_size,
+        learning_rate=FLAGS.learning_rate,
+        warmup_steps=FLAGS.warmup_steps,
+        decay_fraction=FLAGS.decay_fraction,
+        context_loss_weight=FLAGS.context_loss_weight,
+        data_offset=FLAGS.data_offset,
         time_budget_s=None if FLAGS.time_budget_min is None else 60.0 * FLAGS.time_budget_min,
-        vocab_size=FLAGS.vocab_size, hidden_size=FLAGS.hidden_size,
-        intermediate_size=FLAGS.intermediate_size, num_layers=FLAGS.num_layers,
-        num_heads=FLAGS.num_heads, num_kv_heads=FLAGS.num_kv_heads, log_every=FLAGS.log_every)
+        vocab_size=FLAGS.vocab_size,
+        hidden_size=FLAGS.hidden_size,
+        intermediate_size=FLAGS.intermediate_size,
+        num_layers=FLAGS.num_layers,
+        num_heads=FLAGS.num_heads,
+        num_kv_heads=FLAGS.num_kv_heads,
+        log_every=FLAGS.log_every,
+    )
     out = Path(FLAGS.out_dir)
     with tempfile.TemporaryDirectory() as staging:
         tok_path = Path(staging) / "tokenizer.json"
@@ -127,12 +174,19 @@ def main(argv):
         if FLAGS.init_from:
             report_path = Path(FLAGS.init_from) / "train_report.json"
             previous = json.loads(report_path.read_text()) if report_path.is_file() else None
-        result = train.train(cfg, tok_path, log=lambda m: logging.info("%s", m),
-                             init_from=FLAGS.init_from)
+        result = train.train(
+            cfg, tok_path, log=lambda m: logging.info("%s", m), init_from=FLAGS.init_from
+        )
         (Path(staging) / "tokenizer_config.json").write_text(
-            json.dumps(tokenizer_config(cfg.max_position_embeddings), indent=2) + "\n")
-        save_hf_checkpoint(result.model_config, nnx.state(result.model, nnx.Param), tok_path,
-                           out, FLAGS.checkpoint_dtype)
+            json.dumps(tokenizer_config(cfg.max_position_embeddings), indent=2) + "\n"
+        )
+        save_hf_checkpoint(
+            result.model_config,
+            nnx.state(result.model, nnx.Param),
+            tok_path,
+            out,
+            FLAGS.checkpoint_dtype,
+        )
     train_done = time.monotonic()
     weights = out / "model.safetensors"
     report = {
@@ -151,33 +205,47 @@ def main(argv):
         "model": result.model_config.to_hf_dict(),
         "train_config": {k: v for k, v in vars(cfg).items()},
         "continued_from": previous,  # the report of the run whose weights this one started from
-        "machine": {"backend": jax.default_backend(), "cpu_count": os.cpu_count(),
-                    "jax": jax.__version__, "python": platform.python_version(),
-                    "xla_flags": os.environ.get("XLA_FLAGS", "")},
+        "machine": {
+            "backend": jax.default_backend(),
+            "cpu_count": os.cpu_count(),
+            "jax": jax.__version__,
+            "python": platform.python_version(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        },
     }
     _write_json(out / "train_report.json", report)
-    logging.info("checkpoint: %s (%.1f MB), %s parameters, trained %d steps in %.0f s",
-                 out, report["checkpoint_bytes"] / 1e6, f"{report['num_params']:,}",
-                 result.steps_done, result.train_seconds)
+    logging.info(
+        "checkpoint: %s (%.1f MB), %s parameters, trained %d steps in %.0f s",
+        out,
+        report["checkpoint_bytes"] / 1e6,
+        f"{report['num_params']:,}",
+        result.steps_done,
+        result.train_seconds,
+    )
 
     if FLAGS.eval_claims > 0:
-        ev = run_eval(out, FLAGS.seed, FLAGS.eval_claims, FLAGS.eval_max_new_tokens,
-                      FLAGS.constrained_eval)
+        ev = run_eval(
+            out, FLAGS.seed, FLAGS.eval_claims, FLAGS.eval_max_new_tokens, FLAGS.constrained_eval
+        )
         _write_json(out / "eval.json", ev)
         for mode in ("unconstrained", "constrained"):
             r = ev[mode]
             if "skipped" in r:
                 print(f"eval {mode}: skipped ({r['skipped']})")
             else:
-                print(f"eval {mode}: {r['num_claims']} held-out claims, schema-valid "
-                      f"{r['schema_valid_share']:.1%}, flags match {r['flags_match_share']:.1%}, "
-                      f"exact {r['exact_match_share']:.1%}")
+                print(
+                    f"eval {mode}: {r['num_claims']} held-out claims, schema-valid "
+                    f"{r['schema_valid_share']:.1%}, flags match {r['flags_match_share']:.1%}, "
+                    f"exact {r['exact_match_share']:.1%}"
+                )
     report["eval_seconds"] = round(time.monotonic() - train_done, 1)
     report["total_seconds"] = round(time.monotonic() - t0, 1)
     _write_json(out / "train_report.json", report)
     (out / "README.md").write_text(model_card(report, ev if FLAGS.eval_claims > 0 else None))
-    print(f"train_report: {report['num_params']:,} params, {report['checkpoint_bytes']:,} bytes, "
-          f"train {report['train_seconds']:.0f} s, total {report['total_seconds']:.0f} s")
+    print(
+        f"train_report: {report['num_params']:,} params, {report['checkpoint_bytes']:,} bytes, "
+        f"train {report['train_seconds']:.0f} s, total {report['total_seconds']:.0f} s"
+    )
 
 
 def model_card(report: dict, ev: dict | None) -> str:
@@ -202,8 +270,11 @@ def model_card(report: dict, ev: dict | None) -> str:
     ]
     runs, prev = [], report.get("continued_from")
     while prev:  # earliest run first
-        runs.insert(0, f"- continued from: {prev['steps']} steps ({prev['examples_seen']:,} claims) "
-                       f"in {prev['train_seconds'] / 60:.1f} min, command `{prev['command']}`")
+        runs.insert(
+            0,
+            f"- continued from: {prev['steps']} steps ({prev['examples_seen']:,} claims) "
+            f"in {prev['train_seconds'] / 60:.1f} min, command `{prev['command']}`",
+        )
         prev = prev.get("continued_from")
     lines += runs + [
         "",
@@ -218,9 +289,11 @@ def model_card(report: dict, ev: dict | None) -> str:
             if "skipped" in r:
                 lines.append(f"- {mode}: skipped ({r['skipped']})")
             else:
-                lines.append(f"- {mode}: schema-valid {r['schema_valid_share']:.0%}, flags match "
-                             f"{r['flags_match_share']:.0%}, action match "
-                             f"{r['action_match_share']:.0%}, exact {r['exact_match_share']:.0%}")
+                lines.append(
+                    f"- {mode}: schema-valid {r['schema_valid_share']:.0%}, flags match "
+                    f"{r['flags_match_share']:.0%}, action match "
+                    f"{r['action_match_share']:.0%}, exact {r['exact_match_share']:.0%}"
+                )
     return "\n".join(lines) + "\n"
 
 

@@ -75,7 +75,9 @@ class KeyStore:
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise KeyFileError(f"{path}: cannot read API-key file: {e.__class__.__name__}") from None
+            raise KeyFileError(
+                f"{path}: cannot read API-key file: {e.__class__.__name__}"
+            ) from None
         return cls.from_dict(data, source=str(path))
 
     @classmethod
@@ -87,7 +89,7 @@ class KeyStore:
             where = f"{source}: entry #{i + 1}"
             if not isinstance(key, str) or not key.strip():
                 raise KeyFileError(f"{where}: key must be a non-empty string")
-            digest = key[len("sha256:"):] if _DIGEST_RE.match(key) else _digest(key)
+            digest = key[len("sha256:") :] if _DIGEST_RE.match(key) else _digest(key)
             out[digest] = _principal(entry, where)
         return cls(out)
 
@@ -109,16 +111,19 @@ def _principal(entry, where: str) -> Principal:
         raise KeyFileError(f"{where}: must be an object with tenant, zones, admin")
     unknown = set(entry) - {"tenant", "zones", "admin"}
     if unknown:
-        raise KeyFileError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: tenant, zones, "
-                           "admin")
+        raise KeyFileError(
+            f"{where}: unknown field(s) {sorted(unknown)}; allowed: tenant, zones, admin"
+        )
     tenant = entry.get("tenant")
     if not isinstance(tenant, str) or not TENANT_RE.match(tenant):
         raise KeyFileError(f"{where}: tenant must be 1-64 of [A-Za-z0-9_-]; got {tenant!r}")
     zones = entry.get("zones", [])
     if not isinstance(zones, list) or not all(
-            isinstance(z, str) and (z == ALL_ZONES or ZONE_RE.match(z)) for z in zones):
-        raise KeyFileError(f"{where}: zones must be a list of zone names ([A-Za-z0-9_.-]) or "
-                           f"'*'; got {zones!r}")
+        isinstance(z, str) and (z == ALL_ZONES or ZONE_RE.match(z)) for z in zones
+    ):
+        raise KeyFileError(
+            f"{where}: zones must be a list of zone names ([A-Za-z0-9_.-]) or '*'; got {zones!r}"
+        )
     admin = entry.get("admin", False)
     if not isinstance(admin, bool):
         raise KeyFileError(f"{where}: admin must be true or false; got {admin!r}")

@@ -107,8 +107,11 @@ class EngineLoop:
         self._post_lock = threading.Lock()  # orders posts against shutdown's final drain
         self._last_stats = 0.0
         params = inspect.signature(engine.add_request).parameters
-        self._accepts = {name for name in ("permitted_zones", "priority", "tenant", "session_id",
-                                           "constraint") if name in params}
+        self._accepts = {
+            name
+            for name in ("permitted_zones", "priority", "tenant", "session_id", "constraint")
+            if name in params
+        }
         self.steps = 0
 
     # --- any thread -----------------------------------------------------------------------------
@@ -201,11 +204,20 @@ class EngineLoop:
         if not item.future.set_running_or_notify_cancel():
             return
         r = item.request
-        kwargs = {"priority": r.priority, "tenant": r.tenant, "session_id": r.session_id,
-                  "permitted_zones": r.permitted_zones, "constraint": r.constraint}
+        kwargs = {
+            "priority": r.priority,
+            "tenant": r.tenant,
+            "session_id": r.session_id,
+            "permitted_zones": r.permitted_zones,
+            "constraint": r.constraint,
+        }
         try:
-            self.engine.add_request(r.request_id, list(r.prompt), r.params,
-                                    **{k: v for k, v in kwargs.items() if k in self._accepts})
+            self.engine.add_request(
+                r.request_id,
+                list(r.prompt),
+                r.params,
+                **{k: v for k, v in kwargs.items() if k in self._accepts},
+            )
         except Exception as e:  # InvalidRequestError, OverloadedError, or a bug: the caller maps it
             item.future.set_exception(e)
             return

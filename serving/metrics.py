@@ -19,8 +19,28 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 
-LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0,
-                   2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 
 
@@ -36,20 +56,32 @@ class ServingMetrics:
             return Histogram(f"pijax:{name}", doc, buckets=TOKEN_BUCKETS, registry=r)
 
         self.ttft = seconds("time_to_first_token_seconds", "Arrival to first output token.")
-        self.tpot = seconds("time_per_output_token_seconds",
-                            "Mean gap between output tokens after the first, per request.")
+        self.tpot = seconds(
+            "time_per_output_token_seconds",
+            "Mean gap between output tokens after the first, per request.",
+        )
         self.itl = seconds("inter_token_latency_seconds", "Gap between consecutive output tokens.")
         self.queue_time = seconds("request_queue_time_seconds", "Arrival to first scheduled.")
         self.e2e = seconds("e2e_request_latency_seconds", "Arrival to finish.")
         self.prompt_tokens = tokens("request_prompt_tokens", "Prompt tokens per request.")
-        self.cached_tokens = tokens("request_cached_prompt_tokens",
-                                    "Prompt tokens whose KV was reused, per request.")
-        self.completion_tokens = tokens("request_generation_tokens",
-                                        "Completion tokens per request.")
-        self.finished = Counter("pijax:request_finished", "Finished requests by finish reason.",
-                                ["finish_reason"], registry=r)
-        self.rpcs = Counter("pijax:rpc_requests", "RPCs by method and gRPC status code.",
-                            ["method", "code"], registry=r)
+        self.cached_tokens = tokens(
+            "request_cached_prompt_tokens", "Prompt tokens whose KV was reused, per request."
+        )
+        self.completion_tokens = tokens(
+            "request_generation_tokens", "Completion tokens per request."
+        )
+        self.finished = Counter(
+            "pijax:request_finished",
+            "Finished requests by finish reason.",
+            ["finish_reason"],
+            registry=r,
+        )
+        self.rpcs = Counter(
+            "pijax:rpc_requests",
+            "RPCs by method and gRPC status code.",
+            ["method", "code"],
+            registry=r,
+        )
         self._stats = None
         r.register(_EngineStatsCollector(self))
 
@@ -70,8 +102,12 @@ class ServingMetrics:
         t = output.timings
         if t is None:
             return
-        for hist, value in ((self.ttft, t.ttft), (self.tpot, t.tpot),
-                            (self.queue_time, t.queue_time), (self.e2e, t.e2e)):
+        for hist, value in (
+            (self.ttft, t.ttft),
+            (self.tpot, t.tpot),
+            (self.queue_time, t.queue_time),
+            (self.e2e, t.e2e),
+        ):
             if value is not None:
                 hist.observe(value)
         for gap in t.inter_token_latencies:
@@ -94,18 +130,29 @@ class _EngineStatsCollector:
         return list(self._families(self._metrics.engine_stats))
 
     def _families(self, stats):
-        s = {} if stats is None else (dataclasses.asdict(stats) if dataclasses.is_dataclass(stats)
-                                      else dict(vars(stats)))
+        s = (
+            {}
+            if stats is None
+            else (
+                dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(vars(stats))
+            )
+        )
         gauges = (
             ("num_requests_running", "num_running", "Requests running in the engine."),
             ("num_requests_waiting", "num_waiting", "Requests waiting in the engine's queue."),
             ("kv_cache_usage_perc", "pool_usage", "Share of usable KV pages in use (0-1)."),
             ("kv_cache_free_pages", "num_free_pages", "Free KV pages."),
-            ("prefix_cache_pages", "pages_held_by_prefix_cache",
-             "KV pages held by the prefix cache (unreferenced, evictable)."),
+            (
+                "prefix_cache_pages",
+                "pages_held_by_prefix_cache",
+                "KV pages held by the prefix cache (unreferenced, evictable).",
+            ),
             ("session_pages", "pages_held_by_sessions", "KV pages held by idle sessions."),
-            ("kv_cache_waste_perc", "waste",
-             "Allocated but unwritten KV slots over allocated slots, running requests (0-1)."),
+            (
+                "kv_cache_waste_perc",
+                "waste",
+                "Allocated but unwritten KV slots over allocated slots, running requests (0-1).",
+            ),
             ("compile_count", "compile_count", "Step-function compilations so far."),
         )
         for name, field, doc in gauges:
@@ -115,8 +162,11 @@ class _EngineStatsCollector:
             yield g
         counters = (
             ("num_preemptions", "num_preemptions", "Preemptions by recompute."),
-            ("prefix_cache_tokens_saved", "prefix_tokens_saved",
-             "Prompt tokens not recomputed thanks to prefix reuse."),
+            (
+                "prefix_cache_tokens_saved",
+                "prefix_tokens_saved",
+                "Prompt tokens not recomputed thanks to prefix reuse.",
+            ),
         )
         for name, field, doc in counters:
             c = CounterMetricFamily(f"pijax:{name}", doc)
@@ -124,8 +174,9 @@ class _EngineStatsCollector:
                 c.add_metric([], float(s[field]))
             yield c
         for name, field, doc in (
-                ("prefix_cache_queries", "prefix_queries_by_zone", "Prefix-cache lookups by zone."),
-                ("prefix_cache_hits", "prefix_hits_by_zone", "Prefix-cache hits by zone.")):
+            ("prefix_cache_queries", "prefix_queries_by_zone", "Prefix-cache lookups by zone."),
+            ("prefix_cache_hits", "prefix_hits_by_zone", "Prefix-cache hits by zone."),
+        ):
             c = CounterMetricFamily(f"pijax:{name}", doc, labels=["zone"])
             for zone, value in sorted((s.get(field) or {}).items()):
                 c.add_metric([str(zone)], float(value))

@@ -68,14 +68,17 @@ class ServerConfig:
 
     def __post_init__(self):
         if self.insecure_dev_mode == bool(self.api_keys_path):
-            raise ServerConfigError("give exactly one of api_keys_path (an API-key file) or "
-                                    f"insecure_dev_mode; got api_keys_path={self.api_keys_path!r}, "
-                                    f"insecure_dev_mode={self.insecure_dev_mode}")
+            raise ServerConfigError(
+                "give exactly one of api_keys_path (an API-key file) or "
+                f"insecure_dev_mode; got api_keys_path={self.api_keys_path!r}, "
+                f"insecure_dev_mode={self.insecure_dev_mode}"
+            )
         if not 0 <= self.port < 65536:
             raise ServerConfigError(f"port must be in [0, 65535]; got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
-            raise ServerConfigError(f"metrics_port must be None or in [0, 65535]; got "
-                                    f"{self.metrics_port}")
+            raise ServerConfigError(
+                f"metrics_port must be None or in [0, 65535]; got {self.metrics_port}"
+            )
         if self.drain_grace_s < 0:
             raise ServerConfigError(f"drain_grace_s must be >= 0; got {self.drain_grace_s}")
 
@@ -93,10 +96,16 @@ class InferenceServer:
         self.state = ServingState(self.authenticator.known_zones | set(config.trusted_zones))
         self.info = EngineInfo.from_engine(engine, config.model_name)
         self.servicer = InferenceServicer(
-            self.loop, self.info, engine.tokenizer, self.authenticator, _schema_compiler(engine,
-                                                                                        config),
-            self.metrics, self.state, config.limits,
-            SessionRegistry(config.session_idle_timeout_s, config.max_sessions_per_tenant))
+            self.loop,
+            self.info,
+            engine.tokenizer,
+            self.authenticator,
+            _schema_compiler(engine, config),
+            self.metrics,
+            self.state,
+            config.limits,
+            SessionRegistry(config.session_idle_timeout_s, config.max_sessions_per_tenant),
+        )
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
@@ -114,8 +123,13 @@ class InferenceServer:
         pb_grpc.add_InferenceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server)
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
         self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
@@ -123,8 +137,9 @@ class InferenceServer:
         await server.start()
         self._server = server
         if self.config.metrics_port is not None:
-            self._metrics_http, _ = start_metrics_server(self.metrics, self.config.metrics_port,
-                                                         self.config.metrics_host)
+            self._metrics_http, _ = start_metrics_server(
+                self.metrics, self.config.metrics_port, self.config.metrics_host
+            )
             self.metrics_port = self._metrics_http.server_port
         if self.config.warmup:
             n = await asyncio.to_thread(self.engine.warmup)
@@ -132,21 +147,28 @@ class InferenceServer:
         self.loop.start()
         self.state.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("pijax server ready on %s:%d (model %s, %d KV pages of %d tokens)",
-                 self.config.host, self.port, self.info.model or "?", self.info.num_pages,
-                 self.info.page_size)
+        log.info(
+            "pijax server ready on %s:%d (model %s, %d KV pages of %d tokens)",
+            self.config.host,
+            self.port,
+            self.info.model or "?",
+            self.info.num_pages,
+            self.info.page_size,
+        )
         return self.port
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Graceful shutdown; safe to call more than once (later calls wait for the first)."""
         if self._drain_task is None:
-            self._drain_task = asyncio.ensure_future(self._drain(
-                self.config.drain_grace_s if grace_s is None else grace_s))
+            self._drain_task = asyncio.ensure_future(
+                self._drain(self.config.drain_grace_s if grace_s is None else grace_s)
+            )
         await asyncio.shield(self._drain_task)
 
     async def _drain(self, grace_s: float) -> None:
-        log.info("draining: %d in-flight requests, grace %.1fs", self.servicer.num_inflight,
-                 grace_s)
+        log.info(
+            "draining: %d in-flight requests, grace %.1fs", self.servicer.num_inflight, grace_s
+        )
         self.state.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         loop = asyncio.get_running_loop()
@@ -180,10 +202,12 @@ class InferenceServer:
 def _schema_compiler(engine, config: ServerConfig) -> SchemaCompiler | None:
     eos = getattr(engine.model, "eos_token_ids", None) or engine.tokenizer.eos_token_ids
     try:
-        return SchemaCompiler.for_tokenizer(engine.tokenizer,
-                                            vocab_size=engine.model_config.vocab_size,
-                                            eos_token_ids=eos,
-                                            max_schema_bytes=config.limits.max_schema_bytes)
+        return SchemaCompiler.for_tokenizer(
+            engine.tokenizer,
+            vocab_size=engine.model_config.vocab_size,
+            eos_token_ids=eos,
+            max_schema_bytes=config.limits.max_schema_bytes,
+        )
     except UnsupportedTokenizerError as e:
         log.warning("structured output disabled: %s", e)
         return None

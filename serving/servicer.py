@@ -88,13 +88,18 @@ class EngineInfo:
         mc, cfg = engine.model_config, engine.config
         eos = getattr(engine.model, "eos_token_ids", None) or engine.tokenizer.eos_token_ids
         return cls(
-            model=model, architecture=mc.architecture, vocab_size=mc.vocab_size,
-            max_model_len=engine.max_model_len, page_size=cfg.cache.page_size,
+            model=model,
+            architecture=mc.architecture,
+            vocab_size=mc.vocab_size,
+            max_model_len=engine.max_model_len,
+            page_size=cfg.cache.page_size,
             kv_cache_dtype=cfg.cache.kv_cache_dtype.value,
             mesh_shape=tuple(int(x) for x in engine.mesh.shape.values()),
             mesh_axes=tuple(str(a) for a in engine.mesh.shape.keys()),
-            num_pages=engine.blocks.num_usable_pages, max_num_seqs=cfg.scheduler.max_num_seqs,
-            eos_token_ids=tuple(int(t) for t in eos))
+            num_pages=engine.blocks.num_usable_pages,
+            max_num_seqs=cfg.scheduler.max_num_seqs,
+            eos_token_ids=tuple(int(t) for t in eos),
+        )
 
     @property
     def limits(self) -> ModelLimits:
@@ -122,6 +127,7 @@ def _rpc(method: str, streaming: bool = False):
 
     def decorate(fn):
         if streaming:
+
             @functools.wraps(fn)
             async def stream(self, request, context):
                 code = grpc.StatusCode.OK
@@ -140,6 +146,7 @@ def _rpc(method: str, streaming: bool = False):
                     raise
                 finally:
                     self.metrics.count_rpc(method, code.name)
+
             return stream
 
         @functools.wraps(fn)
@@ -159,6 +166,7 @@ def _rpc(method: str, streaming: bool = False):
                 raise
             finally:
                 self.metrics.count_rpc(method, code.name)
+
         return unary
 
     return decorate
@@ -166,15 +174,26 @@ def _rpc(method: str, streaming: bool = False):
 
 def _cancel_code(context) -> grpc.StatusCode:
     remaining = context.time_remaining()
-    return (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
-            else grpc.StatusCode.CANCELLED)
+    return (
+        grpc.StatusCode.DEADLINE_EXCEEDED
+        if remaining is not None and remaining <= 0
+        else grpc.StatusCode.CANCELLED
+    )
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, loop: EngineLoop, info: EngineInfo, tokenizer, authenticator: Authenticator,
-                 compiler: SchemaCompiler | None, metrics: ServingMetrics, state: ServingState,
-                 limits: RequestLimits | None = None,
-                 sessions: SessionRegistry | None = None):
+    def __init__(
+        self,
+        loop: EngineLoop,
+        info: EngineInfo,
+        tokenizer,
+        authenticator: Authenticator,
+        compiler: SchemaCompiler | None,
+        metrics: ServingMetrics,
+        state: ServingState,
+        limits: RequestLimits | None = None,
+        sessions: SessionRegistry | None = None,
+    ):
         self.loop = loop
         self.info = info
         self.tokenizer = tokenizer
@@ -202,8 +221,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     def _engine_feature(self, name: str, what: str):
         if not callable(getattr(self.loop.engine, name, None)):
-            raise RequestError(grpc.StatusCode.UNIMPLEMENTED,
-                               f"{what} is not available: this engine build has no {name}()")
+            raise RequestError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{what} is not available: this engine build has no {name}()",
+            )
 
     async def _on_engine(self, fn):
         try:
@@ -227,27 +248,45 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Generate(self, request, context):
         principal = self._principal(context)
         if not self.state.ready or self.state.draining:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                               "server is draining" if self.state.draining
-                               else "server is warming up; retry shortly")
-        v = validate_generate(request, principal, self.state.known_zones, self.tokenizer,
-                              self.info.limits, self.limits)
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                "server is draining"
+                if self.state.draining
+                else "server is warming up; retry shortly",
+            )
+        v = validate_generate(
+            request,
+            principal,
+            self.state.known_zones,
+            self.tokenizer,
+            self.info.limits,
+            self.limits,
+        )
         constraint = await self._constraint(v)
         request_id = v.request_id or f"gen-{self._id_prefix}-{next(self._ids)}"
         engine_id = f"{principal.tenant}/{request_id}"
         if engine_id in self._inflight:
-            raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
-                               f"request_id {request_id!r} is already in flight")
+            raise RequestError(
+                grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already in flight"
+            )
         session_id, opened = self._session(principal, v)
         q: asyncio.Queue = asyncio.Queue()
         self._inflight[engine_id] = q
         finished = False
         try:
-            await self._submit(EngineRequest(
-                request_id=engine_id, prompt=_engine_segments(v, session_id), params=v.params,
-                priority=v.priority, tenant=principal.tenant, session_id=session_id or None,
-                permitted_zones=principal.permitted_zones(self.state.known_zones),
-                constraint=constraint), q)
+            await self._submit(
+                EngineRequest(
+                    request_id=engine_id,
+                    prompt=_engine_segments(v, session_id),
+                    params=v.params,
+                    priority=v.priority,
+                    tenant=principal.tenant,
+                    session_id=session_id or None,
+                    permitted_zones=principal.permitted_zones(self.state.known_zones),
+                    constraint=constraint,
+                ),
+                q,
+            )
             first = True
             while not finished:
                 items = [await q.get()]
@@ -271,8 +310,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if not v.json_schema:
             return None
         if self.compiler is None:
-            raise RequestError(grpc.StatusCode.UNIMPLEMENTED,
-                               "structured output is not available for this model's tokenizer")
+            raise RequestError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "structured output is not available for this model's tokenizer",
+            )
         try:
             compiled = await asyncio.to_thread(self.compiler.compile, v.json_schema)
         except SchemaError as e:
@@ -286,17 +327,20 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             try:
                 return self.sessions.open(tenant, v.session_id), True
             except SessionExists:
-                raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
-                                   f"session_id {v.session_id!r} is already open; continue it "
-                                   "without start_session") from None
+                raise RequestError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"session_id {v.session_id!r} is already open; continue it "
+                    "without start_session",
+                ) from None
             except TooManySessions as e:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         if v.session_id:
             try:
                 self.sessions.touch(tenant, v.session_id)
             except SessionNotFound:
-                raise RequestError(grpc.StatusCode.NOT_FOUND,
-                                   f"session_id {v.session_id!r} not found") from None
+                raise RequestError(
+                    grpc.StatusCode.NOT_FOUND, f"session_id {v.session_id!r} not found"
+                ) from None
             return v.session_id, False
         return "", False
 
@@ -305,8 +349,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             await asyncio.wrap_future(self.loop.submit(request, sink))
         except OverloadedError as e:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"server overloaded, retry later: {e}") from None
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded, retry later: {e}"
+            ) from None
         except ValueError as e:  # InvalidRequestError, or a scope the engine refuses
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except EngineFailure as e:
@@ -317,15 +362,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         texts = []
         for item in items:
             if isinstance(item, _Shutdown):
-                raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                                   "server shut down before the request finished")
+                raise RequestError(
+                    grpc.StatusCode.UNAVAILABLE, "server shut down before the request finished"
+                )
             if isinstance(item, EngineFailure):
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, str(item))
             texts.append(item.new_text)
             response.token_ids.extend(item.new_token_ids)
             if logprobs and item.logprobs:
-                response.logprobs.extend(item.logprobs[len(item.logprobs)
-                                                       - len(item.new_token_ids):])
+                response.logprobs.extend(
+                    item.logprobs[len(item.logprobs) - len(item.new_token_ids) :]
+                )
             if item.finished:
                 response.text = "".join(texts)
                 _finish(response, item)
@@ -339,8 +386,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Tokenize(self, request, context):
         self._principal(context)
         if len(request.text) > self.limits.max_text_chars:
-            raise invalid("text", f"at most {self.limits.max_text_chars} characters",
-                          f"{len(request.text)} characters")
+            raise invalid(
+                "text",
+                f"at most {self.limits.max_text_chars} characters",
+                f"{len(request.text)} characters",
+            )
         add_bos = request.add_bos if request.HasField("add_bos") else None
         try:
             ids = self.tokenizer.encode(request.text, add_bos=add_bos)
@@ -353,13 +403,21 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         principal = self._principal(context)
         i = self.info
         return pb.ModelInfoResponse(
-            model=i.model, architecture=i.architecture, vocab_size=i.vocab_size,
-            context_length=i.max_model_len, page_size=i.page_size,
-            kv_cache_dtype=i.kv_cache_dtype, mesh_shape=i.mesh_shape, mesh_axes=i.mesh_axes,
-            num_pages=i.num_pages, max_num_seqs=i.max_num_seqs, eos_token_ids=i.eos_token_ids,
+            model=i.model,
+            architecture=i.architecture,
+            vocab_size=i.vocab_size,
+            context_length=i.max_model_len,
+            page_size=i.page_size,
+            kv_cache_dtype=i.kv_cache_dtype,
+            mesh_shape=i.mesh_shape,
+            mesh_axes=i.mesh_axes,
+            num_pages=i.num_pages,
+            max_num_seqs=i.max_num_seqs,
+            eos_token_ids=i.eos_token_ids,
             tenant=principal.tenant,
             permitted_zones=sorted(principal.permitted_zones(self.state.known_zones)),
-            admin=principal.admin)
+            admin=principal.admin,
+        )
 
     @_rpc("EndSession")
     async def EndSession(self, request, context):
@@ -388,8 +446,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         else:
             raise invalid("content", "non-empty text or token_ids", kind or "neither")
         if len(ids) >= self.info.max_model_len:
-            raise invalid("content", f"shorter than max_model_len={self.info.max_model_len} "
-                          "tokens", f"{len(ids)} tokens")
+            raise invalid(
+                "content",
+                f"shorter than max_model_len={self.info.max_model_len} tokens",
+                f"{len(ids)} tokens",
+            )
         self._engine_feature("register_trusted_prefix", "RegisterTrustedPrefix")
         try:
             await self._on_engine(lambda e: e.register_trusted_prefix(zone, ids, source="rpc"))
@@ -407,8 +468,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise invalid("limit", f"in [0, {MAX_AUDIT_LIMIT}] (0 = {DEFAULT_AUDIT_LIMIT})", limit)
         self._engine_feature("read_audit_log", "ReadAuditLog")
         # The engine's reader filters what it can (so it copies less); we filter again, exactly.
-        filters = {"tenant": request.tenant or None, "zone": request.zone or None,
-                   "kind": request.event or None, "since": request.since_unix_seconds or None}
+        filters = {
+            "tenant": request.tenant or None,
+            "zone": request.zone or None,
+            "kind": request.event or None,
+            "since": request.since_unix_seconds or None,
+        }
         filters = {k: v for k, v in filters.items() if v is not None}
         records = await self._on_engine(lambda e: list(e.read_audit_log(**filters)))
         out = [r for r in map(_audit_record, records) if _audit_match(r, request)]
@@ -416,6 +481,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 
 # --- conversions ----------------------------------------------------------------------------------
+
 
 def _engine_segments(v: ValidGenerate, session_id: str) -> list[PromptSegment]:
     segs = []
@@ -465,9 +531,10 @@ def _audit_record(record) -> pb.AuditRecord:
 
 
 def _audit_match(r: pb.AuditRecord, q) -> bool:
-    return ((not q.tenant or r.tenant == q.tenant) and (not q.zone or r.zone == q.zone)
-            and (not q.request_id or q.request_id in (r.request_id,
-                                                      r.request_id.partition("/")[2]))
-            and (not q.event or r.event == q.event)
-            and (not q.since_unix_seconds or r.time_unix_seconds >= q.since_unix_seconds))
-
+    return (
+        (not q.tenant or r.tenant == q.tenant)
+        and (not q.zone or r.zone == q.zone)
+        and (not q.request_id or q.request_id in (r.request_id, r.request_id.partition("/")[2]))
+        and (not q.event or r.event == q.event)
+        and (not q.since_unix_seconds or r.time_unix_seconds >= q.since_unix_seconds)
+    )

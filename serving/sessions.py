@@ -38,8 +38,9 @@ class _Session:
 
 
 class SessionRegistry:
-    def __init__(self, idle_timeout_s: float = 3600.0, max_per_tenant: int = 1024,
-                 clock=time.monotonic):
+    def __init__(
+        self, idle_timeout_s: float = 3600.0, max_per_tenant: int = 1024, clock=time.monotonic
+    ):
         self.idle_timeout_s = idle_timeout_s
         self.max_per_tenant = max_per_tenant
         self._clock = clock

@@ -77,8 +77,13 @@ class CompiledSchema:
 class SchemaCompiler:
     """Validates and compiles JSON schemas for one tokenizer; thread-safe, with an LRU cache."""
 
-    def __init__(self, ll_tokenizer: llguidance.LLTokenizer, *, max_schema_bytes: int = 65536,
-                 cache_size: int = 64):
+    def __init__(
+        self,
+        ll_tokenizer: llguidance.LLTokenizer,
+        *,
+        max_schema_bytes: int = 65536,
+        cache_size: int = 64,
+    ):
         self.ll_tokenizer = ll_tokenizer
         self.max_schema_bytes = max_schema_bytes
         self._cache: collections.OrderedDict[str, CompiledSchema] = collections.OrderedDict()
@@ -86,8 +91,9 @@ class SchemaCompiler:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, *, vocab_size: int, eos_token_ids: Sequence[int],
-                      **kwargs) -> SchemaCompiler:
+    def for_tokenizer(
+        cls, tokenizer, *, vocab_size: int, eos_token_ids: Sequence[int], **kwargs
+    ) -> SchemaCompiler:
         return cls(ll_tokenizer_for(tokenizer, vocab_size, eos_token_ids), **kwargs)
 
     def compile(self, schema_text: str) -> CompiledSchema:
@@ -119,11 +125,13 @@ class SchemaCompiler:
             raise SchemaError(f"is not a valid JSON Schema: {e.message}") from None
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                schema, defaults=DEFAULT_COMPILE_OPTIONS)
+                schema, defaults=DEFAULT_COMPILE_OPTIONS
+            )
         except ValueError as e:
             raise SchemaError(f"cannot be compiled: {e}") from None
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
-            grammar, self.ll_tokenizer)
+            grammar, self.ll_tokenizer
+        )
         if is_error:
             raise SchemaError(f"is not supported for structured output: {messages[0]}")
         matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
@@ -133,6 +141,7 @@ class SchemaCompiler:
 
 
 # --- tokenizers -----------------------------------------------------------------------------------
+
 
 class _ByteVocabulary:
     """What llguidance's `TokenizerWrapper` reads: each id's bytes (special tokens carry the
@@ -144,17 +153,19 @@ class _ByteVocabulary:
         num_bytes = getattr(tokenizer, "NUM_BYTES", 256)
         self.eos_token_id = eos_token_ids[0]
         self.bos_token_id = tokenizer.bos_token_id
-        self.tokens = [bytes([i]) if i < num_bytes
-                       else b"\xff" + specials.get(i, f"<unused_{i}>").encode()
-                       for i in range(vocab_size)]
+        self.tokens = [
+            bytes([i]) if i < num_bytes else b"\xff" + specials.get(i, f"<unused_{i}>").encode()
+            for i in range(vocab_size)
+        ]
         self.special_token_ids = list(range(num_bytes, vocab_size))
 
     def __call__(self, data: bytes) -> list[int]:
         return list(data)
 
 
-def ll_tokenizer_for(tokenizer, vocab_size: int,
-                     eos_token_ids: Sequence[int]) -> llguidance.LLTokenizer:
+def ll_tokenizer_for(
+    tokenizer, vocab_size: int, eos_token_ids: Sequence[int]
+) -> llguidance.LLTokenizer:
     """An `LLTokenizer` whose ids match the model's: `vocab_size` is the model's (embedding rows
     past the tokenizer's own vocabulary are never allowed), EOS ids are the engine's."""
     from pijax.model.tokenizer import ByteTokenizer
@@ -169,7 +180,8 @@ def ll_tokenizer_for(tokenizer, vocab_size: int,
     if tokenizer_json is None:
         raise UnsupportedTokenizerError(
             f"structured output supports the byte tokenizer and tokenizer.json tokenizers; "
-            f"got {type(tokenizer).__name__}")
+            f"got {type(tokenizer).__name__}"
+        )
     return llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos)
 
 

@@ -80,32 +80,57 @@ class ValidGenerate:
         return bool(self.session_id) or self.start_session
 
 
-def validate_generate(req, principal: Principal, known_zones: frozenset[str], tokenizer,
-                      model: ModelLimits, limits: RequestLimits) -> ValidGenerate:
+def validate_generate(
+    req,
+    principal: Principal,
+    known_zones: frozenset[str],
+    tokenizer,
+    model: ModelLimits,
+    limits: RequestLimits,
+) -> ValidGenerate:
     if req.request_id and not REQUEST_ID_RE.match(req.request_id):
         raise invalid("request_id", "empty or 1-128 of [A-Za-z0-9_.:-]", req.request_id)
     if not limits.min_priority <= req.priority <= limits.max_priority:
-        raise invalid("priority", f"in [{limits.min_priority}, {limits.max_priority}] (lower is "
-                      "more urgent)", req.priority)
+        raise invalid(
+            "priority",
+            f"in [{limits.min_priority}, {limits.max_priority}] (lower is more urgent)",
+            req.priority,
+        )
     if req.session_id and not SESSION_ID_RE.match(req.session_id):
         raise invalid("session_id", "empty or 1-128 of [A-Za-z0-9_.-]", req.session_id)
     schema_bytes = len(req.json_schema.encode("utf-8"))
     if schema_bytes > limits.max_schema_bytes:
-        raise invalid("json_schema", f"at most {limits.max_schema_bytes} bytes of JSON",
-                      f"{schema_bytes} bytes")
+        raise invalid(
+            "json_schema",
+            f"at most {limits.max_schema_bytes} bytes of JSON",
+            f"{schema_bytes} bytes",
+        )
     params = _sampling_params(req, model, limits)
     session = req.session_id or req.start_session
-    segments = [_segment(i, seg, principal, known_zones, session, req.session_id, tokenizer,
-                         model, first=i == 0)
-                for i, seg in enumerate(_segments(req, limits))]
+    segments = [
+        _segment(
+            i, seg, principal, known_zones, session, req.session_id, tokenizer, model, first=i == 0
+        )
+        for i, seg in enumerate(_segments(req, limits))
+    ]
     n = sum(len(ids) for ids, _ in segments)
     if n + params.max_tokens > model.max_model_len:
-        raise invalid("prompt", f"at most {model.max_model_len - params.max_tokens} tokens "
-                      f"(max_model_len={model.max_model_len} minus max_tokens="
-                      f"{params.max_tokens})", f"{n} tokens")
-    return ValidGenerate(request_id=req.request_id, segments=segments, params=params,
-                         priority=req.priority, session_id=req.session_id,
-                         start_session=req.start_session, json_schema=req.json_schema)
+        raise invalid(
+            "prompt",
+            f"at most {model.max_model_len - params.max_tokens} tokens "
+            f"(max_model_len={model.max_model_len} minus max_tokens="
+            f"{params.max_tokens})",
+            f"{n} tokens",
+        )
+    return ValidGenerate(
+        request_id=req.request_id,
+        segments=segments,
+        params=params,
+        priority=req.priority,
+        session_id=req.session_id,
+        start_session=req.start_session,
+        json_schema=req.json_schema,
+    )
 
 
 def _segments(req, limits: RequestLimits):
@@ -115,8 +140,17 @@ def _segments(req, limits: RequestLimits):
     return req.prompt
 
 
-def _segment(i: int, seg, principal: Principal, known_zones: frozenset[str], session: bool,
-             session_id: str, tokenizer, model: ModelLimits, first: bool):
+def _segment(
+    i: int,
+    seg,
+    principal: Principal,
+    known_zones: frozenset[str],
+    session: bool,
+    session_id: str,
+    tokenizer,
+    model: ModelLimits,
+    first: bool,
+):
     field = f"prompt[{i}]"
     scope = parse_scope(f"{field}.scope", seg.scope, principal, known_zones, session, session_id)
     kind = seg.WhichOneof("content")
@@ -136,13 +170,20 @@ def _segment(i: int, seg, principal: Principal, known_zones: frozenset[str], ses
     return tuple(ids), scope
 
 
-def parse_scope(field: str, text: str, principal: Principal, known_zones: frozenset[str],
-                session: bool, session_id: str) -> Scope:
+def parse_scope(
+    field: str,
+    text: str,
+    principal: Principal,
+    known_zones: frozenset[str],
+    session: bool,
+    session_id: str,
+) -> Scope:
     kind, _, name = text.partition(":")
     if kind == ScopeKind.SESSION.value:
         if not session:
-            raise invalid(field, "a session scope only on requests with session_id or "
-                          "start_session", text)
+            raise invalid(
+                field, "a session scope only on requests with session_id or start_session", text
+            )
         if name and name != session_id:
             raise invalid(field, "'session' or 'session:<the request's session_id>'", text)
         return Scope(ScopeKind.SESSION, OWN_SESSION)
@@ -154,11 +195,14 @@ def parse_scope(field: str, text: str, principal: Principal, known_zones: frozen
         zone = scope.name
         if zone not in known_zones:
             permitted = sorted(principal.permitted_zones(known_zones))
-            raise invalid(field, f"'shared:<zone>' with a zone this server knows (yours: "
-                          f"{permitted})", text)
+            raise invalid(
+                field, f"'shared:<zone>' with a zone this server knows (yours: {permitted})", text
+            )
         if not principal.may_use_zone(zone):
-            raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
-                               f"{field}: zone {zone!r} is not permitted for this API key")
+            raise RequestError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{field}: zone {zone!r} is not permitted for this API key",
+            )
     return scope
 
 
@@ -185,16 +229,26 @@ def _sampling_params(req, model: ModelLimits, limits: RequestLimits) -> Sampling
         if not 1 <= len(stop) <= limits.max_stop_chars:
             raise invalid(f"stop[{i}]", f"1-{limits.max_stop_chars} characters", stop[:40])
     if len(req.stop_token_ids) > limits.max_stop_token_ids:
-        raise invalid("stop_token_ids", f"at most {limits.max_stop_token_ids} ids",
-                      f"{len(req.stop_token_ids)} ids")
+        raise invalid(
+            "stop_token_ids",
+            f"at most {limits.max_stop_token_ids} ids",
+            f"{len(req.stop_token_ids)} ids",
+        )
     for i, t in enumerate(req.stop_token_ids):
         if t >= model.vocab_size:
             raise invalid(f"stop_token_ids[{i}]", f"in [0, {model.vocab_size})", t)
     try:
-        return SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
-                              seed=seed, max_tokens=int(max_tokens), stop=tuple(req.stop),
-                              stop_token_ids=tuple(int(t) for t in req.stop_token_ids),
-                              ignore_eos=req.ignore_eos, logprobs=req.logprobs)
+        return SamplingParams(
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=int(top_k),
+            seed=seed,
+            max_tokens=int(max_tokens),
+            stop=tuple(req.stop),
+            stop_token_ids=tuple(int(t) for t in req.stop_token_ids),
+            ignore_eos=req.ignore_eos,
+            logprobs=req.logprobs,
+        )
     except InvalidRequestError as e:  # the engine's own checks, should ours ever be looser
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {e}") from None
 

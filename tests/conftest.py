@@ -9,5 +9,6 @@ import pytest
 def tiny_llm():
     from pijax import LLM
 
-    return LLM("tiny-random", num_pages=192, max_num_seqs=16, max_num_batched_tokens=64,
-               max_model_len=512)
+    return LLM(
+        "tiny-random", num_pages=192, max_num_seqs=16, max_num_batched_tokens=64, max_model_len=512
+    )

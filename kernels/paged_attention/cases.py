@@ -32,17 +32,35 @@ class Case:
     seqs: tuple[tuple[int, int], ...]  # the live (q_len, kv_len) pairs
 
     def args(self):
-        return (self.q, self.k_pages, self.v_pages, self.kv_lens, self.block_tables,
-                self.cu_q_lens, self.num_seqs)
+        return (
+            self.q,
+            self.k_pages,
+            self.v_pages,
+            self.kv_lens,
+            self.block_tables,
+            self.cu_q_lens,
+            self.num_seqs,
+        )
 
     def scale_kwargs(self):
         return dict(k_scales=self.k_scales, v_scales=self.v_scales)
 
 
 def make_case(
-    seqs, *, num_kv_heads: int, group: int, head_dim: int, page_size: int, dtype=jnp.float32,
-    quantized: bool = False, quant_dtype=jnp.int8, num_tokens: int | None = None, max_seqs: int | None = None,
-    width: int | None = None, num_pages: int | None = None, seed: int = 0,
+    seqs,
+    *,
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    page_size: int,
+    dtype=jnp.float32,
+    quantized: bool = False,
+    quant_dtype=jnp.int8,
+    num_tokens: int | None = None,
+    max_seqs: int | None = None,
+    width: int | None = None,
+    num_pages: int | None = None,
+    seed: int = 0,
 ) -> Case:
     rng = np.random.default_rng(seed)
     seqs = tuple((int(a), int(b)) for a, b in seqs)
@@ -64,13 +82,13 @@ def make_case(
     block_tables = np.zeros((max_seqs, width), np.int32)
     used = 0
     for s, n in enumerate(pages_needed):
-        block_tables[s, :n] = free[used:used + n]
+        block_tables[s, :n] = free[used : used + n]
         used += n
     kv_lens = np.zeros(max_seqs, np.int32)
     kv_lens[: len(seqs)] = [kv for _, kv in seqs]
     cu = np.zeros(max_seqs + 1, np.int32)
-    cu[1: len(seqs) + 1] = np.cumsum([q for q, _ in seqs])
-    cu[len(seqs) + 1:] = total_q
+    cu[1 : len(seqs) + 1] = np.cumsum([q for q, _ in seqs])
+    cu[len(seqs) + 1 :] = total_q
 
     num_heads = num_kv_heads * group
     q = rng.standard_normal((num_tokens, num_heads, head_dim), np.float32)
@@ -84,9 +102,15 @@ def make_case(
     else:
         k, v = jnp.asarray(k, dtype), jnp.asarray(v, dtype)
     return Case(
-        q=jnp.asarray(q, dtype), k_pages=k, v_pages=v, kv_lens=jnp.asarray(kv_lens),
-        block_tables=jnp.asarray(block_tables), cu_q_lens=jnp.asarray(cu),
-        num_seqs=jnp.asarray(len(seqs), jnp.int32), k_scales=k_scales, v_scales=v_scales,
+        q=jnp.asarray(q, dtype),
+        k_pages=k,
+        v_pages=v,
+        kv_lens=jnp.asarray(kv_lens),
+        block_tables=jnp.asarray(block_tables),
+        cu_q_lens=jnp.asarray(cu),
+        num_seqs=jnp.asarray(len(seqs), jnp.int32),
+        k_scales=k_scales,
+        v_scales=v_scales,
         seqs=seqs,
     )
 
@@ -109,7 +133,7 @@ def dense_attention_numpy(case: Case, *, sm_scale: float, soft_cap=None, sliding
         pages = bt[s, pos // page_size]
         k = np.repeat(k_pages[pages, pos % page_size], group, axis=1)  # [L, H, D]
         v = np.repeat(v_pages[pages, pos % page_size], group, axis=1)
-        qs = q[cu[s]: cu[s] + q_len]  # [Q, H, D]
+        qs = q[cu[s] : cu[s] + q_len]  # [Q, H, D]
         logits = np.einsum("qhd,lhd->hql", qs, k) * sm_scale
         if soft_cap is not None:
             logits = soft_cap * np.tanh(logits / soft_cap)
@@ -120,7 +144,7 @@ def dense_attention_numpy(case: Case, *, sm_scale: float, soft_cap=None, sliding
         logits = np.where(mask[None], logits, -np.inf)
         p = np.exp(logits - logits.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
-        out[cu[s]: cu[s] + q_len] = np.einsum("hql,lhd->qhd", p, v)
+        out[cu[s] : cu[s] + q_len] = np.einsum("hql,lhd->qhd", p, v)
     return out
 
 

@@ -38,19 +38,21 @@ def next_pow2(n: int) -> int:
 
 def validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, k_scales, v_scales):
     if q.ndim != 3 or k_pages.ndim != 4:
-        raise ValueError(f"q must be [T, H, D] and k_pages [P, PS, K, D]; got {q.shape}, "
-                         f"{k_pages.shape}")
+        raise ValueError(
+            f"q must be [T, H, D] and k_pages [P, PS, K, D]; got {q.shape}, {k_pages.shape}"
+        )
     if k_pages.shape != v_pages.shape:
         raise ValueError(f"k_pages {k_pages.shape} and v_pages {v_pages.shape} differ")
     num_heads, head_dim = q.shape[1:]
     num_kv_heads = k_pages.shape[2]
     if k_pages.shape[3] != head_dim or num_heads % num_kv_heads:
-        raise ValueError(f"q heads/dim {q.shape[1:]} do not fit kv heads/dim "
-                         f"{k_pages.shape[2:]}")
+        raise ValueError(f"q heads/dim {q.shape[1:]} do not fit kv heads/dim {k_pages.shape[2:]}")
     num_seqs_max = block_tables.shape[0]
     if kv_lens.shape != (num_seqs_max,) or cu_q_lens.shape != (num_seqs_max + 1,):
-        raise ValueError(f"kv_lens {kv_lens.shape} / cu_q_lens {cu_q_lens.shape} do not match "
-                         f"block_tables {block_tables.shape}")
+        raise ValueError(
+            f"kv_lens {kv_lens.shape} / cu_q_lens {cu_q_lens.shape} do not match "
+            f"block_tables {block_tables.shape}"
+        )
     if (k_scales is None) != (v_scales is None):
         raise ValueError("k_scales and v_scales must both be given or both be None")
     if k_scales is not None and k_scales.shape != k_pages.shape[:3]:
@@ -82,12 +84,16 @@ def tile_map(kv_lens, cu_q_lens, num_seqs, *, num_tokens: int, tokens_per_tile: 
     count = jnp.where(used, jnp.clip(q_lens[seq] - j * tokens_per_tile, 0, tokens_per_tile), 0)
     first_pos = kv_lens[seq] - q_lens[seq] + j * tokens_per_tile
     first_token = jnp.where(used, cu_q_lens[seq] + j * tokens_per_tile, 0)
-    return TileMap(seq, first_token.astype(jnp.int32), count.astype(jnp.int32),
-                   first_pos.astype(jnp.int32), starts.astype(jnp.int32))
+    return TileMap(
+        seq,
+        first_token.astype(jnp.int32),
+        count.astype(jnp.int32),
+        first_pos.astype(jnp.int32),
+        starts.astype(jnp.int32),
+    )
 
 
-def gather_query_tiles(q, tm: TileMap, *, num_kv_heads: int, tokens_per_tile: int,
-                       group_pad: int):
+def gather_query_tiles(q, tm: TileMap, *, num_kv_heads: int, tokens_per_tile: int, group_pad: int):
     """[T, H, D] -> [K, NT, tokens_per_tile * group_pad, D] (rows of dead tokens are copies)."""
     num_tokens, num_heads, head_dim = q.shape
     group = num_heads // num_kv_heads
@@ -98,8 +104,16 @@ def gather_query_tiles(q, tm: TileMap, *, num_kv_heads: int, tokens_per_tile: in
     return qt.reshape(num_kv_heads, -1, tokens_per_tile * group_pad, head_dim)
 
 
-def scatter_output_tiles(out_tiles, tm: TileMap, cu_q_lens, num_seqs, *, num_heads: int,
-                         num_tokens: int, tokens_per_tile: int):
+def scatter_output_tiles(
+    out_tiles,
+    tm: TileMap,
+    cu_q_lens,
+    num_seqs,
+    *,
+    num_heads: int,
+    num_tokens: int,
+    tokens_per_tile: int,
+):
     """Inverse of `gather_query_tiles`: [K, NT, rows, D] -> [T, H, D]; padded rows are zero."""
     num_kv_heads, num_tiles, _, head_dim = out_tiles.shape
     group = num_heads // num_kv_heads
@@ -116,18 +130,33 @@ def scatter_output_tiles(out_tiles, tm: TileMap, cu_q_lens, num_seqs, *, num_hea
 def dot_nt(a, b):
     """a @ b.T with float32 accumulation; f32 inputs get full precision (no TF32 on GPU)."""
     precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
 
 
 def dot_nn(a, b):
     precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
 
 
-def softmax_step(carry, q, k, v, k_scale, v_scale, key_pos, row_pos, row_live, *,
-                 sm_scale: float, soft_cap, sliding_window):
+def softmax_step(
+    carry,
+    q,
+    k,
+    v,
+    k_scale,
+    v_scale,
+    key_pos,
+    row_pos,
+    row_live,
+    *,
+    sm_scale: float,
+    soft_cap,
+    sliding_window,
+):
     """One flash-attention step of the query tile over a K/V tile.
 
     q: [R, D]; k, v: [N, D] in the pool dtype (int8 and fp8 e4m3 are cast to q's dtype in
@@ -158,8 +187,11 @@ def softmax_step(carry, q, k, v, k_scale, v_scale, key_pos, row_pos, row_live, *
 
 
 def init_carry(rows: int, head_dim: int):
-    return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows, 1), M_INIT, jnp.float32),
-            jnp.zeros((rows, 1), jnp.float32))
+    return (
+        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.full((rows, 1), M_INIT, jnp.float32),
+        jnp.zeros((rows, 1), jnp.float32),
+    )
 
 
 def normalize(o, denom):

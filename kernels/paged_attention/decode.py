@@ -31,8 +31,20 @@ from pijax.kernels.paged_attention import common, tuning
 _MIN_DOT_ROWS = 16
 
 
-def _kernel(kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *rest, pages_per_block: int,
-            num_splits: int, sm_scale: float, soft_cap, sliding_window, quantized: bool):
+def _kernel(
+    kv_lens_ref,
+    bt_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    *rest,
+    pages_per_block: int,
+    num_splits: int,
+    sm_scale: float,
+    soft_cap,
+    sliding_window,
+    quantized: bool,
+):
     if quantized:
         ks_ref, vs_ref, o_ref, lse_ref = rest
     else:
@@ -58,30 +70,77 @@ def _kernel(kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *rest, pages_per_block: in
             k_scale = ks_ref[pages].reshape(1, block_keys)
             v_scale = vs_ref[pages].reshape(1, block_keys)
         key_pos = blk * block_keys + lax.broadcasted_iota(jnp.int32, (1, block_keys), 1)
-        return common.softmax_step(carry, q, k, v, k_scale, v_scale, key_pos, row_pos, row_live,
-                                   sm_scale=sm_scale, soft_cap=soft_cap,
-                                   sliding_window=sliding_window)
+        return common.softmax_step(
+            carry,
+            q,
+            k,
+            v,
+            k_scale,
+            v_scale,
+            key_pos,
+            row_pos,
+            row_live,
+            sm_scale=sm_scale,
+            soft_cap=soft_cap,
+            sliding_window=sliding_window,
+        )
 
     o, m, denom = lax.fori_loop(start, stop, body, common.init_carry(rows, head_dim))
     o_ref[...] = common.normalize(o, denom)
     lse_ref[...] = common.log_sum_exp(m, denom)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window",
-                                             "pages_per_block", "num_splits", "interpret"))
-def paged_decode_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
-                           sm_scale: float, k_scales=None, v_scales=None, soft_cap=None,
-                           sliding_window=None, pages_per_block: int | None = None,
-                           num_splits: int | None = None, interpret: bool = False):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "sm_scale",
+        "soft_cap",
+        "sliding_window",
+        "pages_per_block",
+        "num_splits",
+        "interpret",
+    ),
+)
+def paged_decode_attention(
+    q,
+    k_pages,
+    v_pages,
+    kv_lens,
+    block_tables,
+    cu_q_lens,
+    num_seqs,
+    *,
+    sm_scale: float,
+    k_scales=None,
+    v_scales=None,
+    soft_cap=None,
+    sliding_window=None,
+    pages_per_block: int | None = None,
+    num_splits: int | None = None,
+    interpret: bool = False,
+):
     """The ragged contract, restricted to `q_len <= 1` for every sequence (pure decode).
 
     Live sequences with q_len > 1 would get only their first token attended; callers must use
     `ragged_paged_attention` for mixed batches.
     """
     out_parts, lse_parts, live = decode_partials(
-        q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, sm_scale=sm_scale,
-        k_scales=k_scales, v_scales=v_scales, soft_cap=soft_cap, sliding_window=sliding_window,
-        pages_per_block=pages_per_block, num_splits=num_splits, interpret=interpret)
+        q,
+        k_pages,
+        v_pages,
+        kv_lens,
+        block_tables,
+        cu_q_lens,
+        num_seqs,
+        sm_scale=sm_scale,
+        k_scales=k_scales,
+        v_scales=v_scales,
+        soft_cap=soft_cap,
+        sliding_window=sliding_window,
+        pages_per_block=pages_per_block,
+        num_splits=num_splits,
+        interpret=interpret,
+    )
     num_tokens, num_heads, head_dim = q.shape
     group = num_heads // k_pages.shape[2]
     o = common.combine_splits(out_parts, lse_parts)[:, :, :group]  # [K, S, G, D]
@@ -90,9 +149,24 @@ def paged_decode_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
     return jnp.zeros_like(q).at[dest].set(o, mode="drop")
 
 
-def decode_partials(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
-                    sm_scale, k_scales, v_scales, soft_cap, sliding_window, pages_per_block,
-                    num_splits, interpret):
+def decode_partials(
+    q,
+    k_pages,
+    v_pages,
+    kv_lens,
+    block_tables,
+    cu_q_lens,
+    num_seqs,
+    *,
+    sm_scale,
+    k_scales,
+    v_scales,
+    soft_cap,
+    sliding_window,
+    pages_per_block,
+    num_splits,
+    interpret,
+):
     """Per-partition outputs `[P, K, S, rows, D]` and log-sum-exps `[P, K, S, rows, 1]` (every
     element written), and the live-sequence mask; tests inspect them directly."""
     common.validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, k_scales, v_scales)
@@ -118,9 +192,13 @@ def decode_partials(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_s
         return pl.BlockSpec(shape, lambda h, s, p: (0,) * len(shape))
 
     page_spec = pl.BlockSpec((num_pages, page_size, None, head_dim), lambda h, s, p: (0, 0, h, 0))
-    in_specs = [whole(kv_lens.shape), whole(block_tables.shape),
-                pl.BlockSpec((None, None, rows, head_dim), lambda h, s, p: (h, s, 0, 0)),
-                page_spec, page_spec]
+    in_specs = [
+        whole(kv_lens.shape),
+        whole(block_tables.shape),
+        pl.BlockSpec((None, None, rows, head_dim), lambda h, s, p: (h, s, 0, 0)),
+        page_spec,
+        page_spec,
+    ]
     args = [kv_lens, block_tables, qs, k_pages, v_pages]
     quantized = k_scales is not None
     if quantized:
@@ -129,15 +207,22 @@ def decode_partials(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_s
         args += [k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)]
 
     part = (num_splits, num_kv_heads, max_seqs, rows)
-    kernel = functools.partial(_kernel, pages_per_block=pages_per_block, num_splits=num_splits,
-                               sm_scale=sm_scale, soft_cap=soft_cap,
-                               sliding_window=sliding_window, quantized=quantized)
+    kernel = functools.partial(
+        _kernel,
+        pages_per_block=pages_per_block,
+        num_splits=num_splits,
+        sm_scale=sm_scale,
+        soft_cap=soft_cap,
+        sliding_window=sliding_window,
+        quantized=quantized,
+    )
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
-        compiler_params = plgpu.CompilerParams(num_warps=sizes.num_warps,
-                                               num_stages=sizes.num_stages)
+        compiler_params = plgpu.CompilerParams(
+            num_warps=sizes.num_warps, num_stages=sizes.num_stages
+        )
     out_parts, lse_parts = pl.pallas_call(
         kernel,
         grid=(num_kv_heads, max_seqs, num_splits),
@@ -146,8 +231,10 @@ def decode_partials(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_s
             pl.BlockSpec((None, None, None, rows, head_dim), lambda h, s, p: (p, h, s, 0, 0)),
             pl.BlockSpec((None, None, None, rows, 1), lambda h, s, p: (p, h, s, 0, 0)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
-                   jax.ShapeDtypeStruct((*part, 1), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((*part, 1), jnp.float32),
+        ],
         compiler_params=compiler_params,
         interpret=interpret,
         name="pijax_paged_decode_attention",

@@ -40,9 +40,24 @@ from jax.experimental import pallas as pl
 from pijax.kernels.paged_attention import common, tuning
 
 
-def _kernel(seq_ref, count_ref, pos_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_ref, *rest,
-            group_pad: int, pages_per_block: int, num_splits: int, sm_scale: float, soft_cap,
-            sliding_window, quantized: bool):
+def _kernel(
+    seq_ref,
+    count_ref,
+    pos_ref,
+    kv_lens_ref,
+    bt_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    *rest,
+    group_pad: int,
+    pages_per_block: int,
+    num_splits: int,
+    sm_scale: float,
+    soft_cap,
+    sliding_window,
+    quantized: bool,
+):
     ks_ref, vs_ref = rest[:2] if quantized else (None, None)
     outs = rest[2:] if quantized else rest
     o_ref, lse_ref = outs if num_splits > 1 else (outs[0], None)
@@ -67,9 +82,20 @@ def _kernel(seq_ref, count_ref, pos_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_re
             k_scale = ks_ref[pages].reshape(1, block_keys)
             v_scale = vs_ref[pages].reshape(1, block_keys)
         key_pos = blk * block_keys + lax.broadcasted_iota(jnp.int32, (1, block_keys), 1)
-        return common.softmax_step(carry, q, k, v, k_scale, v_scale, key_pos, row_pos, row_live,
-                                   sm_scale=sm_scale, soft_cap=soft_cap,
-                                   sliding_window=sliding_window)
+        return common.softmax_step(
+            carry,
+            q,
+            k,
+            v,
+            k_scale,
+            v_scale,
+            key_pos,
+            row_pos,
+            row_live,
+            sm_scale=sm_scale,
+            soft_cap=soft_cap,
+            sliding_window=sliding_window,
+        )
 
     split = pl.program_id(2) if num_splits > 1 else 0
     start, stop = common.split_blocks(lo, hi, block_keys, split, num_splits)
@@ -79,32 +105,89 @@ def _kernel(seq_ref, count_ref, pos_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_re
         lse_ref[...] = common.log_sum_exp(m, denom)
 
 
-_STATIC = ("sm_scale", "soft_cap", "sliding_window", "block_rows", "pages_per_block",
-           "num_splits", "interpret")
+_STATIC = (
+    "sm_scale",
+    "soft_cap",
+    "sliding_window",
+    "block_rows",
+    "pages_per_block",
+    "num_splits",
+    "interpret",
+)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
-                           sm_scale: float, k_scales=None, v_scales=None, soft_cap=None,
-                           sliding_window=None, block_rows: int | None = None,
-                           pages_per_block: int | None = None, num_splits: int | None = None,
-                           interpret: bool = False):
+def ragged_paged_attention(
+    q,
+    k_pages,
+    v_pages,
+    kv_lens,
+    block_tables,
+    cu_q_lens,
+    num_seqs,
+    *,
+    sm_scale: float,
+    k_scales=None,
+    v_scales=None,
+    soft_cap=None,
+    sliding_window=None,
+    block_rows: int | None = None,
+    pages_per_block: int | None = None,
+    num_splits: int | None = None,
+    interpret: bool = False,
+):
     """Same contract as `reference.ragged_paged_attention_reference`.
 
     `num_splits=None` picks the split-K factor from the grid size (`tuning.splits`)."""
     parts, lse, tm, tokens_per_tile = ragged_output_tiles(
-        q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, sm_scale=sm_scale,
-        k_scales=k_scales, v_scales=v_scales, soft_cap=soft_cap, sliding_window=sliding_window,
-        block_rows=block_rows, pages_per_block=pages_per_block, num_splits=num_splits,
-        interpret=interpret)
+        q,
+        k_pages,
+        v_pages,
+        kv_lens,
+        block_tables,
+        cu_q_lens,
+        num_seqs,
+        sm_scale=sm_scale,
+        k_scales=k_scales,
+        v_scales=v_scales,
+        soft_cap=soft_cap,
+        sliding_window=sliding_window,
+        block_rows=block_rows,
+        pages_per_block=pages_per_block,
+        num_splits=num_splits,
+        interpret=interpret,
+    )
     out_tiles = parts[0] if lse is None else common.combine_splits(parts, lse).astype(q.dtype)
-    return common.scatter_output_tiles(out_tiles, tm, cu_q_lens, num_seqs, num_heads=q.shape[1],
-                                       num_tokens=q.shape[0], tokens_per_tile=tokens_per_tile)
+    return common.scatter_output_tiles(
+        out_tiles,
+        tm,
+        cu_q_lens,
+        num_seqs,
+        num_heads=q.shape[1],
+        num_tokens=q.shape[0],
+        tokens_per_tile=tokens_per_tile,
+    )
 
 
-def ragged_output_tiles(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
-                        sm_scale, k_scales, v_scales, soft_cap, sliding_window, block_rows,
-                        pages_per_block, num_splits, interpret):
+def ragged_output_tiles(
+    q,
+    k_pages,
+    v_pages,
+    kv_lens,
+    block_tables,
+    cu_q_lens,
+    num_seqs,
+    *,
+    sm_scale,
+    k_scales,
+    v_scales,
+    soft_cap,
+    sliding_window,
+    block_rows,
+    pages_per_block,
+    num_splits,
+    interpret,
+):
     """The kernel's raw outputs (every element written), its tile map and tokens per tile.
 
     Outputs: `[splits, K, tiles, rows, D]` partials and `[splits, K, tiles, rows, 1]`
@@ -120,10 +203,12 @@ def ragged_output_tiles(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, n
     tokens_per_tile = max(1, block_rows // group_pad)
     rows = tokens_per_tile * group_pad
 
-    tm = common.tile_map(kv_lens, cu_q_lens, num_seqs, num_tokens=num_tokens,
-                         tokens_per_tile=tokens_per_tile)
-    q_tiles = common.gather_query_tiles(q, tm, num_kv_heads=num_kv_heads,
-                                        tokens_per_tile=tokens_per_tile, group_pad=group_pad)
+    tm = common.tile_map(
+        kv_lens, cu_q_lens, num_seqs, num_tokens=num_tokens, tokens_per_tile=tokens_per_tile
+    )
+    q_tiles = common.gather_query_tiles(
+        q, tm, num_kv_heads=num_kv_heads, tokens_per_tile=tokens_per_tile, group_pad=group_pad
+    )
     num_tiles = q_tiles.shape[1]
     num_splits = num_splits or tuning.splits(num_kv_heads * num_tiles, sizes)
     # Pad the table to whole K/V tiles with null pages (always masked), so loads stay in bounds.
@@ -133,11 +218,14 @@ def ragged_output_tiles(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, n
     def whole(shape):
         return pl.BlockSpec(shape, lambda h, t, *_: (0,) * len(shape))
 
-    page_spec = pl.BlockSpec((num_pages, page_size, None, head_dim),
-                             lambda h, t, *_: (0, 0, h, 0))
-    in_specs = [whole((num_tiles,))] * 3 + [whole(kv_lens.shape), whole(block_tables.shape),
-                pl.BlockSpec((None, None, rows, head_dim), lambda h, t, *_: (h, t, 0, 0)),
-                page_spec, page_spec]
+    page_spec = pl.BlockSpec((num_pages, page_size, None, head_dim), lambda h, t, *_: (0, 0, h, 0))
+    in_specs = [whole((num_tiles,))] * 3 + [
+        whole(kv_lens.shape),
+        whole(block_tables.shape),
+        pl.BlockSpec((None, None, rows, head_dim), lambda h, t, *_: (h, t, 0, 0)),
+        page_spec,
+        page_spec,
+    ]
     args = [tm.seq, tm.count, tm.first_pos, kv_lens, block_tables, q_tiles, k_pages, v_pages]
     quantized = k_scales is not None
     if quantized:
@@ -145,15 +233,23 @@ def ragged_output_tiles(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, n
         in_specs += [scale_spec, scale_spec]
         args += [k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)]
 
-    kernel = functools.partial(_kernel, group_pad=group_pad, pages_per_block=pages_per_block,
-                               num_splits=num_splits, sm_scale=sm_scale, soft_cap=soft_cap,
-                               sliding_window=sliding_window, quantized=quantized)
+    kernel = functools.partial(
+        _kernel,
+        group_pad=group_pad,
+        pages_per_block=pages_per_block,
+        num_splits=num_splits,
+        sm_scale=sm_scale,
+        soft_cap=soft_cap,
+        sliding_window=sliding_window,
+        quantized=quantized,
+    )
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
-        compiler_params = plgpu.CompilerParams(num_warps=sizes.num_warps,
-                                               num_stages=sizes.num_stages)
+        compiler_params = plgpu.CompilerParams(
+            num_warps=sizes.num_warps, num_stages=sizes.num_stages
+        )
     part = (num_splits, num_kv_heads, num_tiles, rows)
     if num_splits == 1:  # final output straight from the kernel, in q's dtype
         grid = (num_kv_heads, num_tiles)
@@ -165,8 +261,10 @@ def ragged_output_tiles(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, n
             pl.BlockSpec((None, None, None, rows, head_dim), lambda h, t, p: (p, h, t, 0, 0)),
             pl.BlockSpec((None, None, None, rows, 1), lambda h, t, p: (p, h, t, 0, 0)),
         ]
-        out_shape = [jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
-                     jax.ShapeDtypeStruct((*part, 1), jnp.float32)]
+        out_shape = [
+            jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((*part, 1), jnp.float32),
+        ]
     outs = pl.pallas_call(
         kernel,
         grid=grid,

@@ -112,7 +112,9 @@ def write_kv_reference(
     flat = (num_pages * page_size, num_kv_heads, head_dim)
 
     def put(pages, new):
-        return pages.reshape(flat).at[slot_mapping].set(new.astype(pages.dtype)).reshape(pages.shape)
+        return (
+            pages.reshape(flat).at[slot_mapping].set(new.astype(pages.dtype)).reshape(pages.shape)
+        )
 
     if k_scales is None:
         return put(k_pages, k_new), put(v_pages, v_new), None, None

@@ -40,9 +40,24 @@ from pijax.kernels.paged_attention.tuning import block_sizes
 _K, _V, _KS, _VS = range(4)  # semaphore column per DMA kind
 
 
-def _kernel(seq_ref, count_ref, pos_ref, kv_lens_ref, bt_ref,  # scalar prefetch (SMEM)
-            q_ref, k_hbm, v_hbm, *rest, width: int, group_pad: int, pages_per_block: int,
-            sm_scale: float, soft_cap, sliding_window, quantized: bool):
+def _kernel(
+    seq_ref,
+    count_ref,
+    pos_ref,
+    kv_lens_ref,
+    bt_ref,  # scalar prefetch (SMEM)
+    q_ref,
+    k_hbm,
+    v_hbm,
+    *rest,
+    width: int,
+    group_pad: int,
+    pages_per_block: int,
+    sm_scale: float,
+    soft_cap,
+    sliding_window,
+    quantized: bool,
+):
     if quantized:
         ks_hbm, vs_hbm, o_ref, k_buf, v_buf, ks_buf, vs_buf, sems = rest
     else:
@@ -57,13 +72,18 @@ def _kernel(seq_ref, count_ref, pos_ref, kv_lens_ref, bt_ref,  # scalar prefetch
         descs = []
         for i in range(pages_per_block):
             page = bt_ref[seq * width + blk * pages_per_block + i]
-            pairs = [(k_hbm.at[page, :, head], k_buf.at[slot, i], _K),
-                     (v_hbm.at[page, :, head], v_buf.at[slot, i], _V)]
+            pairs = [
+                (k_hbm.at[page, :, head], k_buf.at[slot, i], _K),
+                (v_hbm.at[page, :, head], v_buf.at[slot, i], _V),
+            ]
             if quantized:
-                pairs += [(ks_hbm.at[page, :, head], ks_buf.at[slot, i], _KS),
-                          (vs_hbm.at[page, :, head], vs_buf.at[slot, i], _VS)]
-            descs += [pltpu.make_async_copy(src, dst, sems.at[slot, kind])
-                      for src, dst, kind in pairs]
+                pairs += [
+                    (ks_hbm.at[page, :, head], ks_buf.at[slot, i], _KS),
+                    (vs_hbm.at[page, :, head], vs_buf.at[slot, i], _VS),
+                ]
+            descs += [
+                pltpu.make_async_copy(src, dst, sems.at[slot, kind]) for src, dst, kind in pairs
+            ]
         return descs
 
     lo, hi = common.kv_range(first_pos, count, kv_lens_ref[seq], sliding_window)
@@ -96,20 +116,54 @@ def _kernel(seq_ref, count_ref, pos_ref, kv_lens_ref, bt_ref,  # scalar prefetch
             k_scale = ks_buf[slot].reshape(1, block_keys)
             v_scale = vs_buf[slot].reshape(1, block_keys)
         key_pos = blk * block_keys + lax.broadcasted_iota(jnp.int32, (1, block_keys), 1)
-        return common.softmax_step(carry, q, k, v, k_scale, v_scale, key_pos, row_pos, row_live,
-                                   sm_scale=sm_scale, soft_cap=soft_cap,
-                                   sliding_window=sliding_window)
+        return common.softmax_step(
+            carry,
+            q,
+            k,
+            v,
+            k_scale,
+            v_scale,
+            key_pos,
+            row_pos,
+            row_live,
+            sm_scale=sm_scale,
+            soft_cap=soft_cap,
+            sliding_window=sliding_window,
+        )
 
     o, _, denom = lax.fori_loop(blk_lo, blk_hi, body, common.init_carry(rows, head_dim))
     o_ref[...] = common.normalize(o, denom).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window",
-                                             "block_rows", "pages_per_block", "interpret"))
-def ragged_paged_attention_tpu(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
-                               *, sm_scale: float, k_scales=None, v_scales=None, soft_cap=None,
-                               sliding_window=None, block_rows: int | None = None,
-                               pages_per_block: int | None = None, interpret: bool = False):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "sm_scale",
+        "soft_cap",
+        "sliding_window",
+        "block_rows",
+        "pages_per_block",
+        "interpret",
+    ),
+)
+def ragged_paged_attention_tpu(
+    q,
+    k_pages,
+    v_pages,
+    kv_lens,
+    block_tables,
+    cu_q_lens,
+    num_seqs,
+    *,
+    sm_scale: float,
+    k_scales=None,
+    v_scales=None,
+    soft_cap=None,
+    sliding_window=None,
+    block_rows: int | None = None,
+    pages_per_block: int | None = None,
+    interpret: bool = False,
+):
     """Same contract as `reference.ragged_paged_attention_reference`.
 
     `interpret=True` runs the TPU interpreter (`pltpu.InterpretParams`) on any backend; it
@@ -125,10 +179,12 @@ def ragged_paged_attention_tpu(q, k_pages, v_pages, kv_lens, block_tables, cu_q_
     tokens_per_tile = max(1, block_rows // group_pad)
     rows = tokens_per_tile * group_pad
 
-    tm = common.tile_map(kv_lens, cu_q_lens, num_seqs, num_tokens=num_tokens,
-                         tokens_per_tile=tokens_per_tile)
-    q_tiles = common.gather_query_tiles(q, tm, num_kv_heads=num_kv_heads,
-                                        tokens_per_tile=tokens_per_tile, group_pad=group_pad)
+    tm = common.tile_map(
+        kv_lens, cu_q_lens, num_seqs, num_tokens=num_tokens, tokens_per_tile=tokens_per_tile
+    )
+    q_tiles = common.gather_query_tiles(
+        q, tm, num_kv_heads=num_kv_heads, tokens_per_tile=tokens_per_tile, group_pad=group_pad
+    )
     num_tiles = q_tiles.shape[1]
     width = pl.cdiv(block_tables.shape[1], pages_per_block) * pages_per_block
     # 1-D in SMEM: a 2-D SMEM array pads its minor dimension to 128 words.
@@ -138,18 +194,26 @@ def ragged_paged_attention_tpu(q, k_pages, v_pages, kv_lens, block_tables, cu_q_
     hbm = pl.BlockSpec(memory_space=pl.ANY)
     tile_spec = pl.BlockSpec((None, None, rows, head_dim), lambda h, t, *_: (h, t, 0, 0))
     in_specs = [tile_spec, hbm, hbm] + [hbm, hbm] * quantized
-    scratch = [pltpu.VMEM((2, pages_per_block, page_size, head_dim), k_pages.dtype),
-               pltpu.VMEM((2, pages_per_block, page_size, head_dim), v_pages.dtype)]
+    scratch = [
+        pltpu.VMEM((2, pages_per_block, page_size, head_dim), k_pages.dtype),
+        pltpu.VMEM((2, pages_per_block, page_size, head_dim), v_pages.dtype),
+    ]
     args = [q_tiles, k_pages, v_pages]
     if quantized:
         scratch += [pltpu.VMEM((2, pages_per_block, page_size), jnp.float32)] * 2
         args += [k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)]
     scratch.append(pltpu.SemaphoreType.DMA((2, 4)))
 
-    kernel = functools.partial(_kernel, width=width, group_pad=group_pad,
-                               pages_per_block=pages_per_block, sm_scale=sm_scale,
-                               soft_cap=soft_cap, sliding_window=sliding_window,
-                               quantized=quantized)
+    kernel = functools.partial(
+        _kernel,
+        width=width,
+        group_pad=group_pad,
+        pages_per_block=pages_per_block,
+        sm_scale=sm_scale,
+        soft_cap=soft_cap,
+        sliding_window=sliding_window,
+        quantized=quantized,
+    )
     out_tiles = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -160,10 +224,16 @@ def ragged_paged_attention_tpu(q, k_pages, v_pages, kv_lens, block_tables, cu_q_
             scratch_shapes=scratch,
         ),
         out_shape=jax.ShapeDtypeStruct((num_kv_heads, num_tiles, rows, head_dim), q.dtype),
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="pijax_ragged_paged_attention_tpu",
     )(tm.seq, tm.count, tm.first_pos, kv_lens, flat_tables, *args)
-    return common.scatter_output_tiles(out_tiles, tm, cu_q_lens, num_seqs, num_heads=num_heads,
-                                       num_tokens=num_tokens, tokens_per_tile=tokens_per_tile)
+    return common.scatter_output_tiles(
+        out_tiles,
+        tm,
+        cu_q_lens,
+        num_seqs,
+        num_heads=num_heads,
+        num_tokens=num_tokens,
+        tokens_per_tile=tokens_per_tile,
+    )

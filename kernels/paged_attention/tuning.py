@@ -35,8 +35,14 @@ class BlockSizes:
 
 _TABLE = {
     # H100: 132 SMs; 256 programs is about two resident 4-warp programs per SM.
-    "gpu": BlockSizes(block_rows=64, pages_per_block=4, max_splits=16, target_programs=256,
-                      num_warps=4, num_stages=2),
+    "gpu": BlockSizes(
+        block_rows=64,
+        pages_per_block=4,
+        max_splits=16,
+        target_programs=256,
+        num_warps=4,
+        num_stages=2,
+    ),
     # The TPU kernel walks tiles sequentially per core ("arbitrary" grid axis): no split-K.
     "tpu": BlockSizes(block_rows=128, pages_per_block=8, max_splits=1, target_programs=1),
     # Interpret mode runs on CPU and copies whole inputs per grid step: small tiles, few steps.

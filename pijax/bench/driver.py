@@ -39,8 +39,9 @@ class ArrivalSpec:
         object.__setattr__(self, "mode", ArrivalMode(self.mode))
         if self.mode is ArrivalMode.POISSON and not self.rate > 0:
             raise ValueError(f"arrival rate must be > 0 conversations/s; got {self.rate!r}")
-        if self.mode is ArrivalMode.CLOSED and not (isinstance(self.clients, int)
-                                                    and self.clients >= 1):
+        if self.mode is ArrivalMode.CLOSED and not (
+            isinstance(self.clients, int) and self.clients >= 1
+        ):
             raise ValueError(f"arrival clients must be an integer >= 1; got {self.clients!r}")
 
     def describe(self) -> str:

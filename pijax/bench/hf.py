@@ -57,9 +57,11 @@ def load(checkpoint: str | Path, dtype: str = "float32"):
     import transformers
 
     transformers.logging.set_verbosity_error()
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        checkpoint, dtype=getattr(torch, dtype)).eval().to(
-            "cuda" if torch.cuda.is_available() else "cpu")
+    return (
+        transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype))
+        .eval()
+        .to("cuda" if torch.cuda.is_available() else "cpu")
+    )
 
 
 def tune_threads(model, batch_size: int, prompt_len: int = 64) -> dict:
@@ -79,8 +81,13 @@ def tune_threads(model, batch_size: int, prompt_len: int = 64) -> dict:
     with torch.no_grad():
         for n in sorted({1, os.cpu_count() or 1}):
             torch.set_num_threads(n)
-            model.generate(input_ids=ids[:1, :8], max_new_tokens=2, min_new_tokens=2,
-                           do_sample=False, pad_token_id=0)  # first-call setup
+            model.generate(
+                input_ids=ids[:1, :8],
+                max_new_tokens=2,
+                min_new_tokens=2,
+                do_sample=False,
+                pad_token_id=0,
+            )  # first-call setup
             best = float("inf")
             for _ in range(3):
                 t = time.monotonic()
@@ -103,8 +110,16 @@ class _StepClock:
         return scores
 
 
-def run_hf(model, workload: Workload, arrival: ArrivalSpec, *, batch_size: int,
-           pad_token_id: int = 0, name: str = "hf-transformers", bar=None) -> RunResult:
+def run_hf(
+    model,
+    workload: Workload,
+    arrival: ArrivalSpec,
+    *,
+    batch_size: int,
+    pad_token_id: int = 0,
+    name: str = "hf-transformers",
+    bar=None,
+) -> RunResult:
     import torch
     from transformers import LogitsProcessorList
 
@@ -127,30 +142,54 @@ def run_hf(model, workload: Workload, arrival: ArrivalSpec, *, batch_size: int,
         ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, pr in enumerate(prompts):
-            ids[i, width - len(pr):] = torch.tensor(pr)
-            mask[i, width - len(pr):] = 1
+            ids[i, width - len(pr) :] = torch.tensor(pr)
+            mask[i, width - len(pr) :] = 1
         ids, mask = ids.to(model.device), mask.to(model.device)
         new = max(p.output_len for p in batch)
         clock = _StepClock()
         t0 = time.monotonic()
         with torch.no_grad():
             out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                do_sample=False, pad_token_id=pad_token_id,
-                logits_processor=LogitsProcessorList([clock]))
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=pad_token_id,
+                logits_processor=LogitsProcessorList([clock]),
+            )
         t1 = time.monotonic()
         steps.append(StepSample(t1, t1 - t0, len(batch), len(ready), None, None))
         for i, p in enumerate(batch):
             n = p.output_len
-            tokens = out[i, width:width + n].tolist()
-            turns.append(TurnRecord(
-                request_id=p.request_id, conversation=p.conv.index, turn=p.turn,
-                kind=turn_kind(p), claim_kind=p.conv.kind, arrival=p.arrival,
-                first_scheduled=t0, token_times=clock.times[:n], finish=t1,
-                prompt_tokens=len(prompts[i]), cached_tokens=0))
+            tokens = out[i, width : width + n].tolist()
+            turns.append(
+                TurnRecord(
+                    request_id=p.request_id,
+                    conversation=p.conv.index,
+                    turn=p.turn,
+                    kind=turn_kind(p),
+                    claim_kind=p.conv.kind,
+                    arrival=p.arrival,
+                    first_scheduled=t0,
+                    token_times=clock.times[:n],
+                    finish=t1,
+                    prompt_tokens=len(prompts[i]),
+                    cached_tokens=0,
+                )
+            )
             driver.finished(p, t1, tokens)
             if bar is not None:
                 bar.update(1)
-    return RunResult(name=name, start=start, end=time.monotonic(), turns=turns, steps=steps,
-                     conversations_done=driver.num_done, conversations_dropped=0,
-                     compiles_during_run=None, preemptions=None, prefix=None)
+    return RunResult(
+        name=name,
+        start=start,
+        end=time.monotonic(),
+        turns=turns,
+        steps=steps,
+        conversations_done=driver.num_done,
+        conversations_dropped=0,
+        compiles_during_run=None,
+        preemptions=None,
+        prefix=None,
+    )

@@ -30,7 +30,7 @@ DEFINITIONS = {
     "claims_per_hour": "finished conversations (claim reviews, all turns) per hour of makespan",
     "pool_utilization": "pages with refcount > 0 / usable pages, sampled after each step",
     "waste": "allocated but unwritten slots / allocated slots of running requests, mean over busy "
-             "steps",
+    "steps",
 }
 
 
@@ -39,8 +39,13 @@ def percentiles(xs: Sequence[float]) -> dict:
         return {"n": 0, "p50": None, "p90": None, "p99": None, "mean": None}
     a = np.asarray(xs, dtype=np.float64)
     p50, p90, p99 = np.percentile(a, [50, 90, 99])
-    return {"n": int(a.size), "p50": float(p50), "p90": float(p90), "p99": float(p99),
-            "mean": float(a.mean())}
+    return {
+        "n": int(a.size),
+        "p50": float(p50),
+        "p90": float(p90),
+        "p99": float(p99),
+        "mean": float(a.mean()),
+    }
 
 
 def summarize(run: RunResult) -> dict:
@@ -111,8 +116,10 @@ def summarize(run: RunResult) -> dict:
 def in_flight(turns) -> dict:
     """Peak and time-weighted mean of turns running at once (first scheduled -> finish), over
     the time at least one ran."""
-    events = sorted([(t.first_scheduled if t.first_scheduled is not None else t.arrival, 1)
-                     for t in turns] + [(t.finish, -1) for t in turns])
+    events = sorted(
+        [(t.first_scheduled if t.first_scheduled is not None else t.arrival, 1) for t in turns]
+        + [(t.finish, -1) for t in turns]
+    )
     peak = level = 0
     busy = area = 0.0
     last = None

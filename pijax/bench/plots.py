@@ -31,9 +31,11 @@ def _plt():
 
 def latency_cdfs(runs: dict[str, RunResult], path: Path) -> Path:
     plt = _plt()
-    panels = [("TTFT", lambda r: [t.ttft for t in r.turns]),
-              ("inter-token latency", lambda r: [g for t in r.turns for g in t.itls]),
-              ("end-to-end latency", lambda r: [t.e2e for t in r.turns])]
+    panels = [
+        ("TTFT", lambda r: [t.ttft for t in r.turns]),
+        ("inter-token latency", lambda r: [g for t in r.turns for g in t.itls]),
+        ("end-to-end latency", lambda r: [t.e2e for t in r.turns]),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.2))
     for ax, (title, values) in zip(axes, panels, strict=True):
         for name, run in runs.items():
@@ -60,16 +62,22 @@ def timelines(runs: dict[str, RunResult], path: Path) -> Path:
     fig, axes = plt.subplots(n, 1, figsize=(11, 2.6 * n), squeeze=False)
     for ax, (name, run) in zip(axes[:, 0], engine_runs.items(), strict=False):
         t = np.asarray([s.t - run.start for s in run.steps])
-        ax.fill_between(t, [s.pool_usage for s in run.steps], step="post", alpha=0.25,
-                        color="tab:blue", label="pool utilization")
+        ax.fill_between(
+            t,
+            [s.pool_usage for s in run.steps],
+            step="post",
+            alpha=0.25,
+            color="tab:blue",
+            label="pool utilization",
+        )
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("pool used")
         ax.set_title(name, fontsize=10)
         ax2 = ax.twinx()
-        ax2.step(t, [s.running for s in run.steps], where="post", color="tab:green",
-                 label="running")
-        ax2.step(t, [s.waiting for s in run.steps], where="post", color="tab:red",
-                 label="waiting")
+        ax2.step(
+            t, [s.running for s in run.steps], where="post", color="tab:green", label="running"
+        )
+        ax2.step(t, [s.waiting for s in run.steps], where="post", color="tab:red", label="waiting")
         ax2.set_ylabel("requests")
         lines = ax.get_legend_handles_labels()
         lines2 = ax2.get_legend_handles_labels()

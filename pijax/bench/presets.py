@@ -61,13 +61,20 @@ class BenchPreset:
     sweep: SweepConfig
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "description": self.description, "model": self.model,
-                "engine": self.engine, "workload": self.workload.to_dict(),
-                "arrival": self.arrival.to_dict(),
-                "baselines": {"no_chunked_prefill_max_num_batched_tokens": self.no_chunk_budget,
-                              "hf_batch_size": self.hf_batch_size},
-                "probes": dataclasses.asdict(self.probes),
-                "sweep": dataclasses.asdict(self.sweep)}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "model": self.model,
+            "engine": self.engine,
+            "workload": self.workload.to_dict(),
+            "arrival": self.arrival.to_dict(),
+            "baselines": {
+                "no_chunked_prefill_max_num_batched_tokens": self.no_chunk_budget,
+                "hf_batch_size": self.hf_batch_size,
+            },
+            "probes": dataclasses.asdict(self.probes),
+            "sweep": dataclasses.asdict(self.sweep),
+        }
 
 
 def bench_preset_names() -> list[str]:
@@ -86,25 +93,41 @@ def _section(cls, d: dict, what: str):
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - fields
     if unknown:
-        raise ConfigError(f"bench preset {what}: unknown field(s) {sorted(unknown)}; "
-                          f"allowed: {sorted(fields)}")
+        raise ConfigError(
+            f"bench preset {what}: unknown field(s) {sorted(unknown)}; allowed: {sorted(fields)}"
+        )
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def bench_preset_from_dict(name: str, d: dict) -> BenchPreset:
-    allowed = {"description", "model", "engine", "workload", "arrival", "baselines", "probes",
-               "sweep"}
+    allowed = {
+        "description",
+        "model",
+        "engine",
+        "workload",
+        "arrival",
+        "baselines",
+        "probes",
+        "sweep",
+    }
     if set(d) - allowed:
-        raise ConfigError(f"bench preset {name!r}: unknown section(s) {sorted(set(d) - allowed)}; "
-                          f"allowed: {sorted(allowed)}")
+        raise ConfigError(
+            f"bench preset {name!r}: unknown section(s) {sorted(set(d) - allowed)}; "
+            f"allowed: {sorted(allowed)}"
+        )
     engine = dict(d.get("engine", {}))
     base = d.get("baselines", {})
     return BenchPreset(
-        name=name, description=d.get("description", ""), model=d.get("model", "tiny-random"),
-        engine=engine, workload=WorkloadConfig.from_dict(d.get("workload", {})),
+        name=name,
+        description=d.get("description", ""),
+        model=d.get("model", "tiny-random"),
+        engine=engine,
+        workload=WorkloadConfig.from_dict(d.get("workload", {})),
         arrival=ArrivalSpec(**d.get("arrival", {})),
-        no_chunk_budget=int(base.get("no_chunked_prefill_max_num_batched_tokens",
-                                     engine.get("max_model_len", 2048))),
+        no_chunk_budget=int(
+            base.get("no_chunked_prefill_max_num_batched_tokens", engine.get("max_model_len", 2048))
+        ),
         hf_batch_size=int(base.get("hf_batch_size", engine.get("max_num_seqs", 8))),
         probes=_section(ProbeConfig, d.get("probes", {}), "probes"),
-        sweep=_section(SweepConfig, d.get("sweep", {}), "sweep"))
+        sweep=_section(SweepConfig, d.get("sweep", {}), "sweep"),
+    )

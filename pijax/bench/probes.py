@@ -1,15 +1,15 @@
 """Controlled measurements beside the workload run.
 
-  * `measure_ceilings`: the machine's copy bandwidth (a large elementwise pass: one read and one
-    write per element) and matmul rate (a large square matmul per dtype), best of a few repeats,
-    in this process, on this device. They set the decode roofline floor.
-  * `long_arrival_probe`: D requests decoding steadily, then one long prompt arrives. Gives the
-    steady decode step time (for the roofline) and the inter-token latency of the running decodes
-    before the arrival and while the long prompt is prefilled (chunked or not).
-  * `unloaded_ttft`: one request at a time (scaffold + a claim), so TTFT is pure prefill time,
-    with or without the scaffold's KV reused.
-  * `decode_roofline`: floor = max(bytes moved / bandwidth, FLOPs / matmul rate) for a decode
-    step of D sequences at their context lengths; bytes moved = weights read once + KV read.
+* `measure_ceilings`: the machine's copy bandwidth (a large elementwise pass: one read and one
+  write per element) and matmul rate (a large square matmul per dtype), best of a few repeats,
+  in this process, on this device. They set the decode roofline floor.
+* `long_arrival_probe`: D requests decoding steadily, then one long prompt arrives. Gives the
+  steady decode step time (for the roofline) and the inter-token latency of the running decodes
+  before the arrival and while the long prompt is prefilled (chunked or not).
+* `unloaded_ttft`: one request at a time (scaffold + a claim), so TTFT is pure prefill time,
+  with or without the scaffold's KV reused.
+* `decode_roofline`: floor = max(bytes moved / bandwidth, FLOPs / matmul rate) for a decode
+  step of D sequences at their context lengths; bytes moved = weights read once + KV read.
 """
 
 from __future__ import annotations
@@ -37,14 +37,23 @@ def _best_time(fn, *args, repeats: int) -> float:
     return best
 
 
-def measure_ceilings(copy_mib: int = 256, matmul_n: int = 1024,
-                     dtypes: tuple[str, ...] = ("float32", "bfloat16"), repeats: int = 5) -> dict:
+def measure_ceilings(
+    copy_mib: int = 256,
+    matmul_n: int = 1024,
+    dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+    repeats: int = 5,
+) -> dict:
     x = jnp.ones((copy_mib * 2**20 // 4,), jnp.float32)
     scale = jax.jit(lambda a: a * 1.0001)  # not a no-op, so nothing is elided
     t = _best_time(scale, x, repeats=repeats)
-    out = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-           "copy_bytes": 2 * x.nbytes, "copy_bandwidth_gbs": 2 * x.nbytes / t / 1e9,
-           "matmul_n": matmul_n, "matmul_tflops": {}}
+    out = {
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "copy_bytes": 2 * x.nbytes,
+        "copy_bandwidth_gbs": 2 * x.nbytes / t / 1e9,
+        "matmul_n": matmul_n,
+        "matmul_tflops": {},
+    }
     del x
     mm = jax.jit(lambda a, b: a @ b)
     for name in dtypes:
@@ -60,10 +69,16 @@ def measure_ceilings(copy_mib: int = 256, matmul_n: int = 1024,
 def model_info(model) -> dict:
     cfg = model.config
     leaves = jax.tree_util.tree_leaves(model.params)
-    return {"parameters": sum(int(x.size) for x in leaves),
-            "parameter_bytes": sum(int(x.nbytes) for x in leaves),
-            "layers": cfg.num_layers, "hidden": cfg.hidden_size, "heads": cfg.num_heads,
-            "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "vocab": cfg.vocab_size}
+    return {
+        "parameters": sum(int(x.size) for x in leaves),
+        "parameter_bytes": sum(int(x.nbytes) for x in leaves),
+        "layers": cfg.num_layers,
+        "hidden": cfg.hidden_size,
+        "heads": cfg.num_heads,
+        "kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab": cfg.vocab_size,
+    }
 
 
 def model_costs(engine: Engine) -> dict:
@@ -79,8 +94,9 @@ def model_costs(engine: Engine) -> dict:
     return {
         "weight_bytes": total_bytes - untied_embed * itemsize,
         "matmul_params": total_params - untied_embed,
-        "kv_bytes_per_token": bytes_per_token(cfg, engine.config.cache.kv_cache_dtype,
-                                              engine.config.dtype.jnp),
+        "kv_bytes_per_token": bytes_per_token(
+            cfg, engine.config.cache.kv_cache_dtype, engine.config.dtype.jnp
+        ),
     }
 
 
@@ -90,8 +106,10 @@ def decode_roofline(engine: Engine, ceilings: dict, contexts: list[int], step_s:
     d = len(contexts)
     kv_bytes = sum(contexts) * costs["kv_bytes_per_token"]
     bytes_moved = costs["weight_bytes"] + d * cfg.hidden_size * 4 + kv_bytes
-    flops = (2 * d * costs["matmul_params"]
-             + 4 * sum(contexts) * cfg.num_heads * cfg.head_dim * cfg.num_layers)
+    flops = (
+        2 * d * costs["matmul_params"]
+        + 4 * sum(contexts) * cfg.num_heads * cfg.head_dim * cfg.num_layers
+    )
     bw = ceilings["copy_bandwidth_gbs"] * 1e9
     rate = ceilings["matmul_tflops"][engine.config.dtype.value] * 1e12
     floor = max(bytes_moved / bw, flops / rate)
@@ -120,8 +138,15 @@ def decode_roofline(engine: Engine, ceilings: dict, contexts: list[int], step_s:
 # --- long arrival ---------------------------------------------------------------------------
 
 
-def long_arrival_probe(engine: Engine, *, decodes: int, context: int, steady_steps: int,
-                       long_prompt: int, seed: int = 7) -> dict:
+def long_arrival_probe(
+    engine: Engine,
+    *,
+    decodes: int,
+    context: int,
+    steady_steps: int,
+    long_prompt: int,
+    seed: int = 7,
+) -> dict:
     """Steady decode of `decodes` private prompts of `context` tokens, then a `long_prompt`-token
     private prompt arrives. Leaves the engine empty."""
     rng = np.random.default_rng(seed)
@@ -129,8 +154,11 @@ def long_arrival_probe(engine: Engine, *, decodes: int, context: int, steady_ste
     room = engine.max_model_len - context
     ids = [f"probe-d{i}" for i in range(decodes)]
     for rid in ids:
-        engine.add_request(rid, rng.integers(0, vocab, context).tolist(),
-                           SamplingParams(temperature=0.0, max_tokens=room, ignore_eos=True))
+        engine.add_request(
+            rid,
+            rng.integers(0, vocab, context).tolist(),
+            SamplingParams(temperature=0.0, max_tokens=room, ignore_eos=True),
+        )
     times: dict[str, list[float]] = {rid: [] for rid in ids}
 
     def step() -> list:
@@ -149,8 +177,11 @@ def long_arrival_probe(engine: Engine, *, decodes: int, context: int, steady_ste
         step_s.append(time.monotonic() - t)
         contexts.append([context + len(v) for v in times.values()])
     arrival = time.monotonic()
-    engine.add_request("probe-long", rng.integers(0, vocab, long_prompt).tolist(),
-                       SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    engine.add_request(
+        "probe-long",
+        rng.integers(0, vocab, long_prompt).tolist(),
+        SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True),
+    )
     first = None
     steps_in_window = 0
     while first is None:
@@ -169,20 +200,23 @@ def long_arrival_probe(engine: Engine, *, decodes: int, context: int, steady_ste
             elif b <= first:
                 during.append(b - a)
     # Only the steady part counts as "before": drop gaps that straddle the end of the prefills.
-    before = before[-decodes * (steady_steps - 1):]
+    before = before[-decodes * (steady_steps - 1) :]
     p99_before = float(np.percentile(before, 99)) if before else None
     p99_during = float(np.percentile(during, 99)) if during else None
     return {
-        "decodes": decodes, "context": context, "long_prompt_tokens": long_prompt,
+        "decodes": decodes,
+        "context": context,
+        "long_prompt_tokens": long_prompt,
         "max_num_batched_tokens": engine.config.scheduler.max_num_batched_tokens,
         "chunked": engine.config.scheduler.enable_chunked_prefill,
         "steady_step_s": float(np.median(step_s)),
         "steady_contexts": contexts[len(contexts) // 2],
-        "itl_p99_before_s": p99_before, "itl_p99_during_s": p99_during,
+        "itl_p99_before_s": p99_before,
+        "itl_p99_during_s": p99_during,
         "itl_max_during_s": max(during, default=None),
-        "p99_during_over_before": (p99_during / p99_before
-                                   if p99_before and p99_during else None),
-        "long_prompt_ttft_s": first - arrival, "steps_while_prefilling": steps_in_window,
+        "p99_during_over_before": (p99_during / p99_before if p99_before and p99_during else None),
+        "long_prompt_ttft_s": first - arrival,
+        "steps_while_prefilling": steps_in_window,
     }
 
 
@@ -196,11 +230,18 @@ def unloaded_ttft(engine: Engine, workload: Workload, n: int) -> dict:
     picks = [convs[-1]] + list(convs[:n])  # the first is the primer
     ttfts = []
     for i, conv in enumerate(picks):
-        prompt = [PromptSegment(workload.policy, Scope.parse(f"shared:{POLICY_ZONE}")),
-                  PromptSegment(conv.turns[0].new_tokens, Scope())]
+        prompt = [
+            PromptSegment(workload.policy, Scope.parse(f"shared:{POLICY_ZONE}")),
+            PromptSegment(conv.turns[0].new_tokens, Scope()),
+        ]
         rid = f"ttft-{i}"
-        engine.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=1),
-                           tenant=conv.tenant, permitted_zones=frozenset({POLICY_ZONE}))
+        engine.add_request(
+            rid,
+            prompt,
+            SamplingParams(temperature=0.0, max_tokens=1),
+            tenant=conv.tenant,
+            permitted_zones=frozenset({POLICY_ZONE}),
+        )
         done = None
         while done is None:
             for o in engine.step():
@@ -208,5 +249,8 @@ def unloaded_ttft(engine: Engine, workload: Workload, n: int) -> dict:
                     done = o
         if i > 0:
             ttfts.append(done.timings.ttft)
-    return {"requests": n, "ttft_p50_s": float(np.median(ttfts)),
-            "ttft_mean_s": float(np.mean(ttfts))}
+    return {
+        "requests": n,
+        "ttft_p50_s": float(np.median(ttfts)),
+        "ttft_mean_s": float(np.mean(ttfts)),
+    }

@@ -62,13 +62,15 @@ class RemoteClient:
         self.channel.close()
 
     def model_info(self):
-        return self.stub.ModelInfo(self.pb.ModelInfoRequest(), metadata=self.metadata,
-                                   timeout=RPC_TIMEOUT_S)
+        return self.stub.ModelInfo(
+            self.pb.ModelInfoRequest(), metadata=self.metadata, timeout=RPC_TIMEOUT_S
+        )
 
     def register_policy(self, tokens) -> str:
         """'registered', or why not (a non-admin key may not register)."""
-        req = self.pb.RegisterTrustedPrefixRequest(zone=POLICY_ZONE,
-                                                   token_ids=self.pb.TokenIds(ids=list(tokens)))
+        req = self.pb.RegisterTrustedPrefixRequest(
+            zone=POLICY_ZONE, token_ids=self.pb.TokenIds(ids=list(tokens))
+        )
         try:
             self.stub.RegisterTrustedPrefix(req, metadata=self.metadata, timeout=RPC_TIMEOUT_S)
         except self.grpc.RpcError as e:
@@ -77,8 +79,11 @@ class RemoteClient:
 
     def end_session(self, session_id: str) -> None:
         try:
-            self.stub.EndSession(self.pb.EndSessionRequest(session_id=session_id),
-                                 metadata=self.metadata, timeout=RPC_TIMEOUT_S)
+            self.stub.EndSession(
+                self.pb.EndSessionRequest(session_id=session_id),
+                metadata=self.metadata,
+                timeout=RPC_TIMEOUT_S,
+            )
         except self.grpc.RpcError:
             pass  # already gone (e.g. evicted): nothing left to release
 
@@ -87,13 +92,18 @@ class RemoteClient:
         segments = []
         for seg in p.prompt:
             scope = "session" if seg.scope.kind.value == "session" else str(seg.scope)
-            segments.append(pb.PromptSegment(token_ids=pb.TokenIds(ids=list(seg.content)),
-                                             scope=scope))
+            segments.append(
+                pb.PromptSegment(token_ids=pb.TokenIds(ids=list(seg.content)), scope=scope)
+            )
         return pb.GenerateRequest(
-            request_id=f"bench{run_id}-{p.request_id}", prompt=segments,
-            sampling=pb.SamplingParams(temperature=0.0), max_tokens=p.output_len,
-            ignore_eos=True, session_id=session_id or "",
-            start_session=session_id is not None and p.turn == 0)
+            request_id=f"bench{run_id}-{p.request_id}",
+            prompt=segments,
+            sampling=pb.SamplingParams(temperature=0.0),
+            max_tokens=p.output_len,
+            ignore_eos=True,
+            session_id=session_id or "",
+            start_session=session_id is not None and p.turn == 0,
+        )
 
     def run_turn(self, p: PendingTurn, run_id: str, session_id: str | None) -> _Done:
         try:
@@ -107,31 +117,51 @@ class RemoteClient:
         ids: list[int] = []
         last = None
         try:
-            for r in self.stub.Generate(self.request(p, run_id, session_id), metadata=self.metadata,
-                                        timeout=RPC_TIMEOUT_S):
+            for r in self.stub.Generate(
+                self.request(p, run_id, session_id), metadata=self.metadata, timeout=RPC_TIMEOUT_S
+            ):
                 now = time.monotonic()
                 times.extend([now] * len(r.token_ids))
                 ids.extend(r.token_ids)
                 last = r
         except self.grpc.RpcError as e:
             code = e.code()
-            return _Done(p, None, [], f"{code.name}: {e.details()}",
-                         overloaded=code == self.grpc.StatusCode.RESOURCE_EXHAUSTED)
+            return _Done(
+                p,
+                None,
+                [],
+                f"{code.name}: {e.details()}",
+                overloaded=code == self.grpc.StatusCode.RESOURCE_EXHAUSTED,
+            )
         finish = time.monotonic()
         if not times or last is None:
             return _Done(p, None, [], "no tokens streamed")
         rec = TurnRecord(
-            request_id=p.request_id, conversation=p.conv.index, turn=p.turn, kind=turn_kind(p),
-            claim_kind=p.conv.kind, arrival=p.arrival,
-            first_scheduled=sent + last.timings.queue_seconds, token_times=times, finish=finish,
-            prompt_tokens=last.usage.prompt_tokens, cached_tokens=last.usage.cached_prompt_tokens)
+            request_id=p.request_id,
+            conversation=p.conv.index,
+            turn=p.turn,
+            kind=turn_kind(p),
+            claim_kind=p.conv.kind,
+            arrival=p.arrival,
+            first_scheduled=sent + last.timings.queue_seconds,
+            token_times=times,
+            finish=finish,
+            prompt_tokens=last.usage.prompt_tokens,
+            cached_tokens=last.usage.cached_prompt_tokens,
+        )
         if session_id is not None and p.turn == len(p.conv.turns) - 1:
             self.end_session(session_id)
         return _Done(p, rec, ids)
 
 
-def run_workload(client: RemoteClient, workload: Workload, arrival: ArrivalSpec, *,
-                 name: str = REMOTE, bar: ProgressBar | None = None) -> tuple[RunResult, list]:
+def run_workload(
+    client: RemoteClient,
+    workload: Workload,
+    arrival: ArrivalSpec,
+    *,
+    name: str = REMOTE,
+    bar: ProgressBar | None = None,
+) -> tuple[RunResult, list]:
     """Drive the workload through the server; returns the run and the errors seen."""
     nonce = secrets.token_hex(3)  # session ids unique to this run: a rerun opens fresh ones
     done: queue.Queue[_Done] = queue.Queue()
@@ -165,14 +195,24 @@ def run_workload(client: RemoteClient, workload: Workload, arrival: ArrivalSpec,
             if bar is not None:
                 bar.update(1)
     end = time.monotonic()
-    run = RunResult(name=name, start=start, end=end, turns=turns, steps=[],
-                    conversations_done=driver.num_done, conversations_dropped=driver.num_dropped,
-                    compiles_during_run=None, preemptions=None, prefix=None)
+    run = RunResult(
+        name=name,
+        start=start,
+        end=end,
+        turns=turns,
+        steps=[],
+        conversations_done=driver.num_done,
+        conversations_dropped=driver.num_dropped,
+        compiles_during_run=None,
+        preemptions=None,
+        prefix=None,
+    )
     return run, errors
 
 
-def run_remote(preset: BenchPreset, target: str, *, api_key: str | None,
-               progress: bool | None, note: str = "") -> tuple[dict, dict[str, RunResult]]:
+def run_remote(
+    preset: BenchPreset, target: str, *, api_key: str | None, progress: bool | None, note: str = ""
+) -> tuple[dict, dict[str, RunResult]]:
     """The preset's workload against the server at `target`; results shaped like a suite run's
     (`mode: remote`; no baselines, probes or ceilings)."""
     from pijax.bench.runner import show_progress
@@ -183,8 +223,10 @@ def run_remote(preset: BenchPreset, target: str, *, api_key: str | None,
         info = client.model_info()
         lo, hi = preset.workload.token_range
         if hi > info.vocab_size:
-            raise ValueError(f"the workload draws token ids in [{lo}, {hi}); the server's model "
-                             f"has vocab_size={info.vocab_size}")
+            raise ValueError(
+                f"the workload draws token ids in [{lo}, {hi}); the server's model "
+                f"has vocab_size={info.vocab_size}"
+            )
         workload = generate_workload(preset.workload)
         registration = client.register_policy(workload.policy)
         t0 = time.monotonic()
@@ -203,18 +245,34 @@ def run_remote(preset: BenchPreset, target: str, *, api_key: str | None,
         "preset": preset.to_dict(),
         "engine_overrides": {},
         "environment": {**environment(), "client_only": True},
-        "caveat": ("Client-side figures over gRPC; the server's device is not known to the "
-                   f"client (name it with --note). {note}").strip(),
-        "server": {"target": target, "model": info.model, "architecture": info.architecture,
-                   "context_length": info.context_length, "page_size": info.page_size,
-                   "kv_cache_dtype": info.kv_cache_dtype, "num_pages": info.num_pages,
-                   "max_num_seqs": info.max_num_seqs, "mesh_shape": list(info.mesh_shape),
-                   "tenant": info.tenant, "policy_registration": registration},
+        "caveat": (
+            "Client-side figures over gRPC; the server's device is not known to the "
+            f"client (name it with --note). {note}"
+        ).strip(),
+        "server": {
+            "target": target,
+            "model": info.model,
+            "architecture": info.architecture,
+            "context_length": info.context_length,
+            "page_size": info.page_size,
+            "kv_cache_dtype": info.kv_cache_dtype,
+            "num_pages": info.num_pages,
+            "max_num_seqs": info.max_num_seqs,
+            "mesh_shape": list(info.mesh_shape),
+            "tenant": info.tenant,
+            "policy_registration": registration,
+        },
         "workload": workload.summary(),
         "arrival": preset.arrival.describe(),
         "definitions": {**DEFINITIONS, "remote": __doc__.split("Differences", 1)[1].strip()},
-        "configs": {REMOTE: {"engine": {}, "summary": summary, "errors": errors[:20],
-                             "num_errors": len(errors)}},
+        "configs": {
+            REMOTE: {
+                "engine": {},
+                "summary": summary,
+                "errors": errors[:20],
+                "num_errors": len(errors),
+            }
+        },
         "ratios": {},
         "goals": [],
         "wall_s": time.monotonic() - t0,

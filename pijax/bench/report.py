@@ -10,10 +10,31 @@ from pijax.bench import plots
 from pijax.bench.runner import RunResult
 
 # Keys every results.json has (the CI test checks them).
-REQUIRED_KEYS = ("schema_version", "preset", "environment", "model", "workload", "definitions",
-                 "ceilings", "configs", "ratios", "goals", "wall_s")
-SUMMARY_KEYS = ("requests", "conversations", "makespan_s", "output_tokens", "latency_s",
-                "throughput", "concurrency", "memory", "prefix", "compilations_after_warmup")
+REQUIRED_KEYS = (
+    "schema_version",
+    "preset",
+    "environment",
+    "model",
+    "workload",
+    "definitions",
+    "ceilings",
+    "configs",
+    "ratios",
+    "goals",
+    "wall_s",
+)
+SUMMARY_KEYS = (
+    "requests",
+    "conversations",
+    "makespan_s",
+    "output_tokens",
+    "latency_s",
+    "throughput",
+    "concurrency",
+    "memory",
+    "prefix",
+    "compilations_after_warmup",
+)
 
 
 def _clean(x):
@@ -27,8 +48,9 @@ def _clean(x):
     return x
 
 
-def write(results: dict, runs: dict[str, RunResult], out_dir: Path, *, with_plots: bool = True
-          ) -> list[str]:
+def write(
+    results: dict, runs: dict[str, RunResult], out_dir: Path, *, with_plots: bool = True
+) -> list[str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     if with_plots and plots.available():
@@ -66,9 +88,11 @@ def _lat(s: dict, key: str) -> str:
 
 
 def config_table(configs: dict) -> str:
-    head = ("| configuration | output tok/s | claims/h | TTFT p50 / p90 / p99 | TPOT p50 / p90 / "
-            "p99 | ITL p50 / p90 / p99 | queue p50 / p90 / p99 | e2e p50 / p90 / p99 | peak "
-            "conc. | pool peak / mean | waste | preempt. | policy hit rate | compiles |")
+    head = (
+        "| configuration | output tok/s | claims/h | TTFT p50 / p90 / p99 | TPOT p50 / p90 / "
+        "p99 | ITL p50 / p90 / p99 | queue p50 / p90 / p99 | e2e p50 / p90 / p99 | peak "
+        "conc. | pool peak / mean | waste | preempt. | policy hit rate | compiles |"
+    )
     ncols = head.count("|") - 1
     rows = [head, "|" + "---|" * ncols]
     for name, e in configs.items():
@@ -87,7 +111,8 @@ def config_table(configs: dict) -> str:
             f"| {_f(mem.get('pool_utilization_peak'), '%')} / "
             f"{_f(mem.get('pool_utilization_mean'), '%')} "
             f"| {_f(mem.get('waste_mean'), '%')} | {_f(mem.get('preemptions'))} "
-            f"| {_f(hit, '%')} | {_f(s['compilations_after_warmup'])} |")
+            f"| {_f(hit, '%')} | {_f(s['compilations_after_warmup'])} |"
+        )
     return "\n".join(rows)
 
 
@@ -95,8 +120,10 @@ def ratio_table(ratios: dict) -> str:
     if not ratios:
         return "_(run with `--compare` for baselines)_"
     metrics = list(next(iter(ratios.values())))
-    rows = ["| configuration / paged | " + " | ".join(metrics) + " |",
-            "|---|" + "---|" * len(metrics)]
+    rows = [
+        "| configuration / paged | " + " | ".join(metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
     for name, r in ratios.items():
         rows.append(f"| {name} | " + " | ".join(_f(r[m], "x") for m in metrics) + " |")
     return "\n".join(rows)
@@ -124,10 +151,13 @@ def probes_section(p: dict) -> str:
             f"(max {_f(la['itl_max_during_s'], 's')}; "
             f"ratio {_f(la['p99_during_over_before'], 'x')})"
             f"; its TTFT {_f(la['long_prompt_ttft_s'], 's')} over {la['steps_while_prefilling']} "
-            f"steps.")
+            f"steps."
+        )
     for name, ut in p.get("unloaded_ttft", {}).items():
-        lines.append(f"- unloaded TTFT (scaffold + claim, one at a time), **{name}**: "
-                     f"p50 {_f(ut['ttft_p50_s'], 's')} over {ut['requests']} requests.")
+        lines.append(
+            f"- unloaded TTFT (scaffold + claim, one at a time), **{name}**: "
+            f"p50 {_f(ut['ttft_p50_s'], 's')} over {ut['requests']} requests."
+        )
     r = p.get("roofline")
     if r:
         lines.append(
@@ -137,20 +167,26 @@ def probes_section(p: dict) -> str:
             f" → floor/measured = {_f(r['floor_over_measured'], 'x')}. "
             "The step actually runs the "
             f"bucket T={r['bucket']['tokens']}, W={r['bucket']['width']} pages; the reference "
-            f"attention gathers {r['padded_kv_bytes_gathered'] / 1e6:.1f} MB of KV for it.")
+            f"attention gathers {r['padded_kv_bytes_gathered'] / 1e6:.1f} MB of KV for it."
+        )
     return "\n".join(lines)
 
 
 def sweep_table(sw: dict) -> str:
-    rows = [f"Capacity (closed loop): {sw['capacity_conversations_per_s']:.3g} conversations/s; "
-            f"{sw['num_conversations']} conversations per point.", "",
-            "| rate (conv/s) | × capacity | output tok/s | claims/h | TTFT p50 | TTFT p99 | "
-            "ITL p99 |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        f"Capacity (closed loop): {sw['capacity_conversations_per_s']:.3g} conversations/s; "
+        f"{sw['num_conversations']} conversations per point.",
+        "",
+        "| rate (conv/s) | × capacity | output tok/s | claims/h | TTFT p50 | TTFT p99 | ITL p99 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in sw["points"]:
-        rows.append(f"| {p['rate_conversations_per_s']:.3g} | {p['rate_per_capacity']:g} "
-                    f"| {_f(p['output_tokens_per_s'])} | {_f(p['claims_per_hour'])} "
-                    f"| {_f(p['ttft_p50_s'], 's')} | {_f(p['ttft_p99_s'], 's')} "
-                    f"| {_f(p['itl_p99_s'], 's')} |")
+        rows.append(
+            f"| {p['rate_conversations_per_s']:.3g} | {p['rate_per_capacity']:g} "
+            f"| {_f(p['output_tokens_per_s'])} | {_f(p['claims_per_hour'])} "
+            f"| {_f(p['ttft_p50_s'], 's')} | {_f(p['ttft_p99_s'], 's')} "
+            f"| {_f(p['itl_p99_s'], 's')} |"
+        )
     return "\n".join(rows)
 
 
@@ -168,19 +204,28 @@ def header(results: dict) -> list[str]:
         parts += [f"**{results['caveat']}**", ""]
     if results.get("mode") == "remote":
         sv = results["server"]
-        parts += [f"Measured over gRPC at the client against `{sv['target']}`: model "
-                  f"`{sv['model']}` ({sv['architecture']}), {sv['num_pages']} KV pages of "
-                  f"{sv['page_size']} tokens ({sv['kv_cache_dtype']}), max_num_seqs "
-                  f"{sv['max_num_seqs']}, mesh {sv['mesh_shape']}; tenant `{sv['tenant']}`; "
-                  f"policy scaffold {sv['policy_registration']}.", ""]
+        parts += [
+            f"Measured over gRPC at the client against `{sv['target']}`: model "
+            f"`{sv['model']}` ({sv['architecture']}), {sv['num_pages']} KV pages of "
+            f"{sv['page_size']} tokens ({sv['kv_cache_dtype']}), max_num_seqs "
+            f"{sv['max_num_seqs']}, mesh {sv['mesh_shape']}; tenant `{sv['tenant']}`; "
+            f"policy scaffold {sv['policy_registration']}.",
+            "",
+        ]
     else:
         m = results["model"]
         parts += [
             f"Model `{m['source']}`: {m['parameters'] / 1e6:.2f} M parameters, {m['layers']} "
             f"layers, hidden {m['hidden']}, {m['heads']} heads / {m['kv_heads']} KV heads × "
             f"{m['head_dim']}. Engine: {', '.join(f'{k}={v}' for k, v in pre['engine'].items())}"
-            + (f"; overrides: {results['engine_overrides']}" if results.get("engine_overrides")
-               else "") + ".", ""]
+            + (
+                f"; overrides: {results['engine_overrides']}"
+                if results.get("engine_overrides")
+                else ""
+            )
+            + ".",
+            "",
+        ]
     parts += [
         f"Workload (payment-integrity mix, seed {pre['workload']['seed']}): "
         f"{wl['conversations']} conversations, {wl['requests']} requests, {wl['sessions']} "
@@ -194,17 +239,24 @@ def header(results: dict) -> list[str]:
     ]
     ce = results.get("ceilings")
     if ce:
-        parts += [f"Ceilings measured in this run: copy bandwidth {ce['copy_bandwidth_gbs']:.1f} "
-                  "GB/s, " + ", ".join(f"{k} matmul {v * 1e3:.0f} GFLOP/s"
-                                       for k, v in ce["matmul_tflops"].items()) + ".", ""]
+        parts += [
+            f"Ceilings measured in this run: copy bandwidth {ce['copy_bandwidth_gbs']:.1f} "
+            "GB/s, "
+            + ", ".join(f"{k} matmul {v * 1e3:.0f} GFLOP/s" for k, v in ce["matmul_tflops"].items())
+            + ".",
+            "",
+        ]
     return parts
 
 
 def kv_dtype_table(results: dict) -> str:
     """The full engine per KV cache dtype at one byte budget (issue 7)."""
-    rows = ["| configuration | KV dtype | bytes/token | pages | tokens of context | peak conc. "
-            "| mean conc. | output tok/s | claims/h | preempt. | TTFT p50 | × paged: tok/s | "
-            "× paged: peak conc. |", "|---|" + "---|" * 12]
+    rows = [
+        "| configuration | KV dtype | bytes/token | pages | tokens of context | peak conc. "
+        "| mean conc. | output tok/s | claims/h | preempt. | TTFT p50 | × paged: tok/s | "
+        "× paged: peak conc. |",
+        "|---|" + "---|" * 12,
+    ]
     for name, e in results["configs"].items():
         pool, s = e.get("pool"), e.get("summary")
         if pool is None or s is None or not (name == "paged" or name.startswith("paged-kv-")):
@@ -217,7 +269,8 @@ def kv_dtype_table(results: dict) -> str:
             f"| {_f(s['throughput']['claims_per_hour'])} | {_f(s['memory']['preemptions'])} "
             f"| {_f(s['latency_s']['ttft']['p50'], 's')} "
             f"| {_f(r.get('output_tokens_per_s'), 'x') if name != 'paged' else '1.00×'} "
-            f"| {_f(r.get('peak_concurrency'), 'x') if name != 'paged' else '1.00×'} |")
+            f"| {_f(r.get('peak_concurrency'), 'x') if name != 'paged' else '1.00×'} |"
+        )
     return "\n".join(rows)
 
 
@@ -235,9 +288,15 @@ def markdown(results: dict) -> str:
         "",
     ]
     if results.get("mode") != "remote":
-        parts += ["## Ratios to the full engine (`paged`)", "", ratio_table(results["ratios"]),
-                  "", "A ratio is configuration / paged: above 1 is more throughput or "
-                  "concurrency, or longer latency, than the full engine.", ""]
+        parts += [
+            "## Ratios to the full engine (`paged`)",
+            "",
+            ratio_table(results["ratios"]),
+            "",
+            "A ratio is configuration / paged: above 1 is more throughput or "
+            "concurrency, or longer latency, than the full engine.",
+            "",
+        ]
     if any(name.startswith("paged-kv-") for name in results["configs"]):
         parts += ["## KV cache dtype at one memory budget", "", kv_dtype_table(results), ""]
     if results.get("probes"):
@@ -245,8 +304,12 @@ def markdown(results: dict) -> str:
     if results.get("goals"):
         parts += ["## Goals (issue 6), measured", "", goals_table(results["goals"]), ""]
     if results.get("sweep"):
-        parts += ["## Rate sweep (`paged`, Poisson arrivals)", "", sweep_table(results["sweep"]),
-                  ""]
+        parts += [
+            "## Rate sweep (`paged`, Poisson arrivals)",
+            "",
+            sweep_table(results["sweep"]),
+            "",
+        ]
     if results.get("plots"):
         parts += ["## Plots", ""] + [f"![{p}]({p})" for p in results["plots"]] + [""]
     elif results.get("plots_skipped"):

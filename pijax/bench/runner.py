@@ -160,8 +160,9 @@ def sampling_for(p: PendingTurn, max_model_len: int, cap: int) -> SamplingParams
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
-def run_engine(engine: Engine, workload: Workload, arrival: ArrivalSpec, *, name: str,
-               bar=None) -> RunResult:
+def run_engine(
+    engine: Engine, workload: Workload, arrival: ArrivalSpec, *, name: str, bar=None
+) -> RunResult:
     """Run the whole workload through `engine` (already warmed up) and record it."""
     cap = workload.config.max_tokens_cap
     compiles_before = engine.compile_count
@@ -174,9 +175,15 @@ def run_engine(engine: Engine, workload: Workload, arrival: ArrivalSpec, *, name
 
     def submit(p: PendingTurn) -> None:
         try:
-            engine.add_request(p.request_id, p.prompt, sampling_for(p, engine.max_model_len, cap),
-                               tenant=p.conv.tenant, session_id=p.conv.session_id,
-                               permitted_zones=PERMITTED, constraint=StopAfter(p.output_len))
+            engine.add_request(
+                p.request_id,
+                p.prompt,
+                sampling_for(p, engine.max_model_len, cap),
+                tenant=p.conv.tenant,
+                session_id=p.conv.session_id,
+                permitted_zones=PERMITTED,
+                constraint=StopAfter(p.output_len),
+            )
         except OverloadedError:
             driver.dropped(p, time.monotonic())
             return
@@ -204,24 +211,52 @@ def run_engine(engine: Engine, workload: Workload, arrival: ArrivalSpec, *, name
                 if bar is not None:
                     bar.update(1)
         s = engine.stats()
-        steps.append(StepSample(t1, t1 - t0, s.num_running, s.num_waiting, s.pool_usage, s.waste,
-                                s.pages_held_by_prefix_cache, s.pages_held_by_sessions))
+        steps.append(
+            StepSample(
+                t1,
+                t1 - t0,
+                s.num_running,
+                s.num_waiting,
+                s.pool_usage,
+                s.waste,
+                s.pages_held_by_prefix_cache,
+                s.pages_held_by_sessions,
+            )
+        )
     end = time.monotonic()
     s = engine.stats()
     return RunResult(
-        name=name, start=start, end=end, turns=turns, steps=steps,
-        conversations_done=driver.num_done, conversations_dropped=driver.num_dropped,
+        name=name,
+        start=start,
+        end=end,
+        turns=turns,
+        steps=steps,
+        conversations_done=driver.num_done,
+        conversations_dropped=driver.num_dropped,
         compiles_during_run=engine.compile_count - compiles_before,
         preemptions=s.num_preemptions - preempt_before,
-        prefix={"queries_by_zone": s.prefix_queries_by_zone,
-                "hits_by_zone": s.prefix_hits_by_zone, "tokens_saved": s.prefix_tokens_saved},
-        page_size=engine.blocks.page_size, usable_pages=engine.blocks.num_usable_pages)
+        prefix={
+            "queries_by_zone": s.prefix_queries_by_zone,
+            "hits_by_zone": s.prefix_hits_by_zone,
+            "tokens_saved": s.prefix_tokens_saved,
+        },
+        page_size=engine.blocks.page_size,
+        usable_pages=engine.blocks.num_usable_pages,
+    )
 
 
 def _record(p: PendingTurn, out: RequestOutput) -> TurnRecord:
     tm = out.timings
     return TurnRecord(
-        request_id=p.request_id, conversation=p.conv.index, turn=p.turn, kind=turn_kind(p),
-        claim_kind=p.conv.kind, arrival=p.arrival, first_scheduled=tm.first_scheduled,
-        token_times=list(tm.token_times), finish=tm.finish, prompt_tokens=out.num_prompt_tokens,
-        cached_tokens=out.num_cached_tokens)
+        request_id=p.request_id,
+        conversation=p.conv.index,
+        turn=p.turn,
+        kind=turn_kind(p),
+        claim_kind=p.conv.kind,
+        arrival=p.arrival,
+        first_scheduled=tm.first_scheduled,
+        token_times=list(tm.token_times),
+        finish=tm.finish,
+        prompt_tokens=out.num_prompt_tokens,
+        cached_tokens=out.num_cached_tokens,
+    )

@@ -80,14 +80,16 @@ def config_overrides(preset: BenchPreset, name: str, common: dict | None = None)
     """Engine keyword overrides of configuration `name`: the preset's engine section, then the
     options common to every configuration, then what makes this configuration what it is."""
     if name.startswith(KV_PREFIX):
-        extra = {"kv_cache_dtype": name[len(KV_PREFIX):]}
+        extra = {"kv_cache_dtype": name[len(KV_PREFIX) :]}
     else:
         extra = {
             PAGED: {},
             CONTIGUOUS: {"reserve_full_length": True},
             NO_REUSE: {"enable_prefix_reuse": False},
-            NO_CHUNK: {"enable_chunked_prefill": False,
-                       "max_num_batched_tokens": preset.no_chunk_budget},
+            NO_CHUNK: {
+                "enable_chunked_prefill": False,
+                "max_num_batched_tokens": preset.no_chunk_budget,
+            },
         }[name]
     return {**preset.engine, **(common or {}), **extra}
 
@@ -96,14 +98,17 @@ def pool_info(engine: Engine) -> dict:
     """What the configuration's KV memory bought: the same bytes hold more tokens of a smaller
     cache dtype (scales included)."""
     cache = engine.config.cache
-    return {"kv_cache_dtype": cache.kv_cache_dtype.value,
-            "budget_bytes": cache.kv_cache_memory_bytes,
-            "pool_bytes": pool_nbytes(engine.kv_pool),
-            "bytes_per_token": bytes_per_token(engine.model_config, cache.kv_cache_dtype,
-                                               engine.config.dtype.jnp),
-            "num_pages": engine.blocks.num_usable_pages + 1,
-            "page_size": engine.blocks.page_size,
-            "tokens": engine.blocks.num_usable_pages * engine.blocks.page_size}
+    return {
+        "kv_cache_dtype": cache.kv_cache_dtype.value,
+        "budget_bytes": cache.kv_cache_memory_bytes,
+        "pool_bytes": pool_nbytes(engine.kv_pool),
+        "bytes_per_token": bytes_per_token(
+            engine.model_config, cache.kv_cache_dtype, engine.config.dtype.jnp
+        ),
+        "num_pages": engine.blocks.num_usable_pages + 1,
+        "page_size": engine.blocks.page_size,
+        "tokens": engine.blocks.num_usable_pages * engine.blocks.page_size,
+    }
 
 
 class Suite:
@@ -114,8 +119,13 @@ class Suite:
         base = engine_config_from_overrides(**self._overrides(PAGED))
         self.mesh = make_mesh(base.mesh_shape)
         t = time.monotonic()
-        self.model = load_model(preset.model, dtype=base.dtype, mesh=self.mesh,
-                                attention_impl=base.attention_impl, seed=base.seed)
+        self.model = load_model(
+            preset.model,
+            dtype=base.dtype,
+            mesh=self.mesh,
+            attention_impl=base.attention_impl,
+            seed=base.seed,
+        )
         self.model_load_s = time.monotonic() - t
         self.model_dtype = base.dtype
         self.workload = generate_workload(preset.workload)
@@ -131,28 +141,45 @@ class Suite:
         config = engine_config_from_overrides(**self._overrides(name))
         engine = Engine(self.model, config, self.mesh)
         engine.register_trusted_prefix(POLICY_ZONE, list(self.workload.policy), source="bench")
-        key = (engine.buckets, engine.blocks.num_usable_pages, engine.blocks.page_size,
-               config.cache.kv_cache_dtype, config.dtype)
+        key = (
+            engine.buckets,
+            engine.blocks.num_usable_pages,
+            engine.blocks.page_size,
+            config.cache.kv_cache_dtype,
+            config.dtype,
+        )
         if key in self._warm:
-            return engine, {"shared_with": self._warm[key], "shapes": 0, "seconds": 0.0,
-                            "compilations": 0}
+            return engine, {
+                "shared_with": self._warm[key],
+                "shapes": 0,
+                "seconds": 0.0,
+                "compilations": 0,
+            }
         t = time.monotonic()
         shapes = engine.warmup()
-        info = {"shapes": shapes, "seconds": time.monotonic() - t,
-                "compilations": engine.compile_count}
+        info = {
+            "shapes": shapes,
+            "seconds": time.monotonic() - t,
+            "compilations": engine.compile_count,
+        }
         self._warm[key] = name
         return engine, info
 
-    def run_config(self, name: str, workload: Workload,
-                   arrival: ArrivalSpec) -> tuple[dict, RunResult]:
+    def run_config(
+        self, name: str, workload: Workload, arrival: ArrivalSpec
+    ) -> tuple[dict, RunResult]:
         engine, warm = self.make_engine(name)
         bar = ProgressBar(self.progress, workload.num_requests, name)
         try:
             run = run_engine(engine, workload, arrival, name=name, bar=bar)
         finally:
             bar.close()
-        entry = {"engine": self._overrides(name), "pool": pool_info(engine), "warmup": warm,
-                 "summary": summarize(run)}
+        entry = {
+            "engine": self._overrides(name),
+            "pool": pool_info(engine),
+            "warmup": warm,
+            "summary": summarize(run),
+        }
         del engine
         gc.collect()
         return entry, run
@@ -168,8 +195,11 @@ class Suite:
             "engine_overrides": opts.engine_overrides,
             "environment": (env := environment()),
             "caveat": caveat(env, opts.note),
-            "model": {"source": p.model, "load_s": self.model_load_s,
-                      **probes.model_info(self.model)},
+            "model": {
+                "source": p.model,
+                "load_s": self.model_load_s,
+                **probes.model_info(self.model),
+            },
             "workload": self.workload.summary(),
             "arrival": p.arrival.describe(),
             "definitions": DEFINITIONS,
@@ -177,10 +207,14 @@ class Suite:
         }
         runs: dict[str, RunResult] = {}
         t0 = time.monotonic()
-        results["ceilings"] = probes.measure_ceilings(copy_mib=p.probes.copy_mib,
-                                                      matmul_n=p.probes.matmul_n)
-        names = [PAGED, *(ENGINE_BASELINES if opts.compare else ()),
-                 *(kv_config_name(d) for d in opts.kv_cache_dtypes)]
+        results["ceilings"] = probes.measure_ceilings(
+            copy_mib=p.probes.copy_mib, matmul_n=p.probes.matmul_n
+        )
+        names = [
+            PAGED,
+            *(ENGINE_BASELINES if opts.compare else ()),
+            *(kv_config_name(d) for d in opts.kv_cache_dtypes),
+        ]
         for name in names:
             log.info("bench: %s", name)
             results["configs"][name], runs[name] = self.run_config(name, self.workload, p.arrival)
@@ -209,15 +243,25 @@ class Suite:
         threads = hf_baseline.tune_threads(model, self.preset.hf_batch_size)
         bar = ProgressBar(self.progress, self.workload.num_requests, HF)
         try:
-            run = hf_baseline.run_hf(model, self.workload, self.preset.arrival,
-                                     batch_size=self.preset.hf_batch_size, bar=bar)
+            run = hf_baseline.run_hf(
+                model,
+                self.workload,
+                self.preset.arrival,
+                batch_size=self.preset.hf_batch_size,
+                bar=bar,
+            )
         finally:
             bar.close()
         del model
         gc.collect()
-        return {"engine": {"batch_size": self.preset.hf_batch_size, "load_s": load_s,
-                           "torch_threads": threads},
-                "summary": summarize(run)}, run
+        return {
+            "engine": {
+                "batch_size": self.preset.hf_batch_size,
+                "load_s": load_s,
+                "torch_threads": threads,
+            },
+            "summary": summarize(run),
+        }, run
 
     def run_probes(self, ceilings: dict) -> dict:
         pc = self.preset.probes
@@ -226,18 +270,24 @@ class Suite:
             engine, _ = self.make_engine(name)
             before = engine.compile_count
             out["long_arrival"][name] = probes.long_arrival_probe(
-                engine, decodes=pc.decodes, context=pc.context, steady_steps=pc.steady_steps,
-                long_prompt=pc.long_prompt)
+                engine,
+                decodes=pc.decodes,
+                context=pc.context,
+                steady_steps=pc.steady_steps,
+                long_prompt=pc.long_prompt,
+            )
             out["long_arrival"][name]["compilations_after_warmup"] = engine.compile_count - before
             if name == PAGED:
                 la = out["long_arrival"][name]
-                out["roofline"] = probes.decode_roofline(engine, ceilings, la["steady_contexts"],
-                                                         la["steady_step_s"])
+                out["roofline"] = probes.decode_roofline(
+                    engine, ceilings, la["steady_contexts"], la["steady_step_s"]
+                )
             del engine
         for name in [PAGED, *((NO_REUSE,) if self.options.compare else ())]:
             engine, _ = self.make_engine(name)
-            out["unloaded_ttft"][name] = probes.unloaded_ttft(engine, self.workload,
-                                                              pc.ttft_requests)
+            out["unloaded_ttft"][name] = probes.unloaded_ttft(
+                engine, self.workload, pc.ttft_requests
+            )
             del engine
         gc.collect()
         return out
@@ -253,15 +303,23 @@ class Suite:
             rate = m * capacity
             entry, _ = self.run_config(PAGED, workload, ArrivalSpec(ArrivalMode.POISSON, rate=rate))
             s = entry["summary"]
-            points.append({"rate_per_capacity": m, "rate_conversations_per_s": rate,
-                           "output_tokens_per_s": s["throughput"]["output_tokens_per_s"],
-                           "claims_per_hour": s["throughput"]["claims_per_hour"],
-                           "ttft_p50_s": s["latency_s"]["ttft"]["p50"],
-                           "ttft_p99_s": s["latency_s"]["ttft"]["p99"],
-                           "itl_p99_s": s["latency_s"]["itl"]["p99"],
-                           "compilations_after_warmup": s["compilations_after_warmup"]})
-        return {"capacity_conversations_per_s": capacity,
-                "num_conversations": sw.num_conversations, "points": points}
+            points.append(
+                {
+                    "rate_per_capacity": m,
+                    "rate_conversations_per_s": rate,
+                    "output_tokens_per_s": s["throughput"]["output_tokens_per_s"],
+                    "claims_per_hour": s["throughput"]["claims_per_hour"],
+                    "ttft_p50_s": s["latency_s"]["ttft"]["p50"],
+                    "ttft_p99_s": s["latency_s"]["ttft"]["p99"],
+                    "itl_p99_s": s["latency_s"]["itl"]["p99"],
+                    "compilations_after_warmup": s["compilations_after_warmup"],
+                }
+            )
+        return {
+            "capacity_conversations_per_s": capacity,
+            "num_conversations": sw.num_conversations,
+            "points": points,
+        }
 
 
 # --- comparisons ------------------------------------------------------------------------------
@@ -297,8 +355,9 @@ def ratios(configs: dict) -> dict:
         s = entry.get("summary")
         if name == PAGED or s is None:
             continue
-        out[name] = {m: ratio(_get(s, *path), _get(paged, *path))
-                     for m, (path, _) in RATIO_METRICS.items()}
+        out[name] = {
+            m: ratio(_get(s, *path), _get(paged, *path)) for m, (path, _) in RATIO_METRICS.items()
+        }
     return out
 
 
@@ -311,8 +370,14 @@ def goals(results: dict) -> list[dict]:
     rows = []
 
     def add(goal: str, target: str, value, ok):
-        rows.append({"goal": goal, "target": target, "measured": value,
-                     "met": None if value is None else bool(ok(value))})
+        rows.append(
+            {
+                "goal": goal,
+                "target": target,
+                "measured": value,
+                "met": None if value is None else bool(ok(value)),
+            }
+        )
 
     def over(name, path, inverse=False):
         if s.get(name) is None or paged is None:
@@ -320,33 +385,73 @@ def goals(results: dict) -> list[dict]:
         a, b = _get(paged, *path), _get(s[name], *path)
         return ratio(b, a) if inverse else ratio(a, b)
 
-    add("paged vs contiguous: output tokens/s", ">= 2x",
-        over(CONTIGUOUS, ("throughput", "output_tokens_per_s")), lambda v: v >= 2)
-    add("paged vs contiguous: peak concurrency", ">= 3x",
-        over(CONTIGUOUS, ("concurrency", "peak")), lambda v: v >= 3)
-    add("waste (allocated but unwritten slots)", "<= 4%",
-        _get(paged, "memory", "waste_mean"), lambda v: v <= 0.04)
-    add("prefix reuse: median TTFT, no-reuse / reuse (workload run)", ">= 4x",
-        over(NO_REUSE, ("latency_s", "ttft", "p50"), inverse=True), lambda v: v >= 4)
+    add(
+        "paged vs contiguous: output tokens/s",
+        ">= 2x",
+        over(CONTIGUOUS, ("throughput", "output_tokens_per_s")),
+        lambda v: v >= 2,
+    )
+    add(
+        "paged vs contiguous: peak concurrency",
+        ">= 3x",
+        over(CONTIGUOUS, ("concurrency", "peak")),
+        lambda v: v >= 3,
+    )
+    add(
+        "waste (allocated but unwritten slots)",
+        "<= 4%",
+        _get(paged, "memory", "waste_mean"),
+        lambda v: v <= 0.04,
+    )
+    add(
+        "prefix reuse: median TTFT, no-reuse / reuse (workload run)",
+        ">= 4x",
+        over(NO_REUSE, ("latency_s", "ttft", "p50"), inverse=True),
+        lambda v: v >= 4,
+    )
     ut = pr.get("unloaded_ttft", {})
     if PAGED in ut and NO_REUSE in ut:
-        add("prefix reuse: median TTFT, no-reuse / reuse (unloaded, one at a time)", ">= 4x",
-            ratio(ut[NO_REUSE]["ttft_p50_s"], ut[PAGED]["ttft_p50_s"]), lambda v: v >= 4)
+        add(
+            "prefix reuse: median TTFT, no-reuse / reuse (unloaded, one at a time)",
+            ">= 4x",
+            ratio(ut[NO_REUSE]["ttft_p50_s"], ut[PAGED]["ttft_p50_s"]),
+            lambda v: v >= 4,
+        )
     la = pr.get("long_arrival", {})
     if PAGED in la:
-        add("chunked prefill: p99 ITL during a long arrival / without it", "<= 2x",
-            la[PAGED]["p99_during_over_before"], lambda v: v <= 2)
+        add(
+            "chunked prefill: p99 ITL during a long arrival / without it",
+            "<= 2x",
+            la[PAGED]["p99_during_over_before"],
+            lambda v: v <= 2,
+        )
     if NO_CHUNK in la:
-        rows.append({"goal": "(reference) unchunked: p99 ITL during a long arrival / without it",
-                     "target": "-", "measured": la[NO_CHUNK]["p99_during_over_before"],
-                     "met": None})
-    add("paged vs hf-transformers: output tokens/s", ">= 2x",
-        over(HF, ("throughput", "output_tokens_per_s")), lambda v: v >= 2)
+        rows.append(
+            {
+                "goal": "(reference) unchunked: p99 ITL during a long arrival / without it",
+                "target": "-",
+                "measured": la[NO_CHUNK]["p99_during_over_before"],
+                "met": None,
+            }
+        )
+    add(
+        "paged vs hf-transformers: output tokens/s",
+        ">= 2x",
+        over(HF, ("throughput", "output_tokens_per_s")),
+        lambda v: v >= 2,
+    )
     if "roofline" in pr:
-        add("decode step: roofline floor / measured step time", ">= 0.6",
-            pr["roofline"]["floor_over_measured"], lambda v: v >= 0.6)
-    compiles = [e["summary"]["compilations_after_warmup"] for e in cfg.values()
-                if e.get("summary") and e["summary"]["compilations_after_warmup"] is not None]
+        add(
+            "decode step: roofline floor / measured step time",
+            ">= 0.6",
+            pr["roofline"]["floor_over_measured"],
+            lambda v: v >= 0.6,
+        )
+    compiles = [
+        e["summary"]["compilations_after_warmup"]
+        for e in cfg.values()
+        if e.get("summary") and e["summary"]["compilations_after_warmup"] is not None
+    ]
     add("compilations after warm-up (all engine runs)", "== 0", sum(compiles), lambda v: v == 0)
     return rows
 
@@ -354,14 +459,25 @@ def goals(results: dict) -> list[dict]:
 def environment() -> dict:
     dev = jax.devices()[0]
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         rev = ""
-    return {"backend": jax.default_backend(), "device": dev.device_kind,
-            "num_devices": jax.device_count(), "jax": jax.__version__, "git": rev or None,
-            "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(),
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    return {
+        "backend": jax.default_backend(),
+        "device": dev.device_kind,
+        "num_devices": jax.device_count(),
+        "jax": jax.__version__,
+        "git": rev or None,
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
 
 
 def _cpu_model() -> str | None:
@@ -379,9 +495,11 @@ def caveat(env: dict, note: str = "") -> str:
     """What the figures are, said in the results themselves: CPU runs are not performance
     figures (DESIGN.md: absolute figures only from a GPU run, with the device named)."""
     if env["backend"] == "cpu":
-        text = (f"CPU figures, not performance figures: {env['cpu_count']}-core CPU "
-                f"({env.get('cpu_model') or 'unknown model'}), no accelerator. Only ratios "
-                "between configurations measured side by side in this run carry meaning.")
+        text = (
+            f"CPU figures, not performance figures: {env['cpu_count']}-core CPU "
+            f"({env.get('cpu_model') or 'unknown model'}), no accelerator. Only ratios "
+            "between configurations measured side by side in this run carry meaning."
+        )
     else:
         text = f"{env['num_devices']} × {env['device']} ({env['backend']})."
     return f"{text} {note}".strip()

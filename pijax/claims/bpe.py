@@ -31,10 +31,12 @@ from pijax.claims.prompt import (
 #   * a run of punctuation with at most one space either side (" | ", '":"'); or whitespace.
 # Codes as whole pre-tokens are also what lets a tiny model learn which diagnosis supports which
 # procedure.
-_WORDS = (r"\s?[A-Za-z]+(?![A-Za-z0-9_]|[.\-][A-Za-z0-9])"
-          r"|[A-Za-z0-9_](?:[A-Za-z0-9_.\-]*[A-Za-z0-9_])?"
-          r"|\s?[^\sA-Za-z0-9_]+\s?"
-          r"|\s+")
+_WORDS = (
+    r"\s?[A-Za-z]+(?![A-Za-z0-9_]|[.\-][A-Za-z0-9])"
+    r"|[A-Za-z0-9_](?:[A-Za-z0-9_.\-]*[A-Za-z0-9_])?"
+    r"|\s?[^\sA-Za-z0-9_]+\s?"
+    r"|\s+"
+)
 
 
 def training_texts(examples: Iterable[Example], policy_every: int = 10) -> Iterable[str]:
@@ -52,10 +54,12 @@ def training_texts(examples: Iterable[Example], policy_every: int = 10) -> Itera
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 3072) -> Tokenizer:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_WORDS), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_WORDS), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -54,24 +54,78 @@ class Scenario:
 
 
 SCENARIOS: tuple[Scenario, ...] = (
-    Scenario("hypertension follow-up", ("I10", "E78.5", "I25.10"), ("99213", "99214"),
-             ("93000", "80061", "80048", "36415", "93306"), "11", "22"),
-    Scenario("diabetes follow-up", ("E11.9", "E78.5", "E03.9"), ("99213", "99214", "99215"),
-             ("83036", "80053", "80061", "84443", "36415", "81001"), "11", "22"),
-    Scenario("respiratory illness", ("J18.9", "J06.9", "J45.909", "R05.9"),
-             ("99203", "99213", "99214"), ("71046", "85025", "96372", "J0696", "J1100"), "11", "23"),
-    Scenario("joint pain", ("M25.511", "M17.11"), ("99203", "99213", "99214"),
-             ("73030", "20610", "J3301", "J1100"), "11", "22"),
-    Scenario("physical therapy", ("M54.50", "M25.511", "M17.11", "S93.401A"), (),
-             ("97161", "97110", "97140", "97530", "72100"), "11", "22"),
-    Scenario("emergency chest pain", ("R07.9", "I48.91", "I10"), ("99284", "99285"),
-             ("93000", "71046", "80053", "85025", "36415", "93306"), "23", "23"),
-    Scenario("emergency injury", ("S93.401A", "S52.501A", "S61.411A"), ("99284", "99285"),
-             ("73610", "12001", "J1885", "96372"), "23", "23"),
-    Scenario("infection", ("N39.0", "L03.115", "A09"), ("99213", "99214", "99284"),
-             ("81001", "85025", "80048", "96372", "J0696"), "11", "23"),
-    Scenario("preventive visit", ("Z00.00", "Z23", "E78.5"), ("99203", "99213"),
-             ("90686", "90471", "80061", "80053", "85025", "36415"), "11", "22"),
+    Scenario(
+        "hypertension follow-up",
+        ("I10", "E78.5", "I25.10"),
+        ("99213", "99214"),
+        ("93000", "80061", "80048", "36415", "93306"),
+        "11",
+        "22",
+    ),
+    Scenario(
+        "diabetes follow-up",
+        ("E11.9", "E78.5", "E03.9"),
+        ("99213", "99214", "99215"),
+        ("83036", "80053", "80061", "84443", "36415", "81001"),
+        "11",
+        "22",
+    ),
+    Scenario(
+        "respiratory illness",
+        ("J18.9", "J06.9", "J45.909", "R05.9"),
+        ("99203", "99213", "99214"),
+        ("71046", "85025", "96372", "J0696", "J1100"),
+        "11",
+        "23",
+    ),
+    Scenario(
+        "joint pain",
+        ("M25.511", "M17.11"),
+        ("99203", "99213", "99214"),
+        ("73030", "20610", "J3301", "J1100"),
+        "11",
+        "22",
+    ),
+    Scenario(
+        "physical therapy",
+        ("M54.50", "M25.511", "M17.11", "S93.401A"),
+        (),
+        ("97161", "97110", "97140", "97530", "72100"),
+        "11",
+        "22",
+    ),
+    Scenario(
+        "emergency chest pain",
+        ("R07.9", "I48.91", "I10"),
+        ("99284", "99285"),
+        ("93000", "71046", "80053", "85025", "36415", "93306"),
+        "23",
+        "23",
+    ),
+    Scenario(
+        "emergency injury",
+        ("S93.401A", "S52.501A", "S61.411A"),
+        ("99284", "99285"),
+        ("73610", "12001", "J1885", "96372"),
+        "23",
+        "23",
+    ),
+    Scenario(
+        "infection",
+        ("N39.0", "L03.115", "A09"),
+        ("99213", "99214", "99284"),
+        ("81001", "85025", "80048", "96372", "J0696"),
+        "11",
+        "23",
+    ),
+    Scenario(
+        "preventive visit",
+        ("Z00.00", "Z23", "E78.5"),
+        ("99203", "99213"),
+        ("90686", "90471", "80061", "80053", "85025", "36415"),
+        "11",
+        "22",
+    ),
 )
 
 
@@ -134,8 +188,7 @@ def generate_example(seed: int, index: int, split: str = "train") -> Example:
     return Example(claim, findings, rules.narrative(claim, findings), tuple(injected))
 
 
-def generate_examples(seed: int, count: int, split: str = "train", start: int = 0
-                      ) -> list[Example]:
+def generate_examples(seed: int, count: int, split: str = "train", start: int = 0) -> list[Example]:
     return [generate_example(seed, i, split) for i in range(start, start + count)]
 
 
@@ -161,8 +214,13 @@ def _supporting_dx(rng: random.Random, code: str, diagnoses: list[str]) -> str |
     return rng.choice(options) if options else None
 
 
-def _clean_lines(rng: random.Random, scenario: Scenario, claim_type: ClaimType,
-                 diagnoses: list[str], dates: list[str]) -> list[_Draft]:
+def _clean_lines(
+    rng: random.Random,
+    scenario: Scenario,
+    claim_type: ClaimType,
+    diagnoses: list[str],
+    dates: list[str],
+) -> list[_Draft]:
     markup = lambda: round(rng.uniform(1.1, 1.9), 2)  # noqa: E731
     lines: list[_Draft] = []
     if scenario.visits:
@@ -183,8 +241,10 @@ def _clean_lines(rng: random.Random, scenario: Scenario, claim_type: ClaimType,
             mods.append("GP")
         lines.append(_Draft(rng.choice(dates), code, mods, _units(rng, code), dx, markup()))
     visit = lines[0] if lines and PROCEDURES[lines[0].code].is_em else None
-    if visit is not None and rng.random() < 0.7 and any(
-        line.date == visit.date and line.code not in _NO_25_TRIGGER for line in lines[1:]
+    if (
+        visit is not None
+        and rng.random() < 0.7
+        and any(line.date == visit.date and line.code not in _NO_25_TRIGGER for line in lines[1:])
     ):
         visit.modifiers.append(EM_MODIFIER)
     lines.sort(key=lambda line: line.date)  # stable: the visit stays first on its date
@@ -198,15 +258,20 @@ def _bundles_with_existing(code: str, lines: list[_Draft]) -> bool:
 def _add_near_misses(rng: random.Random, lines: list[_Draft], diagnoses: list[str]) -> None:
     """Lines that look like edits but are allowed: 59 on a pair that permits it, RT + LT."""
     if rng.random() < 0.12:
-        edits = [e for e in BUNDLING_EDITS if e.modifier_allowed
-                 and _supporting_dx(rng, e.comprehensive, diagnoses)
-                 and _supporting_dx(rng, e.component, diagnoses)]
+        edits = [
+            e
+            for e in BUNDLING_EDITS
+            if e.modifier_allowed
+            and _supporting_dx(rng, e.comprehensive, diagnoses)
+            and _supporting_dx(rng, e.component, diagnoses)
+        ]
         if edits:
             edit = rng.choice(edits)
             _add_pair(rng, lines, diagnoses, edit, component_mods=[DISTINCT_MODIFIER])
     if rng.random() < 0.12:
-        lateral = [x for x in lines if x.code in _LATERAL_CODES and x.modifiers[:1] in (["RT"],
-                                                                                      ["LT"])]
+        lateral = [
+            x for x in lines if x.code in _LATERAL_CODES and x.modifiers[:1] in (["RT"], ["LT"])
+        ]
         if lateral:
             line = rng.choice(lateral)
             other = line.copy()
@@ -214,22 +279,43 @@ def _add_near_misses(rng: random.Random, lines: list[_Draft], diagnoses: list[st
             lines.insert(lines.index(line) + 1, other)
 
 
-def _add_pair(rng: random.Random, lines: list[_Draft], diagnoses: list[str], edit: BundlingEdit,
-              component_mods: list[str]) -> None:
+def _add_pair(
+    rng: random.Random,
+    lines: list[_Draft],
+    diagnoses: list[str],
+    edit: BundlingEdit,
+    component_mods: list[str],
+) -> None:
     """Bill `edit.component` on the date of `edit.comprehensive` (adding the latter if absent)."""
     host = next((x for x in lines if x.code == edit.comprehensive), None)
     if host is None:
         date = rng.choice(sorted({x.date for x in lines})) if lines else "2024-06-01"
         dx = _supporting_dx(rng, edit.comprehensive, diagnoses) or _add_dx_for(
-            rng, edit.comprehensive, diagnoses)
-        host = _Draft(date, edit.comprehensive, [], _units(rng, edit.comprehensive), dx,
-                      round(rng.uniform(1.1, 1.9), 2))
+            rng, edit.comprehensive, diagnoses
+        )
+        host = _Draft(
+            date,
+            edit.comprehensive,
+            [],
+            _units(rng, edit.comprehensive),
+            dx,
+            round(rng.uniform(1.1, 1.9), 2),
+        )
         lines.append(host)
     dx = _supporting_dx(rng, edit.component, diagnoses) or _add_dx_for(
-        rng, edit.component, diagnoses)
-    lines.insert(lines.index(host) + 1, _Draft(host.date, edit.component, list(component_mods),
-                                               _units(rng, edit.component), dx,
-                                               round(rng.uniform(1.1, 1.9), 2)))
+        rng, edit.component, diagnoses
+    )
+    lines.insert(
+        lines.index(host) + 1,
+        _Draft(
+            host.date,
+            edit.component,
+            list(component_mods),
+            _units(rng, edit.component),
+            dx,
+            round(rng.uniform(1.1, 1.9), 2),
+        ),
+    )
 
 
 def _add_dx_for(rng: random.Random, code: str, diagnoses: list[str]) -> str:
@@ -242,8 +328,7 @@ def _add_dx_for(rng: random.Random, code: str, diagnoses: list[str]) -> str:
 # --- anomalies ----------------------------------------------------------------------------------
 
 
-def _inject(rng: random.Random, lines: list[_Draft], diagnoses: list[str], k: int
-            ) -> list[Anomaly]:
+def _inject(rng: random.Random, lines: list[_Draft], diagnoses: list[str], k: int) -> list[Anomaly]:
     kinds = rng.sample(list(Anomaly), k=len(Anomaly))
     done: list[Anomaly] = []
     for kind in kinds:
@@ -265,7 +350,9 @@ def _inject_duplicate(rng: random.Random, lines: list[_Draft], diagnoses: list[s
 
 def _inject_unbundle(rng: random.Random, lines: list[_Draft], diagnoses: list[str]) -> bool:
     present = {x.code for x in lines}
-    hosted = [e for e in BUNDLING_EDITS if e.comprehensive in present and e.component not in present]
+    hosted = [
+        e for e in BUNDLING_EDITS if e.comprehensive in present and e.component not in present
+    ]
     edit = rng.choice(hosted) if hosted and rng.random() < 0.7 else rng.choice(BUNDLING_EDITS)
     # A 59 on a pair that does not allow it changes nothing: the component is still denied.
     mods = [DISTINCT_MODIFIER] if not edit.modifier_allowed and rng.random() < 0.25 else []
@@ -283,8 +370,11 @@ def _inject_units(rng: random.Random, lines: list[_Draft], diagnoses: list[str])
 
 
 def _inject_diagnosis(rng: random.Random, lines: list[_Draft], diagnoses: list[str]) -> bool:
-    candidates = [x for x in lines if len(PROCEDURES[x.code].supported_by) < len(set(
-        d.group for d in DIAGNOSES.values()))]
+    candidates = [
+        x
+        for x in lines
+        if len(PROCEDURES[x.code].supported_by) < len(set(d.group for d in DIAGNOSES.values()))
+    ]
     if not candidates:
         return False
     line = rng.choice(candidates)
@@ -322,8 +412,13 @@ _INJECTORS = {
 # --- finalize -----------------------------------------------------------------------------------
 
 
-def _finalize(rng: random.Random, scenario: Scenario, claim_type: ClaimType,
-              diagnoses: list[str], drafts: list[_Draft]) -> Claim:
+def _finalize(
+    rng: random.Random,
+    scenario: Scenario,
+    claim_type: ClaimType,
+    diagnoses: list[str],
+    drafts: list[_Draft],
+) -> Claim:
     institutional = claim_type is ClaimType.INSTITUTIONAL
     lines = tuple(
         ServiceLine(

@@ -43,8 +43,15 @@ class PagedGreedyDecoder:
     decode step per token; shapes are fixed per decoder, so each compiles once.
     """
 
-    def __init__(self, model: LlamaModel, *, batch_size: int, max_prompt_len: int,
-                 max_new_tokens: int, page_size: int = 16):
+    def __init__(
+        self,
+        model: LlamaModel,
+        *,
+        batch_size: int,
+        max_prompt_len: int,
+        max_new_tokens: int,
+        page_size: int = 16,
+    ):
         cfg = model.config
         self.batch_size, self.page_size = batch_size, page_size
         self.max_prompt_len, self.max_new_tokens = max_prompt_len, max_new_tokens
@@ -54,22 +61,23 @@ class PagedGreedyDecoder:
         dtype = model.embed_tokens.embedding[...].dtype
         self._pool_spec = (cfg.num_layers, shape, dtype)
         self.block_tables = 1 + np.arange(batch_size * self.pages_per_seq, dtype=np.int32).reshape(
-            batch_size, self.pages_per_seq)
+            batch_size, self.pages_per_seq
+        )
         graphdef, state = nnx.split(model)
         self._state = state
 
         @functools.partial(jax.jit, donate_argnums=(1,))
         def run(state, pool, tokens, positions, meta, logits_indices):
-            logits, pool = nnx.merge(graphdef, state)(tokens, positions, pool, meta,
-                                                       logits_indices)
+            logits, pool = nnx.merge(graphdef, state)(tokens, positions, pool, meta, logits_indices)
             return jnp.argmax(logits, axis=-1).astype(jnp.int32), pool
 
         self._run = run
 
     def _new_pool(self):
         layers, shape, dtype = self._pool_spec
-        return tuple(LayerKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-                     for _ in range(layers))
+        return tuple(
+            LayerKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(layers)
+        )
 
     def _slots(self, seq: np.ndarray, pos: np.ndarray) -> np.ndarray:
         pages = self.block_tables[seq, pos // self.page_size]
@@ -77,26 +85,31 @@ class PagedGreedyDecoder:
 
     def _meta(self, slots, kv_lens, cu_q_lens) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=jnp.asarray(slots), kv_lens=jnp.asarray(kv_lens, jnp.int32),
-            block_tables=jnp.asarray(self.block_tables), cu_q_lens=jnp.asarray(cu_q_lens, jnp.int32),
-            num_seqs=jnp.asarray(self.batch_size, jnp.int32))
+            slot_mapping=jnp.asarray(slots),
+            kv_lens=jnp.asarray(kv_lens, jnp.int32),
+            block_tables=jnp.asarray(self.block_tables),
+            cu_q_lens=jnp.asarray(cu_q_lens, jnp.int32),
+            num_seqs=jnp.asarray(self.batch_size, jnp.int32),
+        )
 
-    def generate(self, prompts: Sequence[Sequence[int]], stop_ids: Sequence[int]
-                 ) -> list[list[int]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], stop_ids: Sequence[int]
+    ) -> list[list[int]]:
         out: list[list[int]] = []
         for start in range(0, len(prompts), self.batch_size):
-            chunk = list(prompts[start:start + self.batch_size])
+            chunk = list(prompts[start : start + self.batch_size])
             real = len(chunk)
             chunk += [chunk[0]] * (self.batch_size - real)  # padding rows, discarded
             out += self._generate_batch(chunk, set(stop_ids))[:real]
         return out
 
-    def _generate_batch(self, prompts: list[Sequence[int]], stop_ids: set[int]
-                        ) -> list[list[int]]:
+    def _generate_batch(self, prompts: list[Sequence[int]], stop_ids: set[int]) -> list[list[int]]:
         lens = np.array([len(p) for p in prompts], np.int32)
         if lens.min() < 1 or lens.max() > self.max_prompt_len:
-            raise ValueError(f"prompt lengths must be in [1, {self.max_prompt_len}]; "
-                             f"got {lens.min()}..{lens.max()}")
+            raise ValueError(
+                f"prompt lengths must be in [1, {self.max_prompt_len}]; "
+                f"got {lens.min()}..{lens.max()}"
+            )
         total = self.batch_size * _round_up(self.max_prompt_len, _CHUNK)
         cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
         tokens = np.zeros(total, np.int32)
@@ -104,12 +117,18 @@ class PagedGreedyDecoder:
         slots = np.arange(total, dtype=np.int32) % self.page_size  # padding -> the null page
         for s, p in enumerate(prompts):
             pos = np.arange(len(p), dtype=np.int32)
-            tokens[cu[s]:cu[s + 1]] = p
-            positions[cu[s]:cu[s + 1]] = pos
-            slots[cu[s]:cu[s + 1]] = self._slots(np.full_like(pos, s), pos)
+            tokens[cu[s] : cu[s + 1]] = p
+            positions[cu[s] : cu[s + 1]] = pos
+            slots[cu[s] : cu[s + 1]] = self._slots(np.full_like(pos, s), pos)
         pool = self._new_pool()
-        nxt, pool = self._run(self._state, pool, jnp.asarray(tokens), jnp.asarray(positions),
-                              self._meta(slots, lens, cu), jnp.asarray(cu[1:] - 1))
+        nxt, pool = self._run(
+            self._state,
+            pool,
+            jnp.asarray(tokens),
+            jnp.asarray(positions),
+            self._meta(slots, lens, cu),
+            jnp.asarray(cu[1:] - 1),
+        )
         seqs = np.arange(self.batch_size, dtype=np.int32)
         step_cu = np.arange(self.batch_size + 1, dtype=np.int32)
         generated: list[list[int]] = [[] for _ in prompts]
@@ -122,9 +141,14 @@ class PagedGreedyDecoder:
                 done[s] = sampled[s] in stop_ids
             if done.all() or pos.max() >= self.max_prompt_len + self.max_new_tokens - 1:
                 break
-            nxt, pool = self._run(self._state, pool, jnp.asarray(sampled), jnp.asarray(pos),
-                                  self._meta(self._slots(seqs, pos), pos + 1, step_cu),
-                                  jnp.asarray(seqs))
+            nxt, pool = self._run(
+                self._state,
+                pool,
+                jnp.asarray(sampled),
+                jnp.asarray(pos),
+                self._meta(self._slots(seqs, pos), pos + 1, step_cu),
+                jnp.asarray(seqs),
+            )
             pos = pos + 1
         return generated
 
@@ -133,8 +157,9 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def dense_greedy(model: LlamaModel, prompt: Sequence[int], max_new_tokens: int,
-                 stop_ids: Sequence[int] = ()) -> list[int]:
+def dense_greedy(
+    model: LlamaModel, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()
+) -> list[int]:
     """The slow reference: re-run `forward_dense` over the whole sequence for every new token.
 
     The sequence is padded at the end to one fixed length so the forward compiles once; causal
@@ -144,7 +169,7 @@ def dense_greedy(model: LlamaModel, prompt: Sequence[int], max_new_tokens: int,
     forward = jax.jit(lambda st, t: nnx.merge(graphdef, st).forward_dense(t))
     length = len(prompt) + max_new_tokens
     seq = np.zeros((1, length), np.int32)
-    seq[0, :len(prompt)] = prompt
+    seq[0, : len(prompt)] = prompt
     out: list[int] = []
     for i in range(len(prompt), length):
         tok = int(jnp.argmax(forward(state, jnp.asarray(seq))[0, i - 1]))
@@ -198,23 +223,41 @@ class EvalReport:
         return dataclasses.asdict(self)
 
 
-def summarize(answers: Sequence[str], examples: Sequence[Example], num_samples: int = 3
-              ) -> EvalReport:
+def summarize(
+    answers: Sequence[str], examples: Sequence[Example], num_samples: int = 3
+) -> EvalReport:
     scores = [score_answer(a, ex) for a, ex in zip(answers, examples, strict=True)]
     n = len(scores)
 
     def share(field: str) -> float:
         return round(sum(getattr(s, field) for s in scores) / max(n, 1), 4)
 
-    samples = [{"claim_id": ex.claim.claim_id, "answer": a,
-                "truth": render_findings_json(ex.findings, ex.narrative)}
-               for a, ex in list(zip(answers, examples, strict=True))[:num_samples]]
-    return EvalReport(n, share("parsed"), share("schema_valid"), share("flags_match"),
-                      share("action_match"), share("exact_match"), samples)
+    samples = [
+        {
+            "claim_id": ex.claim.claim_id,
+            "answer": a,
+            "truth": render_findings_json(ex.findings, ex.narrative),
+        }
+        for a, ex in list(zip(answers, examples, strict=True))[:num_samples]
+    ]
+    return EvalReport(
+        n,
+        share("parsed"),
+        share("schema_valid"),
+        share("flags_match"),
+        share("action_match"),
+        share("exact_match"),
+        samples,
+    )
 
 
-def engine_texts(llm, prompts: Sequence[str], max_new_tokens: int,
-                 new_constraint: Callable[[], object] | None = None, params=None) -> list[str]:
+def engine_texts(
+    llm,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    new_constraint: Callable[[], object] | None = None,
+    params=None,
+) -> list[str]:
     """Completions from a `pijax.LLM`, all prompts queued at once (continuous batching); greedy
     unless `params` (a `SamplingParams`, which then sets the token budget too) says otherwise.
 
@@ -239,14 +282,19 @@ def engine_texts(llm, prompts: Sequence[str], max_new_tokens: int,
     return [final[rid] for rid in ids]
 
 
-def evaluate_unconstrained(llm, prompts: Sequence[str], examples: Sequence[Example],
-                           max_new_tokens: int) -> EvalReport:
+def evaluate_unconstrained(
+    llm, prompts: Sequence[str], examples: Sequence[Example], max_new_tokens: int
+) -> EvalReport:
     return summarize(engine_texts(llm, prompts, max_new_tokens), examples)
 
 
-def evaluate_constrained(llm, prompts: Sequence[str], examples: Sequence[Example],
-                         max_new_tokens: int, new_constraint: Callable[[], object] | None
-                         ) -> EvalReport | None:
+def evaluate_constrained(
+    llm,
+    prompts: Sequence[str],
+    examples: Sequence[Example],
+    max_new_tokens: int,
+    new_constraint: Callable[[], object] | None,
+) -> EvalReport | None:
     """HOOK: the same evaluation under JSON-schema constrained decoding.
 
     `new_constraint` builds one `pijax.request.TokenConstraint` per request for the findings

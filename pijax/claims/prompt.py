@@ -57,8 +57,9 @@ def render_claim(claim: Claim) -> str:
         f"provider {claim.provider_id}",
         f"member {claim.member_id}, {claim.member_age} {claim.member_sex}",
     ]
-    columns = ["line", "date"] + (["rev"] if inst else []) + ["code", "mod", "units", "dx",
-                                                             "billed"]
+    columns = (
+        ["line", "date"] + (["rev"] if inst else []) + ["code", "mod", "units", "dx", "billed"]
+    )
     rows = [
         " | ".join(header),
         "diagnoses " + "; ".join(f"{d} {DIAGNOSES[d].description}" for d in claim.diagnoses),
@@ -66,8 +67,13 @@ def render_claim(claim: Claim) -> str:
     ]
     for line in claim.lines:
         cells = [str(line.number), line.date] + ([line.revenue_code] if inst else [])
-        cells += [line.code, " ".join(line.modifiers) or "-", str(line.units), line.diagnosis,
-                  format_money(line.billed_cents)[1:]]
+        cells += [
+            line.code,
+            " ".join(line.modifiers) or "-",
+            str(line.units),
+            line.diagnosis,
+            format_money(line.billed_cents)[1:],
+        ]
         rows.append(" | ".join(cells))
     rows.append(f"total billed {format_money(claim.total_billed_cents)}")
     return "\n".join(rows)

@@ -40,10 +40,15 @@ def duplicate_billing(claim: Claim) -> Iterator[Flag]:
     for j, line in enumerate(claim.lines):
         for earlier in claim.lines[:j]:
             if (earlier.code, earlier.date, earlier.modifiers) == (
-                line.code, line.date, line.modifiers
+                line.code,
+                line.date,
+                line.modifiers,
             ):
-                yield _flag(FlagCode.DUPLICATE_BILLING, line,
-                            f"{line.code} on {line.date} repeats line {earlier.number}.")
+                yield _flag(
+                    FlagCode.DUPLICATE_BILLING,
+                    line,
+                    f"{line.code} on {line.date} repeats line {earlier.number}.",
+                )
                 break
 
 
@@ -58,8 +63,11 @@ def unbundling(claim: Claim) -> Iterator[Flag]:
                 continue
             if edit.modifier_allowed and DISTINCT_MODIFIER in line.modifiers:
                 continue
-            yield _flag(FlagCode.UNBUNDLING, line,
-                        f"{line.code} is bundled into {other.code} on line {other.number}.")
+            yield _flag(
+                FlagCode.UNBUNDLING,
+                line,
+                f"{line.code} is bundled into {other.code} on line {other.number}.",
+            )
             break
 
 
@@ -67,26 +75,38 @@ def units_exceed_max(claim: Claim) -> Iterator[Flag]:
     for line in claim.lines:
         limit = PROCEDURES[line.code].max_units
         if line.units > limit:
-            yield _flag(FlagCode.UNITS_EXCEED_MAX, line,
-                        f"{line.units} units of {line.code} exceed the daily maximum of {limit}.")
+            yield _flag(
+                FlagCode.UNITS_EXCEED_MAX,
+                line,
+                f"{line.units} units of {line.code} exceed the daily maximum of {limit}.",
+            )
 
 
 def diagnosis_mismatch(claim: Claim) -> Iterator[Flag]:
     for line in claim.lines:
         if not dx_supports(line.diagnosis, line.code):
-            yield _flag(FlagCode.DIAGNOSIS_MISMATCH, line,
-                        f"Diagnosis {line.diagnosis} does not support {line.code}.")
+            yield _flag(
+                FlagCode.DIAGNOSIS_MISMATCH,
+                line,
+                f"Diagnosis {line.diagnosis} does not support {line.code}.",
+            )
 
 
 def modifier_misuse(claim: Claim) -> Iterator[Flag]:
     """Modifier 25 off an E/M code; modifier 59 with no comprehensive partner that day."""
     for line in claim.lines:
         if EM_MODIFIER in line.modifiers and not PROCEDURES[line.code].is_em:
-            yield _flag(FlagCode.MODIFIER_MISUSE, line,
-                        f"Modifier 25 on {line.code}, which is not an E/M visit.")
+            yield _flag(
+                FlagCode.MODIFIER_MISUSE,
+                line,
+                f"Modifier 25 on {line.code}, which is not an E/M visit.",
+            )
         elif DISTINCT_MODIFIER in line.modifiers and not _has_comprehensive_partner(claim, line):
-            yield _flag(FlagCode.MODIFIER_MISUSE, line,
-                        f"Modifier 59 on {line.code} without a bundling pair that day.")
+            yield _flag(
+                FlagCode.MODIFIER_MISUSE,
+                line,
+                f"Modifier 59 on {line.code} without a bundling pair that day.",
+            )
 
 
 def _has_comprehensive_partner(claim: Claim, line: ServiceLine) -> bool:

@@ -30,8 +30,10 @@ def _validator() -> jsonschema.Draft202012Validator:
 
 def findings_errors(obj: object) -> list[str]:
     """Why `obj` is not valid findings (an empty list when it is)."""
-    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-            for e in _validator().iter_errors(obj)]
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in _validator().iter_errors(obj)
+    ]
 
 
 def is_valid_findings(obj: object) -> bool:

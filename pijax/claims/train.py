@@ -77,16 +77,27 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "vocab_size", "hidden_size", "num_layers",
-                     "num_heads", "num_kv_heads", "tokenizer_examples", "log_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "tokenizer_examples",
+            "log_every",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of "
-                             f"num_heads={self.num_heads}")
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads}"
+            )
         if not 0 <= self.context_loss_weight <= 1:
-            raise ValueError(f"context_loss_weight must be in [0, 1]; got "
-                             f"{self.context_loss_weight}")
+            raise ValueError(
+                f"context_loss_weight must be in [0, 1]; got {self.context_loss_weight}"
+            )
         if not 0 <= self.decay_fraction < 1:
             raise ValueError(f"decay_fraction must be in [0, 1); got {self.decay_fraction}")
 
@@ -128,17 +139,22 @@ def encode_examples(tok: tokenizers.Tokenizer, examples: Sequence[Example]) -> E
     # The policy segment is the same for every claim and ends before a special token, so it is
     # encoded once (prefix + row is exactly the whole prompt's encoding; see prompt.py).
     policy = tok.encode(render_policy_segment(policy_scaffold()), add_special_tokens=False).ids
-    claims = tok.encode_batch([render_claim_segment(ex.claim) for ex in examples],
-                              add_special_tokens=False)
-    answers = tok.encode_batch([render_target(ex.findings, ex.narrative) for ex in examples],
-                               add_special_tokens=False)
-    rows = [Encoded(np.asarray(c.ids + a.ids, np.int32), len(c.ids))
-            for c, a in zip(claims, answers, strict=True)]
+    claims = tok.encode_batch(
+        [render_claim_segment(ex.claim) for ex in examples], add_special_tokens=False
+    )
+    answers = tok.encode_batch(
+        [render_target(ex.findings, ex.narrative) for ex in examples], add_special_tokens=False
+    )
+    rows = [
+        Encoded(np.asarray(c.ids + a.ids, np.int32), len(c.ids))
+        for c, a in zip(claims, answers, strict=True)
+    ]
     return EncodedCorpus(np.asarray(policy, np.int32), rows)
 
 
-def batches(data: Sequence[Encoded], batch_size: int, seed: int, pad_id: int
-            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def batches(
+    data: Sequence[Encoded], batch_size: int, seed: int, pad_id: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Endless (tokens, loss mask) batches of similar length, in a seeded order per epoch.
 
     `mask[b, t] = 1` where token t is an answer token, i.e. predicted from position t-1.
@@ -150,8 +166,11 @@ def batches(data: Sequence[Encoded], batch_size: int, seed: int, pad_id: int
         by_bucket: dict[int, list[int]] = {}
         for i in order:
             by_bucket.setdefault(_bucket(len(data[i].ids)), []).append(i)
-        plan = [(length, idx[k:k + batch_size]) for length, idx in sorted(by_bucket.items())
-                for k in range(0, len(idx) - batch_size + 1, batch_size)]
+        plan = [
+            (length, idx[k : k + batch_size])
+            for length, idx in sorted(by_bucket.items())
+            for k in range(0, len(idx) - batch_size + 1, batch_size)
+        ]
         if not plan:  # fewer examples than one batch per bucket: pad the batch by repeating
             length = max(by_bucket)
             plan = [(length, (order * batch_size)[:batch_size])]
@@ -161,8 +180,8 @@ def batches(data: Sequence[Encoded], batch_size: int, seed: int, pad_id: int
             mask = np.zeros((batch_size, length), np.float32)
             for row, i in enumerate(idx):
                 ex = data[i]
-                tokens[row, :len(ex.ids)] = ex.ids
-                mask[row, ex.answer_start:len(ex.ids)] = 1.0
+                tokens[row, : len(ex.ids)] = ex.ids
+                mask[row, ex.answer_start : len(ex.ids)] = 1.0
             yield tokens, mask
 
 
@@ -176,12 +195,19 @@ def _bucket(n: int) -> int:
 def model_config(cfg: TrainConfig, tok: tokenizers.Tokenizer) -> ModelConfig:
     ids = special_token_ids(tok)
     return ModelConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size, num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
         head_dim=cfg.hidden_size // cfg.num_heads,
-        max_position_embeddings=cfg.max_position_embeddings, rope_theta=10000.0,
-        tie_word_embeddings=False, bos_token_id=ids[BOS], eos_token_ids=(ids[END], ids[EOS]))
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=ids[BOS],
+        eos_token_ids=(ids[END], ids[EOS]),
+    )
 
 
 def init_model(mcfg: ModelConfig, seed: int) -> LlamaModel:
@@ -202,8 +228,13 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     def factory(learning_rate):
         return optax.chain(
             optax.clip_by_global_norm(1.0),
-            optax.adamw(learning_rate, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay,
-                        mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
+            optax.adamw(
+                learning_rate,
+                b1=0.9,
+                b2=0.95,
+                weight_decay=cfg.weight_decay,
+                mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p),
+            ),
         )
 
     return optax.inject_hyperparams(factory)(learning_rate=cfg.learning_rate)
@@ -218,8 +249,9 @@ def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
     return cfg.learning_rate * warm * max(0.0, (1.0 - progress) / cfg.decay_fraction)
 
 
-def loss_weights(tokens: np.ndarray, mask: np.ndarray, pad_id: int, context_weight: float
-                 ) -> np.ndarray:
+def loss_weights(
+    tokens: np.ndarray, mask: np.ndarray, pad_id: int, context_weight: float
+) -> np.ndarray:
     """Per-token loss weights: 1 on answer tokens, `context_weight` on the other real tokens."""
     return (mask + context_weight * ((tokens != pad_id) & (mask == 0))).astype(np.float32)
 
@@ -238,7 +270,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation) -> Callab
     def train_step(params, opt_state, prefix, tokens, weights, mask, lr):
         opt_state.hyperparams["learning_rate"] = lr
         (_, answer_loss), grads = jax.value_and_grad(
-            functools.partial(_loss, graphdef), has_aux=True)(params, prefix, tokens, weights, mask)
+            functools.partial(_loss, graphdef), has_aux=True
+        )(params, prefix, tokens, weights, mask)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, answer_loss
 
@@ -248,17 +281,20 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation) -> Callab
 # --- the loop -----------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, tokenizer_path: str | Path, log: Callable[[str], None] = print,
-          init_from: str | Path | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    tokenizer_path: str | Path,
+    log: Callable[[str], None] = print,
+    init_from: str | Path | None = None,
+) -> TrainResult:
     """Corpus -> tokenizer (saved to `tokenizer_path`) -> trained model.
 
     With `init_from` (an HF checkpoint directory this function wrote), training continues from
     its weights and tokenizer; the model shape flags of `cfg` are then ignored.
     """
-    examples = generate_examples(cfg.seed, cfg.total_examples, split="train",
-                                 start=cfg.data_offset)
+    examples = generate_examples(cfg.seed, cfg.total_examples, split="train", start=cfg.data_offset)
     if init_from is None:
-        tok = train_tokenizer(training_texts(examples[:cfg.tokenizer_examples]), cfg.vocab_size)
+        tok = train_tokenizer(training_texts(examples[: cfg.tokenizer_examples]), cfg.vocab_size)
     else:
         tok = tokenizers.Tokenizer.from_file(str(Path(init_from) / "tokenizer.json"))
     Path(tokenizer_path).parent.mkdir(parents=True, exist_ok=True)
@@ -266,14 +302,19 @@ def train(cfg: TrainConfig, tokenizer_path: str | Path, log: Callable[[str], Non
     corpus = encode_examples(tok, examples)
     data, prefix_len = corpus.rows, len(corpus.prefix)
     lengths = prefix_len + np.array([len(d.ids) for d in data])
-    answer_share = np.mean([(len(d.ids) - d.answer_start) / (prefix_len + len(d.ids))
-                            for d in data])
-    log(f"corpus: {len(data)} claims, sequence length mean {lengths.mean():.0f} max "
+    answer_share = np.mean(
+        [(len(d.ids) - d.answer_start) / (prefix_len + len(d.ids)) for d in data]
+    )
+    log(
+        f"corpus: {len(data)} claims, sequence length mean {lengths.mean():.0f} max "
         f"{lengths.max()} (shared policy prefix {prefix_len}), answer share {answer_share:.2f}"
-        f"; vocab {tok.get_vocab_size()}")
+        f"; vocab {tok.get_vocab_size()}"
+    )
     if lengths.max() > cfg.max_position_embeddings:
-        raise ValueError(f"a training sequence has {lengths.max()} tokens > "
-                         f"max_position_embeddings={cfg.max_position_embeddings}")
+        raise ValueError(
+            f"a training sequence has {lengths.max()} tokens > "
+            f"max_position_embeddings={cfg.max_position_embeddings}"
+        )
 
     if init_from is None:
         mcfg = model_config(cfg, tok)
@@ -288,8 +329,10 @@ def train(cfg: TrainConfig, tokenizer_path: str | Path, log: Callable[[str], Non
     optimizer = make_optimizer(cfg)
     opt_state = optimizer.init(params)
     step_fn = make_train_step(graphdef, optimizer)
-    log(f"model: {num_params(params):,} parameters, {mcfg.num_layers} layers, width "
-        f"{mcfg.hidden_size}, {mcfg.num_heads} heads / {mcfg.num_kv_heads} kv heads")
+    log(
+        f"model: {num_params(params):,} parameters, {mcfg.num_layers} layers, width "
+        f"{mcfg.hidden_size}, {mcfg.num_heads} heads / {mcfg.num_kv_heads} kv heads"
+    )
 
     pad_id = special_token_ids(tok)[PAD]
     stream = batches(data, cfg.batch_size, cfg.seed, pad_id)
@@ -312,18 +355,26 @@ def train(cfg: TrainConfig, tokenizer_path: str | Path, log: Callable[[str], Non
         tokens, mask = next(stream)
         lr = learning_rate(cfg, step, progress)
         weights = loss_weights(tokens, mask, pad_id, cfg.context_loss_weight)
-        params, opt_state, loss = step_fn(params, opt_state, prefix, jnp.asarray(tokens),
-                                          jnp.asarray(weights), jnp.asarray(mask),
-                                          jnp.float32(lr))
+        params, opt_state, loss = step_fn(
+            params,
+            opt_state,
+            prefix,
+            jnp.asarray(tokens),
+            jnp.asarray(weights),
+            jnp.asarray(mask),
+            jnp.float32(lr),
+        )
         tokens_seen += tokens.size + len(corpus.prefix)
         target_seen += int(mask.sum())
         window.append(float(loss))
         bar.set_postfix(loss=f"{window[-1]:.3f}", lr=f"{lr:.1e}", refresh=False)
         if (step + 1) % cfg.log_every == 0:
             losses.append((step + 1, float(np.mean(window))))
-            log(f"step {step + 1}/{cfg.steps} loss {losses[-1][1]:.4f} lr {lr:.2e} "
+            log(
+                f"step {step + 1}/{cfg.steps} loss {losses[-1][1]:.4f} lr {lr:.2e} "
                 f"len {tokens.shape[1]} elapsed {time.monotonic() - start:.0f}s "
-                f"tok/s {tokens_seen / (time.monotonic() - start):.0f}")
+                f"tok/s {tokens_seen / (time.monotonic() - start):.0f}"
+            )
             window = []
     else:
         step = cfg.steps
@@ -333,8 +384,18 @@ def train(cfg: TrainConfig, tokenizer_path: str | Path, log: Callable[[str], Non
     jax.block_until_ready(params)
     seconds = time.monotonic() - start
     nnx.update(model, params)
-    return TrainResult(model, mcfg, tok, step, step * cfg.batch_size, tokens_seen, target_seen,
-                       seconds, losses, stopped_by)
+    return TrainResult(
+        model,
+        mcfg,
+        tok,
+        step,
+        step * cfg.batch_size,
+        tokens_seen,
+        target_seen,
+        seconds,
+        losses,
+        stopped_by,
+    )
 
 
 def num_params(state) -> int:

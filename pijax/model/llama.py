@@ -74,8 +74,16 @@ class RMSNorm(nnx.Module):
 
 def _linear(din, dout, bias, dtype, rngs, scale=None):
     init = nnx.initializers.normal(stddev=scale if scale is not None else 1.0 / math.sqrt(din))
-    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, kernel_init=init,
-                      bias_init=nnx.initializers.normal(0.02), rngs=rngs)
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=dtype,
+        kernel_init=init,
+        bias_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
 
 
 class Attention(nnx.Module):
@@ -96,19 +104,32 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
-    def __call__(self, x: Float[Array, "T E"], positions, inv_freq, cache: LayerKV,
-                 meta: AttentionMetadata) -> tuple[Array, LayerKV]:
+    def __call__(
+        self, x: Float[Array, "T E"], positions, inv_freq, cache: LayerKV, meta: AttentionMetadata
+    ) -> tuple[Array, LayerKV]:
         q, k, v = self._qkv(x, positions, inv_freq)
-        kp, vp, ks, vs = dispatch.write_kv(cache.k, cache.v, k, v, meta.slot_mapping,
-                                           cache.k_scale, cache.v_scale, impl=self.impl)
+        kp, vp, ks, vs = dispatch.write_kv(
+            cache.k, cache.v, k, v, meta.slot_mapping, cache.k_scale, cache.v_scale, impl=self.impl
+        )
         out = dispatch.paged_attention(
-            q, kp, vp, meta.kv_lens, meta.block_tables, meta.cu_q_lens, meta.num_seqs,
-            sm_scale=self.sm_scale, impl=self.impl, k_scales=ks, v_scales=vs)
+            q,
+            kp,
+            vp,
+            meta.kv_lens,
+            meta.block_tables,
+            meta.cu_q_lens,
+            meta.num_seqs,
+            sm_scale=self.sm_scale,
+            impl=self.impl,
+            k_scales=ks,
+            v_scales=vs,
+        )
         out = out.reshape(x.shape[0], self.num_heads * self.head_dim)
         return self.o_proj(out), LayerKV(kp, vp, ks, vs)
 
-    def forward_dense(self, x: Float[Array, "B L E"], positions, inv_freq,
-                      past: tuple[Array, Array] | None = None) -> tuple[Array, tuple[Array, Array]]:
+    def forward_dense(
+        self, x: Float[Array, "B L E"], positions, inv_freq, past: tuple[Array, Array] | None = None
+    ) -> tuple[Array, tuple[Array, Array]]:
         """Causal attention over `x`; with `past` (keys, values of shape [1, P, kv heads, D], one
         prefix that every row continues), each row also sees all P prefix positions first.
         Returns the output and `x`'s own (keys, values)."""
@@ -160,18 +181,33 @@ class DecoderLayer(nnx.Module):
 class LlamaModel(nnx.Module):
     """Decoder + LM head. Parameter names follow HF's, so loading is a transpose, not a puzzle."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32,
-                 attention_impl: AttentionImpl = AttentionImpl.AUTO, rngs: nnx.Rngs | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype=jnp.float32,
+        attention_impl: AttentionImpl = AttentionImpl.AUTO,
+        rngs: nnx.Rngs | None = None,
+    ):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = cfg
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                      param_dtype=dtype,
-                                      embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, dtype, attention_impl, rngs)
-                                for _ in range(cfg.num_layers)])
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            param_dtype=dtype,
+            embedding_init=nnx.initializers.normal(1.0),
+            rngs=rngs,
+        )
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, dtype, attention_impl, rngs) for _ in range(cfg.num_layers)]
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else _linear(
-            cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
+        )
 
     def _logits(self, x):
         x = self.norm(x)
@@ -179,9 +215,14 @@ class LlamaModel(nnx.Module):
             return self.embed_tokens.attend(x).astype(jnp.float32)
         return self.lm_head(x).astype(jnp.float32)
 
-    def __call__(self, tokens: Int[Array, "T"], positions: Int[Array, "T"], kv_pool: KVPool,
-                 meta: AttentionMetadata, logits_indices: Int[Array, "S"]
-                 ) -> tuple[Float[Array, "S V"], KVPool]:
+    def __call__(
+        self,
+        tokens: Int[Array, "T"],
+        positions: Int[Array, "T"],
+        kv_pool: KVPool,
+        meta: AttentionMetadata,
+        logits_indices: Int[Array, "S"],
+    ) -> tuple[Float[Array, "S V"], KVPool]:
         """Ragged paged forward: logits only at `logits_indices` (each sequence's last token)."""
         inv_freq = rope_inv_freq(self.config)
         x = self.embed_tokens(tokens)
@@ -191,8 +232,9 @@ class LlamaModel(nnx.Module):
             new_pool.append(cache)
         return self._logits(x[logits_indices]), tuple(new_pool)
 
-    def forward_dense(self, tokens: Int[Array, "B L"], prefix: Int[Array, "P"] | None = None
-                      ) -> Float[Array, "B L V"]:
+    def forward_dense(
+        self, tokens: Int[Array, "B L"], prefix: Int[Array, "P"] | None = None
+    ) -> Float[Array, "B L V"]:
         """Logits at every position of `tokens`. With `prefix`, each row continues the same
         prefix tokens: the logits equal those of `concatenate([prefix, row])` at the row's
         positions, but the prefix runs once (batch 1) instead of once per row, which is most of

@@ -31,8 +31,14 @@ def generate_stubs(out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for rel in PROTO_FILES:
-        args = ["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"--python_out={out_dir}",
-                f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", str(PROTO_ROOT / rel)]
+        args = [
+            "grpc_tools.protoc",
+            f"-I{PROTO_ROOT}",
+            f"--python_out={out_dir}",
+            f"--pyi_out={out_dir}",
+            f"--grpc_python_out={out_dir}",
+            str(PROTO_ROOT / rel),
+        ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {rel}")
     files = []

@@ -24,15 +24,15 @@ def test_closed_loop_keeps_n_conversations_in_flight(workload):
         now += 1.0
         driver.finished(p, now, [7] * p.output_len)
     assert max_convs == 3
-    assert seen == {f"c{c.index}-t{i}" for c in workload.conversations
-                    for i in range(len(c.turns))}
+    assert seen == {f"c{c.index}-t{i}" for c in workload.conversations for i in range(len(c.turns))}
     assert driver.num_done == len(workload.conversations)
 
 
 def test_follow_up_prompt_is_history_plus_actual_output_plus_tool_tokens(workload):
     conv = next(c for c in workload.conversations if len(c.turns) > 1)
-    driver = ArrivalDriver(workload, ArrivalSpec(ArrivalMode.CLOSED, clients=len(
-        workload.conversations)), start=0.0)
+    driver = ArrivalDriver(
+        workload, ArrivalSpec(ArrivalMode.CLOSED, clients=len(workload.conversations)), start=0.0
+    )
     first = next(p for p in driver.due(0.0) if p.conv is conv)
     assert first.turn == 0 and first.arrival == 0.0
     output = [5, 6, 7]  # what the model produced, whatever the drawn length

@@ -11,11 +11,19 @@ from pijax.workload import ClaimKind
 
 
 def turn(rid, arrival, scheduled, times, finish=None, kind=TurnKind.SINGLE, prompt=100, cached=0):
-    return TurnRecord(request_id=rid, conversation=0, turn=0, kind=kind,
-                      claim_kind=ClaimKind.PROFESSIONAL, arrival=arrival,
-                      first_scheduled=scheduled, token_times=list(times),
-                      finish=times[-1] if finish is None else finish, prompt_tokens=prompt,
-                      cached_tokens=cached)
+    return TurnRecord(
+        request_id=rid,
+        conversation=0,
+        turn=0,
+        kind=kind,
+        claim_kind=ClaimKind.PROFESSIONAL,
+        arrival=arrival,
+        first_scheduled=scheduled,
+        token_times=list(times),
+        finish=times[-1] if finish is None else finish,
+        prompt_tokens=prompt,
+        cached_tokens=cached,
+    )
 
 
 def test_percentiles_by_hand():
@@ -42,19 +50,41 @@ def make_run():
     turns = [
         turn("a", 0.0, 0.0, [1.0, 2.0, 3.0], prompt=1000, cached=960),
         turn("b", 1.0, 2.0, [3.0, 3.5], kind=TurnKind.SESSION_FIRST, prompt=500),
-        turn("c", 4.0, 4.0, [5.0, 6.0, 8.0], finish=8.0, kind=TurnKind.SESSION_FOLLOW_UP,
-             prompt=700, cached=512),
+        turn(
+            "c",
+            4.0,
+            4.0,
+            [5.0, 6.0, 8.0],
+            finish=8.0,
+            kind=TurnKind.SESSION_FOLLOW_UP,
+            prompt=700,
+            cached=512,
+        ),
     ]
-    steps = [StepSample(t=1.0, step_s=0.5, running=2, waiting=1, pool_usage=0.5, waste=0.10),
-             StepSample(t=2.0, step_s=0.5, running=1, waiting=0, pool_usage=0.25, waste=0.30),
-             StepSample(t=3.0, step_s=0.5, running=0, waiting=0, pool_usage=0.0, waste=0.0),
-             StepSample(t=4.0, step_s=0.5, running=3, waiting=2, pool_usage=0.75, waste=0.20)]
-    return RunResult(name="paged", start=0.0, end=9.0, turns=turns, steps=steps,
-                     conversations_done=2, conversations_dropped=0, compiles_during_run=0,
-                     preemptions=1,
-                     prefix={"queries_by_zone": {"policy": 3, "session": 2},
-                             "hits_by_zone": {"policy": 2, "session": 1}, "tokens_saved": 1472},
-                     page_size=64, usable_pages=100)
+    steps = [
+        StepSample(t=1.0, step_s=0.5, running=2, waiting=1, pool_usage=0.5, waste=0.10),
+        StepSample(t=2.0, step_s=0.5, running=1, waiting=0, pool_usage=0.25, waste=0.30),
+        StepSample(t=3.0, step_s=0.5, running=0, waiting=0, pool_usage=0.0, waste=0.0),
+        StepSample(t=4.0, step_s=0.5, running=3, waiting=2, pool_usage=0.75, waste=0.20),
+    ]
+    return RunResult(
+        name="paged",
+        start=0.0,
+        end=9.0,
+        turns=turns,
+        steps=steps,
+        conversations_done=2,
+        conversations_dropped=0,
+        compiles_during_run=0,
+        preemptions=1,
+        prefix={
+            "queries_by_zone": {"policy": 3, "session": 2},
+            "hits_by_zone": {"policy": 2, "session": 1},
+            "tokens_saved": 1472,
+        },
+        page_size=64,
+        usable_pages=100,
+    )
 
 
 def test_summary_by_hand():
@@ -114,17 +144,26 @@ def test_ratio():
 
 
 def _entry(tok_s, peak, ttft_p50, waste=0.02, compiles=0):
-    return {"summary": {"throughput": {"output_tokens_per_s": tok_s, "claims_per_hour": tok_s},
-                        "concurrency": {"peak": peak},
-                        "latency_s": {k: {"p50": ttft_p50, "p99": 2 * ttft_p50}
-                                      for k in ("ttft", "itl", "tpot", "e2e")},
-                        "memory": {"waste_mean": waste},
-                        "compilations_after_warmup": compiles}}
+    return {
+        "summary": {
+            "throughput": {"output_tokens_per_s": tok_s, "claims_per_hour": tok_s},
+            "concurrency": {"peak": peak},
+            "latency_s": {
+                k: {"p50": ttft_p50, "p99": 2 * ttft_p50} for k in ("ttft", "itl", "tpot", "e2e")
+            },
+            "memory": {"waste_mean": waste},
+            "compilations_after_warmup": compiles,
+        }
+    }
 
 
 def test_ratios_and_goals():
-    configs = {PAGED: _entry(100.0, 8, 0.1), CONTIGUOUS: _entry(40.0, 2, 0.5),
-               NO_REUSE: _entry(80.0, 8, 0.5), HF: {"skipped": "needs the reference extra"}}
+    configs = {
+        PAGED: _entry(100.0, 8, 0.1),
+        CONTIGUOUS: _entry(40.0, 2, 0.5),
+        NO_REUSE: _entry(80.0, 8, 0.5),
+        HF: {"skipped": "needs the reference extra"},
+    }
     r = ratios(configs)
     assert set(r) == {CONTIGUOUS, NO_REUSE}  # the skipped baseline has no ratios
     assert r[CONTIGUOUS]["output_tokens_per_s"] == pytest.approx(0.4)
@@ -134,8 +173,9 @@ def test_ratios_and_goals():
     tput = g["paged vs contiguous: output tokens/s"]
     assert tput["measured"] == pytest.approx(2.5) and tput["met"] is True
     assert g["paged vs contiguous: peak concurrency"]["measured"] == pytest.approx(4.0)
-    assert g["prefix reuse: median TTFT, no-reuse / reuse (workload run)"]["measured"] == \
-        pytest.approx(5.0)
+    assert g["prefix reuse: median TTFT, no-reuse / reuse (workload run)"][
+        "measured"
+    ] == pytest.approx(5.0)
     assert g["waste (allocated but unwritten slots)"]["met"] is True
     hf = g["paged vs hf-transformers: output tokens/s"]
     assert hf["measured"] is None and hf["met"] is None  # skipped: not measured, not failed

@@ -25,9 +25,17 @@ def server_target():
     thread.start()
 
     async def build():
-        return InferenceServer(engine, ServerConfig(
-            host="127.0.0.1", port=0, insecure_dev_mode=True, model_name=preset.model,
-            trusted_zones=("policy",), drain_grace_s=1.0))
+        return InferenceServer(
+            engine,
+            ServerConfig(
+                host="127.0.0.1",
+                port=0,
+                insecure_dev_mode=True,
+                model_name=preset.model,
+                trusted_zones=("policy",),
+                drain_grace_s=1.0,
+            ),
+        )
 
     server = asyncio.run_coroutine_threadsafe(build(), loop).result(60)
     port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(600)

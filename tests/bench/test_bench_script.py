@@ -28,15 +28,32 @@ def smoke_run(tmp_path_factory):
     for name in ("torch", "transformers"):
         (shim / name).mkdir(parents=True)
         (shim / name / "__init__.py").write_text(
-            f"raise ImportError('{name} hidden by the test: no reference extra')\n")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", CI="1",
-               PYTHONPATH=os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")]))
+            f"raise ImportError('{name} hidden by the test: no reference extra')\n"
+        )
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        CI="1",
+        PYTHONPATH=os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")]),
+    )
     out = tmp / "out"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--preset=smoke", "--compare", "--sweep",
-         "--kv_cache_dtype=auto,int8", f"--out_dir={out}", "--compilation_cache_dir=",
-         "--note=test run"],
-        capture_output=True, text=True, timeout=900, env=env)
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--preset=smoke",
+            "--compare",
+            "--sweep",
+            "--kv_cache_dtype=auto,int8",
+            f"--out_dir={out}",
+            "--compilation_cache_dir=",
+            "--note=test run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc.stdout
 
@@ -80,10 +97,19 @@ def test_table_and_plots(smoke_run):
     out, stdout = smoke_run
     md = (out / "results.md").read_text()
     assert md in stdout  # the table is printed too
-    for text in ("| configuration | output tok/s", "TPOT = (e2e − TTFT) / (n − 1)",
-                 "## Ratios to the full engine", "| contiguous |", "skipped: needs the reference",
-                 "## KV cache dtype at one memory budget", f"| {INT8} | int8 |", "## Probes",
-                 "## Goals (issue 6), measured", "## Rate sweep", "CPU figures, not performance"):
+    for text in (
+        "| configuration | output tok/s",
+        "TPOT = (e2e − TTFT) / (n − 1)",
+        "## Ratios to the full engine",
+        "| contiguous |",
+        "skipped: needs the reference",
+        "## KV cache dtype at one memory budget",
+        f"| {INT8} | int8 |",
+        "## Probes",
+        "## Goals (issue 6), measured",
+        "## Rate sweep",
+        "CPU figures, not performance",
+    ):
         assert text in md, text
     for png in ("latency_cdf.png", "pool_timeline.png", "sweep.png"):
         assert (out / png).stat().st_size > 1000

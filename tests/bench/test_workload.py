@@ -49,9 +49,16 @@ def test_token_source_changes_content_not_shape():
     cfg = WorkloadConfig(num_conversations=30, seed=5)
     a = generate_workload(cfg)
     b = generate_workload(cfg, tokens=text_tokens(lambda text: [len(w) for w in text.split()]))
-    shape = lambda w: [(c.kind, c.tenant, c.session_id, c.unit_gap,  # noqa: E731
-                        [(len(t.new_tokens), t.output_len) for t in c.turns])
-                       for c in w.conversations]
+    shape = lambda w: [
+        (
+            c.kind,
+            c.tenant,
+            c.session_id,
+            c.unit_gap,  # noqa: E731
+            [(len(t.new_tokens), t.output_len) for t in c.turns],
+        )
+        for c in w.conversations
+    ]
     assert shape(a) == shape(b)
     assert a.policy != b.policy
 
@@ -134,14 +141,19 @@ def test_summary_counts():
     s = w.summary()
     assert s["conversations"] == 25 and s["requests"] == w.num_requests
     assert s["sessions"] == sum(c.session_id is not None for c in w.conversations)
-    assert s["output_tokens"]["total"] == sum(t.output_len for c in w.conversations
-                                              for t in c.turns)
+    assert s["output_tokens"]["total"] == sum(
+        t.output_len for c in w.conversations for t in c.turns
+    )
 
 
 def test_config_from_dict_and_validation():
-    cfg = WorkloadConfig.from_dict({"num_conversations": 3, "tool_tokens": [10, 20],
-                                    "narrative_output": {"median": 5, "sigma": 0.1, "lo": 1,
-                                                         "hi": 9}})
+    cfg = WorkloadConfig.from_dict(
+        {
+            "num_conversations": 3,
+            "tool_tokens": [10, 20],
+            "narrative_output": {"median": 5, "sigma": 0.1, "lo": 1, "hi": 9},
+        }
+    )
     assert cfg.tool_tokens == (10, 20) and cfg.narrative_output == LogNormal(5, 0.1, 1, 9)
     assert WorkloadConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown workload field"):

@@ -92,8 +92,18 @@ def _line(n, code, *, date="2024-05-02", mods=(), units=1, dx=None):
 
 
 def _claim(*lines: ServiceLine) -> Claim:
-    return Claim("CLM-100001", ClaimType.PROFESSIONAL, "11", None, "P-1000", "M-10000", 50, "F",
-                 tuple(dict.fromkeys(line.diagnosis for line in lines)), lines)
+    return Claim(
+        "CLM-100001",
+        ClaimType.PROFESSIONAL,
+        "11",
+        None,
+        "P-1000",
+        "M-10000",
+        50,
+        "F",
+        tuple(dict.fromkeys(line.diagnosis for line in lines)),
+        lines,
+    )
 
 
 def _keys(claim: Claim):
@@ -113,8 +123,12 @@ def test_duplicated_line_gets_duplicate_billing_flag():
 
 
 def test_same_code_other_date_or_laterality_is_not_duplicate():
-    claim = _claim(_line(1, "97110", units=2), _line(2, "97110", units=2, date="2024-05-03"),
-                   _line(3, "20610", mods=("RT",)), _line(4, "20610", mods=("LT",)))
+    claim = _claim(
+        _line(1, "97110", units=2),
+        _line(2, "97110", units=2, date="2024-05-03"),
+        _line(3, "20610", mods=("RT",)),
+        _line(4, "20610", mods=("LT",)),
+    )
     assert _keys(claim) == []
 
 
@@ -128,8 +142,9 @@ def test_modifier_59_excuses_only_pairs_that_allow_it():
     assert _keys(allowed) == []
     not_allowed = _claim(_line(1, "93000", dx="I10"), _line(2, "93005", mods=("59",), dx="I10"))
     assert _keys(not_allowed) == [("UNBUNDLING", 2)]
-    other_day = _claim(_line(1, "80053", dx="E11.9"),
-                       _line(2, "80048", dx="E11.9", date="2024-05-09"))
+    other_day = _claim(
+        _line(1, "80053", dx="E11.9"), _line(2, "80048", dx="E11.9", date="2024-05-09")
+    )
     assert _keys(other_day) == []
 
 
@@ -146,14 +161,20 @@ def test_diagnosis_not_supporting_procedure():
 
 
 def test_modifier_misuse():
-    claim = _claim(_line(1, "99213", mods=("25",)), _line(2, "71046", mods=("25",), dx="J18.9"),
-                   _line(3, "96372", mods=("59",), dx="J18.9"))
+    claim = _claim(
+        _line(1, "99213", mods=("25",)),
+        _line(2, "71046", mods=("25",), dx="J18.9"),
+        _line(3, "96372", mods=("59",), dx="J18.9"),
+    )
     assert _keys(claim) == [("MODIFIER_MISUSE", 2), ("MODIFIER_MISUSE", 3)]
 
 
 def test_risk_and_action_follow_the_flags():
-    claim = _claim(_line(1, "85025", dx="N39.0"), _line(2, "85025", dx="N39.0"),
-                   _line(3, "85027", units=3, dx="N39.0"))
+    claim = _claim(
+        _line(1, "85025", dx="N39.0"),
+        _line(2, "85025", dx="N39.0"),
+        _line(3, "85027", units=3, dx="N39.0"),
+    )
     findings = rules.review(claim)
     assert _keys(claim) == [("DUPLICATE_BILLING", 2), ("UNBUNDLING", 3), ("UNITS_EXCEED_MAX", 3)]
     assert findings.risk_category is RiskCategory.HIGH
@@ -171,5 +192,6 @@ def test_narrative_cites_every_flag_policy(examples):
 def test_flag_keys_ignore_wording():
     ex = next(e for e in generate_examples(seed=3, count=50) if e.findings.flags)
     reworded = dataclasses.replace(
-        ex.findings, flags=tuple(dataclasses.replace(f, description="x") for f in ex.findings.flags))
+        ex.findings, flags=tuple(dataclasses.replace(f, description="x") for f in ex.findings.flags)
+    )
     assert reworded.flag_keys() == ex.findings.flag_keys()

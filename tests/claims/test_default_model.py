@@ -33,8 +33,15 @@ def heldout():
 
 
 def test_checkpoint_files_and_size():
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json", "train_report.json", "eval.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "train_report.json",
+        "eval.json",
+    ):
         assert (DEFAULT_MODEL / name).is_file(), name
     assert (DEFAULT_MODEL / "model.safetensors").stat().st_size <= 25 * 2**20
 
@@ -81,8 +88,9 @@ def llm():
 
 @pytest.mark.slow
 def test_engine_loads_and_reviews_the_sample_claim(llm):
-    out = llm.generate(sample_review_prompt(), pijax.SamplingParams(temperature=0.0,
-                                                                    max_tokens=400))[0]
+    out = llm.generate(
+        sample_review_prompt(), pijax.SamplingParams(temperature=0.0, max_tokens=400)
+    )[0]
     assert out.finish_reason.value == "stop"
     assert out.text.startswith('{"claim_id":')
 
@@ -94,11 +102,11 @@ def test_engine_greedy_matches_reference_decoder(llm):
     from pijax.sharding import make_mesh
 
     prompt = llm.tokenizer.encode(sample_review_prompt(), add_bos=False)
-    engine_ids = llm.generate([prompt], pijax.SamplingParams(temperature=0.0, max_tokens=24,
-                                                             ignore_eos=True))[0].token_ids
+    engine_ids = llm.generate(
+        [prompt], pijax.SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    )[0].token_ids
     model = load_model(DEFAULT_MODEL, dtype="float32", mesh=make_mesh((1, 1))).model()
-    decoder = PagedGreedyDecoder(model, batch_size=1, max_prompt_len=len(prompt),
-                                 max_new_tokens=24)
+    decoder = PagedGreedyDecoder(model, batch_size=1, max_prompt_len=len(prompt), max_new_tokens=24)
     assert decoder.generate([prompt], stop_ids=[])[0] == list(engine_ids)
 
 
@@ -110,8 +118,10 @@ def test_constrained_output_validates_for_20_heldout_claims(llm, heldout):
 
     engine = llm.engine
     compiled = structured.SchemaCompiler.for_tokenizer(
-        llm.tokenizer, vocab_size=engine.model_config.vocab_size,
-        eos_token_ids=engine.model.eos_token_ids).compile(json.dumps(findings_schema()))
+        llm.tokenizer,
+        vocab_size=engine.model_config.vocab_size,
+        eos_token_ids=engine.model.eos_token_ids,
+    ).compile(json.dumps(findings_schema()))
     prompts = [render_prompt(policy_scaffold(), ex.claim) for ex in heldout]
     report = evaluate_constrained(llm, prompts, heldout, 512, compiled.new_constraint)
     assert report.num_claims == 20
@@ -123,18 +133,21 @@ def test_constrained_output_validates_for_20_heldout_claims(llm, heldout):
 def test_transformers_loads_checkpoint_and_agrees_on_greedy_tokens(llm):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(DEFAULT_MODEL),
-                                                           torch_dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(DEFAULT_MODEL), torch_dtype=torch.float32
+    )
     prompt = llm.tokenizer.encode(sample_review_prompt(), add_bos=False)
     new = 32
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
-                          pad_token_id=0)
-    hf_ids = out[0, len(prompt):].tolist()
-    ours = llm.generate([prompt], pijax.SamplingParams(temperature=0.0, max_tokens=new,
-                                                       ignore_eos=True))[0].token_ids
+        out = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=new, do_sample=False, pad_token_id=0
+        )
+    hf_ids = out[0, len(prompt) :].tolist()
+    ours = llm.generate(
+        [prompt], pijax.SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+    )[0].token_ids
     assert len(hf_ids) >= 16  # the answer is longer than this: no early stop expected
-    assert hf_ids == list(ours)[:len(hf_ids)]
+    assert hf_ids == list(ours)[: len(hf_ids)]
 
 
 @pytest.mark.slow
@@ -144,13 +157,23 @@ def test_generate_script_reviews_the_sample_claim():
     from pijax.claims.samples import sample_example
 
     root = Path(__file__).resolve().parents[2]
-    run = subprocess.run([sys.executable, str(root / "scripts" / "generate.py")], cwd=root,
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, str(root / "scripts" / "generate.py")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     out = run.stdout
     # The claim is shown as rendered; the findings parse (the model's own claim id and flags:
     # they are scored by eval.json, not pinned here).
-    for part in ("=== claim (synthetic) ===", render_claim(sample_example().claim),
-                 "=== findings (schema-constrained", '"claim_id": "CLM-', "=== narrative ===",
-                 "schema-valid: yes"):
+    for part in (
+        "=== claim (synthetic) ===",
+        render_claim(sample_example().claim),
+        "=== findings (schema-constrained",
+        '"claim_id": "CLM-',
+        "=== narrative ===",
+        "schema-valid: yes",
+    ):
         assert part in out, out

@@ -110,8 +110,10 @@ def test_segments_tokenize_independently(tokenizer, examples):
     for ex in examples[100:110]:
         claim = render_claim_segment(ex.claim)
         whole = tokenizer.encode(policy + claim, add_special_tokens=False).ids
-        parts = (tokenizer.encode(policy, add_special_tokens=False).ids
-                 + tokenizer.encode(claim, add_special_tokens=False).ids)
+        parts = (
+            tokenizer.encode(policy, add_special_tokens=False).ids
+            + tokenizer.encode(claim, add_special_tokens=False).ids
+        )
         assert whole == parts
 
 

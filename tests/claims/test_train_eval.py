@@ -32,10 +32,12 @@ def test_encoded_sequence_is_prompt_then_answer(tokenizer, examples):
     corpus = train.encode_examples(tokenizer, examples[:5])
     prefix = corpus.prefix.tolist()
     for ex, enc in zip(examples[:5], corpus.rows, strict=True):
-        prompt = tokenizer.encode(render_prompt(policy_scaffold(), ex.claim),
-                                  add_special_tokens=False).ids
-        answer = tokenizer.encode(render_target(ex.findings, ex.narrative),
-                                  add_special_tokens=False).ids
+        prompt = tokenizer.encode(
+            render_prompt(policy_scaffold(), ex.claim), add_special_tokens=False
+        ).ids
+        answer = tokenizer.encode(
+            render_target(ex.findings, ex.narrative), add_special_tokens=False
+        ).ids
         assert prefix + enc.ids.tolist() == prompt + answer
         assert len(prefix) + enc.answer_start == len(prompt)
 
@@ -47,13 +49,17 @@ def test_batches_mask_only_answer_tokens(tokenizer, examples):
         tokens, mask = next(stream)
         assert tokens.shape == mask.shape and tokens.shape[1] % train.BUCKET == 0
         for row in range(tokens.shape[0]):
-            match = [d for d in data if len(d.ids) <= tokens.shape[1]
-                     and np.array_equal(tokens[row, :len(d.ids)], d.ids)]
+            match = [
+                d
+                for d in data
+                if len(d.ids) <= tokens.shape[1]
+                and np.array_equal(tokens[row, : len(d.ids)], d.ids)
+            ]
             enc = match[0]
             expected = np.zeros(tokens.shape[1])
-            expected[enc.answer_start:len(enc.ids)] = 1
+            expected[enc.answer_start : len(enc.ids)] = 1
             np.testing.assert_array_equal(mask[row], expected)
-            assert (tokens[row, len(enc.ids):] == 0).all()
+            assert (tokens[row, len(enc.ids) :] == 0).all()
 
 
 def test_batches_are_seeded(tokenizer, examples):
@@ -106,13 +112,22 @@ def test_score_answer(examples):
 
 
 def test_paged_greedy_decoder_matches_dense_forward():
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128)
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+    )
     model = LlamaModel(cfg, rngs=nnx.Rngs(3))
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, 64, size=n).tolist() for n in (3, 21, 9)]
-    decoder = PagedGreedyDecoder(model, batch_size=2, max_prompt_len=24, max_new_tokens=6,
-                                 page_size=8)
+    decoder = PagedGreedyDecoder(
+        model, batch_size=2, max_prompt_len=24, max_new_tokens=6, page_size=8
+    )
     out = decoder.generate(prompts, stop_ids=[])
     assert out[0] == dense_greedy(model, prompts[0], 6)
     assert out[1] == dense_greedy(model, prompts[1], 6)
@@ -121,10 +136,21 @@ def test_paged_greedy_decoder_matches_dense_forward():
 
 @pytest.mark.slow
 def test_tiny_training_run_lowers_the_loss(tmp_path):
-    cfg = train.TrainConfig(steps=12, num_examples=64, batch_size=4, learning_rate=3e-3,
-                            warmup_steps=2, vocab_size=400, hidden_size=32, intermediate_size=64,
-                            num_layers=1, num_heads=2, num_kv_heads=1, tokenizer_examples=64,
-                            log_every=4)
+    cfg = train.TrainConfig(
+        steps=12,
+        num_examples=64,
+        batch_size=4,
+        learning_rate=3e-3,
+        warmup_steps=2,
+        vocab_size=400,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        tokenizer_examples=64,
+        log_every=4,
+    )
     result = train.train(cfg, tmp_path / "tokenizer.json", log=lambda m: None)
     assert (tmp_path / "tokenizer.json").is_file()
     assert result.steps_done == 12 and result.stopped_by == "steps"
@@ -135,13 +161,30 @@ def test_tiny_training_run_lowers_the_loss(tmp_path):
 def test_training_continues_from_a_saved_checkpoint(tmp_path):
     from pijax.model.hf_io import save_hf_checkpoint
 
-    cfg = train.TrainConfig(steps=3, num_examples=8, batch_size=4, learning_rate=1e-2,
-                            warmup_steps=1, vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=1,
-                            num_heads=2, num_kv_heads=1, tokenizer_examples=8, log_every=1)
+    cfg = train.TrainConfig(
+        steps=3,
+        num_examples=8,
+        batch_size=4,
+        learning_rate=1e-2,
+        warmup_steps=1,
+        vocab_size=400,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        tokenizer_examples=8,
+        log_every=1,
+    )
     first = train.train(cfg, tmp_path / "tokenizer.json", log=lambda m: None)
     ckpt = tmp_path / "ckpt"
-    save_hf_checkpoint(first.model_config, nnx.state(first.model, nnx.Param),
-                       tmp_path / "tokenizer.json", ckpt, "float32")
+    save_hf_checkpoint(
+        first.model_config,
+        nnx.state(first.model, nnx.Param),
+        tmp_path / "tokenizer.json",
+        ckpt,
+        "float32",
+    )
     more = dataclasses.replace(cfg, data_offset=8, hidden_size=64)  # shape flags are ignored
     second = train.train(more, tmp_path / "tokenizer2.json", log=lambda m: None, init_from=ckpt)
     assert second.model_config == first.model_config

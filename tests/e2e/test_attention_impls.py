@@ -23,8 +23,15 @@ PROMPTS = [[5, 6, 7], list(range(30, 80)), list(range(100, 121)), [9] * 17]
 
 
 def greedy(impl: str, **overrides) -> list[list[int]]:
-    llm = LLM("tiny-random", attention_impl=impl, num_pages=48, max_num_seqs=4,
-              max_num_batched_tokens=32, max_model_len=64, **overrides)
+    llm = LLM(
+        "tiny-random",
+        attention_impl=impl,
+        num_pages=48,
+        max_num_seqs=4,
+        max_num_batched_tokens=32,
+        max_model_len=64,
+        **overrides,
+    )
     return [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
 
 
@@ -38,7 +45,9 @@ def test_pallas_interpret_matches_reference_on_mixed_batches(monkeypatch):
 
     monkeypatch.setattr(pijax.engine, "build_step_input", recording)
     assert greedy("pallas_interpret") == greedy("reference")
-    assert any(q[0] == 1 and q[-1] > 1 for q in q_lens), f"no step mixed prefill and decode: {q_lens}"
+    assert any(q[0] == 1 and q[-1] > 1 for q in q_lens), (
+        f"no step mixed prefill and decode: {q_lens}"
+    )
 
 
 SHARDED = textwrap.dedent("""
@@ -67,13 +76,15 @@ SHARDED = textwrap.dedent("""
 
 
 def test_pallas_interpret_on_1x4_mesh_matches_reference_on_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True,
-                          text=True, timeout=600)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    r = json.loads(line[len("RESULT"):])
+    r = json.loads(line[len("RESULT") :])
     assert r["devices"] == 4
     assert r["sharded_calls"] > 0, "the kernels ran without shard_map on a 1x4 mesh"
     assert r["pallas_interpret"] == r["reference"]

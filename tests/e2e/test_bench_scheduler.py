@@ -16,11 +16,26 @@ def test_bench_scheduler_smoke(tmp_path):
     out = tmp_path / "sched"
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_scheduler.py"), f"--out={out}",
-         "--repeats=1", "--num_requests=3", "--policy_tokens=64", "--claim_tokens=16",
-         "--output_tokens=2", "--reuse_budget=64", "--decoders=2", "--long_prompt=192",
-         "--budget=32"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench_scheduler.py"),
+            f"--out={out}",
+            "--repeats=1",
+            "--num_requests=3",
+            "--policy_tokens=64",
+            "--claim_tokens=16",
+            "--output_tokens=2",
+            "--reuse_budget=64",
+            "--decoders=2",
+            "--long_prompt=192",
+            "--budget=32",
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.with_suffix(".json").read_text())
     reuse, chunk = res["prefix_reuse"], res["chunked_prefill"]

@@ -26,10 +26,19 @@ def make_engine(**kw) -> Engine:
     return LLM("tiny-random", **opts).engine
 
 
-def run(engine: Engine, rid: str, prompt, *, tenant="A", zones=frozenset({"policy"}),
-        session=None, params=GREEDY):
-    engine.add_request(rid, prompt, params, tenant=tenant, session_id=session,
-                       permitted_zones=zones)
+def run(
+    engine: Engine,
+    rid: str,
+    prompt,
+    *,
+    tenant="A",
+    zones=frozenset({"policy"}),
+    session=None,
+    params=GREEDY,
+):
+    engine.add_request(
+        rid, prompt, params, tenant=tenant, session_id=session, permitted_zones=zones
+    )
     final = None
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -39,8 +48,10 @@ def run(engine: Engine, rid: str, prompt, *, tenant="A", zones=frozenset({"polic
 
 
 def claim(scope: str) -> list[PromptSegment]:
-    return [PromptSegment(tuple(POLICY), Scope.parse("shared:policy")),
-            PromptSegment(tuple(CLAIM), Scope.parse(scope))]
+    return [
+        PromptSegment(tuple(POLICY), Scope.parse("shared:policy")),
+        PromptSegment(tuple(CLAIM), Scope.parse(scope)),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +80,19 @@ def test_registered_policy_prefix_is_reused_by_permitted_tenants_only(engine):
     assert a.num_cached_tokens == 0 or a.num_cached_tokens == len(POLICY)
     assert b.num_cached_tokens == len(POLICY)  # only the shared scaffold, never the claim
     assert c.num_cached_tokens == 0
-    assert [r["request_id"] for r in engine.read_audit_log(kind="reuse", zone="policy")
-            if r["request_id"] in ("pa", "pb", "pc")] == (["pb"] if a.num_cached_tokens == 0
-                                                          else ["pa", "pb"])
+    assert [
+        r["request_id"]
+        for r in engine.read_audit_log(kind="reuse", zone="policy")
+        if r["request_id"] in ("pa", "pb", "pc")
+    ] == (["pb"] if a.num_cached_tokens == 0 else ["pa", "pb"])
 
 
 def test_unregistered_shared_segment_is_private(engine):
     fake = rng.integers(0, 256, 4 * PAGE).tolist()
-    segs = [PromptSegment(tuple(fake), Scope.parse("shared:policy")),
-            PromptSegment(tuple(CLAIM), Scope())]
+    segs = [
+        PromptSegment(tuple(fake), Scope.parse("shared:policy")),
+        PromptSegment(tuple(CLAIM), Scope()),
+    ]
     run(engine, "u1", segs, tenant="A")
     out = run(engine, "u2", segs, tenant="B")
     assert out.num_cached_tokens == 0
@@ -110,10 +125,12 @@ def test_greedy_identical_with_and_without_reuse_and_across_chunk_sizes():
 def test_greedy_identical_under_forced_preemption():
     prompts = [[int(x) for x in rng.integers(0, 256, n)] for n in (30, 45, 60, 20)]
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    roomy = LLM("tiny-random", num_pages=128, max_num_seqs=4, max_num_batched_tokens=64,
-                max_model_len=256)
-    tight = LLM("tiny-random", num_pages=14, max_num_seqs=4, max_num_batched_tokens=64,
-                max_model_len=256)  # 13 usable pages: not enough for all four at once
+    roomy = LLM(
+        "tiny-random", num_pages=128, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256
+    )
+    tight = LLM(
+        "tiny-random", num_pages=14, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256
+    )  # 13 usable pages: not enough for all four at once
     ref = [o.token_ids for o in roomy.generate(prompts, params)]
     got = [o.token_ids for o in tight.generate(prompts, params)]
     assert tight.engine.stats().num_preemptions > 0

@@ -18,8 +18,10 @@ from pijax.kernels.paged_attention.cases import make_case, mixed_seqs, padded_to
 from pijax.kernels.quantization import FP8_DTYPE, dequantize
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
-reference_jit = jax.jit(reference.ragged_paged_attention_reference,
-                        static_argnames=("sm_scale", "soft_cap", "sliding_window"))
+reference_jit = jax.jit(
+    reference.ragged_paged_attention_reference,
+    static_argnames=("sm_scale", "soft_cap", "sliding_window"),
+)
 
 
 def rel_err(got, want):
@@ -27,36 +29,74 @@ def rel_err(got, want):
     return np.max(np.abs(got - want)) / np.max(np.abs(want))
 
 
-def ragged_case(group, head_dim, page_size, dtype=jnp.float32, quantized=False, seed=0,
-                quant_dtype=jnp.int8):
+def ragged_case(
+    group, head_dim, page_size, dtype=jnp.float32, quantized=False, seed=0, quant_dtype=jnp.int8
+):
     seqs = mixed_seqs(page_size, max_pages=3)
-    return make_case(seqs, num_kv_heads=2, group=group, head_dim=head_dim, page_size=page_size,
-                     dtype=dtype, quantized=quantized, quant_dtype=quant_dtype,
-                     num_tokens=padded_tokens(seqs),
-                     max_seqs=len(seqs) + 2, width=4, seed=seed)
+    return make_case(
+        seqs,
+        num_kv_heads=2,
+        group=group,
+        head_dim=head_dim,
+        page_size=page_size,
+        dtype=dtype,
+        quantized=quantized,
+        quant_dtype=quant_dtype,
+        num_tokens=padded_tokens(seqs),
+        max_seqs=len(seqs) + 2,
+        width=4,
+        seed=seed,
+    )
 
 
-def decode_case(group, head_dim, page_size, dtype=jnp.float32, quantized=False, seed=0,
-                quant_dtype=jnp.int8):
+def decode_case(
+    group, head_dim, page_size, dtype=jnp.float32, quantized=False, seed=0, quant_dtype=jnp.int8
+):
     seqs = [(1, 1), (1, page_size), (1, page_size + 1), (1, 4 * page_size), (1, 2 * page_size)]
-    return make_case(seqs, num_kv_heads=2, group=group, head_dim=head_dim, page_size=page_size,
-                     dtype=dtype, quantized=quantized, quant_dtype=quant_dtype, num_tokens=8, max_seqs=7, width=5,
-                     seed=seed)
+    return make_case(
+        seqs,
+        num_kv_heads=2,
+        group=group,
+        head_dim=head_dim,
+        page_size=page_size,
+        dtype=dtype,
+        quantized=quantized,
+        quant_dtype=quant_dtype,
+        num_tokens=8,
+        max_seqs=7,
+        width=5,
+        seed=seed,
+    )
 
 
 def check_ragged(case, dtype=jnp.float32, soft_cap=None, sliding_window=None, num_splits=1):
-    kw = dict(sm_scale=case.q.shape[-1] ** -0.5, soft_cap=soft_cap,
-              sliding_window=sliding_window, **case.scale_kwargs())
+    kw = dict(
+        sm_scale=case.q.shape[-1] ** -0.5,
+        soft_cap=soft_cap,
+        sliding_window=sliding_window,
+        **case.scale_kwargs(),
+    )
 
     @jax.jit
     def run(*args):  # the public wrapper's pieces, so the raw kernel outputs can be inspected
         parts, lse, tm, per_tile = ragged.ragged_output_tiles(
-            *args, **kw, block_rows=None, pages_per_block=None, num_splits=num_splits,
-            interpret=True)
+            *args,
+            **kw,
+            block_rows=None,
+            pages_per_block=None,
+            num_splits=num_splits,
+            interpret=True,
+        )
         tiles = parts[0] if lse is None else common.combine_splits(parts, lse)
-        out = common.scatter_output_tiles(tiles.astype(case.q.dtype), tm, case.cu_q_lens,
-                                          case.num_seqs, num_heads=case.q.shape[1],
-                                          num_tokens=case.q.shape[0], tokens_per_tile=per_tile)
+        out = common.scatter_output_tiles(
+            tiles.astype(case.q.dtype),
+            tm,
+            case.cu_q_lens,
+            case.num_seqs,
+            num_heads=case.q.shape[1],
+            num_tokens=case.q.shape[0],
+            tokens_per_tile=per_tile,
+        )
         return parts, lse, out
 
     parts, lse, out = run(*case.args())
@@ -80,20 +120,27 @@ def dequantized(case):
     """The case with float32 pages holding the quantized pages' values (scales applied)."""
     if case.k_scales is None:
         return case
-    return dataclasses.replace(case, k_pages=dequantize(case.k_pages, case.k_scales),
-                               v_pages=dequantize(case.v_pages, case.v_scales),
-                               k_scales=None, v_scales=None)
+    return dataclasses.replace(
+        case,
+        k_pages=dequantize(case.k_pages, case.k_scales),
+        v_pages=dequantize(case.v_pages, case.v_scales),
+        k_scales=None,
+        v_scales=None,
+    )
 
 
 def check_final(fn, case, dtype, **kw):
     check_output(fn(*case.args(), **kw, interpret=True), case, dtype, **kw)
 
 
-@pytest.mark.parametrize("group,head_dim,page_size,num_splits",
-                         [(1, 64, 16, 1), (4, 128, 32, 3), (8, 64, 32, 1), (4, 64, 16, 2)])
+@pytest.mark.parametrize(
+    "group,head_dim,page_size,num_splits",
+    [(1, 64, 16, 1), (4, 128, 32, 3), (8, 64, 32, 1), (4, 64, 16, 2)],
+)
 def test_ragged_f32(group, head_dim, page_size, num_splits):
-    check_ragged(ragged_case(group, head_dim, page_size, seed=group + head_dim),
-                 num_splits=num_splits)
+    check_ragged(
+        ragged_case(group, head_dim, page_size, seed=group + head_dim), num_splits=num_splits
+    )
 
 
 def test_ragged_bf16():
@@ -105,8 +152,9 @@ def test_ragged_int8_pages():
 
 
 def test_ragged_fp8_pages_bf16_queries():
-    case = ragged_case(4, 64, 16, dtype=jnp.bfloat16, quantized=True, quant_dtype=FP8_DTYPE,
-                       seed=12)
+    case = ragged_case(
+        4, 64, 16, dtype=jnp.bfloat16, quantized=True, quant_dtype=FP8_DTYPE, seed=12
+    )
     assert case.k_pages.dtype == FP8_DTYPE
     check_ragged(case, dtype=jnp.bfloat16, num_splits=2)
 
@@ -126,8 +174,16 @@ def test_split_count_follows_grid_size():
 @pytest.mark.parametrize("group,head_dim,page_size", [(1, 64, 16), (8, 128, 32)])
 def test_decode_f32(group, head_dim, page_size):
     case = decode_case(group, head_dim, page_size, seed=page_size)
-    kw = dict(sm_scale=head_dim**-0.5, k_scales=None, v_scales=None, soft_cap=None,
-              sliding_window=None, pages_per_block=None, num_splits=None, interpret=True)
+    kw = dict(
+        sm_scale=head_dim**-0.5,
+        k_scales=None,
+        v_scales=None,
+        soft_cap=None,
+        sliding_window=None,
+        pages_per_block=None,
+        num_splits=None,
+        interpret=True,
+    )
     parts, lse, _ = jax.jit(functools.partial(decode.decode_partials, **kw))(*case.args())
     assert not np.any(np.isnan(np.asarray(parts))) and not np.any(np.isnan(np.asarray(lse)))
     check_final(decode.paged_decode_attention, case, jnp.float32, sm_scale=head_dim**-0.5)
@@ -137,11 +193,19 @@ def test_decode_bf16_int8_window():
     case = decode_case(4, 64, 16, dtype=jnp.bfloat16, seed=9)
     check_final(decode.paged_decode_attention, case, jnp.bfloat16, sm_scale=0.125)
     case = decode_case(4, 64, 16, quantized=True, seed=10)
-    check_final(decode.paged_decode_attention, case, jnp.float32, sm_scale=0.125, soft_cap=3.0,
-                sliding_window=21, **case.scale_kwargs())
+    check_final(
+        decode.paged_decode_attention,
+        case,
+        jnp.float32,
+        sm_scale=0.125,
+        soft_cap=3.0,
+        sliding_window=21,
+        **case.scale_kwargs(),
+    )
     case = decode_case(2, 64, 16, quantized=True, quant_dtype=FP8_DTYPE, seed=13)
-    check_final(decode.paged_decode_attention, case, jnp.float32, sm_scale=0.125,
-                **case.scale_kwargs())
+    check_final(
+        decode.paged_decode_attention, case, jnp.float32, sm_scale=0.125, **case.scale_kwargs()
+    )
 
 
 def test_decode_split_combine_matches_single_split():
@@ -160,8 +224,14 @@ def test_dispatch_interpret_in_jitted_step_with_donated_pool():
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(k_pages, v_pages, q):
         k_pages, v_pages, _, _ = dispatch.write_kv(k_pages, v_pages, k_new, k_new, slots)
-        out = dispatch.paged_attention(q, k_pages, v_pages, *case.args()[3:], sm_scale=0.125,
-                                       impl=dispatch.AttentionImpl.PALLAS_INTERPRET)
+        out = dispatch.paged_attention(
+            q,
+            k_pages,
+            v_pages,
+            *case.args()[3:],
+            sm_scale=0.125,
+            impl=dispatch.AttentionImpl.PALLAS_INTERPRET,
+        )
         return out, k_pages, v_pages
 
     k2, v2, _, _ = reference.write_kv_reference(case.k_pages, case.v_pages, k_new, k_new, slots)
@@ -179,14 +249,21 @@ def test_dispatch_pallas_on_cpu_names_the_alternatives():
 
 
 @pytest.mark.parametrize("kernel", ["ragged", "decode"])
-@pytest.mark.parametrize("dtype,quantized", [(jnp.bfloat16, False), (jnp.bfloat16, jnp.int8),
-                                             (jnp.bfloat16, FP8_DTYPE), (jnp.float32, False)])
+@pytest.mark.parametrize(
+    "dtype,quantized",
+    [
+        (jnp.bfloat16, False),
+        (jnp.bfloat16, jnp.int8),
+        (jnp.bfloat16, FP8_DTYPE),
+        (jnp.float32, False),
+    ],
+)
 def test_triton_lowering(kernel, dtype, quantized):
     make = ragged_case if kernel == "ragged" else decode_case
     fn = ragged.ragged_paged_attention if kernel == "ragged" else decode.paged_decode_attention
-    case = make(4, 128, 16, dtype=dtype, quantized=quantized is not False,
-                quant_dtype=quantized or jnp.int8)
-    f = functools.partial(fn, sm_scale=0.1, soft_cap=30.0, sliding_window=40,
-                          **case.scale_kwargs())
+    case = make(
+        4, 128, 16, dtype=dtype, quantized=quantized is not False, quant_dtype=quantized or jnp.int8
+    )
+    f = functools.partial(fn, sm_scale=0.1, soft_cap=30.0, sliding_window=40, **case.scale_kwargs())
     text = jax.jit(f).trace(*case.args()).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text.lower()

@@ -15,15 +15,27 @@ import pytest
 from pijax.kernels.paged_attention import reference, tpu
 from pijax.kernels.paged_attention.cases import make_case, mixed_seqs, padded_tokens
 
-reference_jit = jax.jit(reference.ragged_paged_attention_reference,
-                        static_argnames=("sm_scale", "soft_cap", "sliding_window"))
+reference_jit = jax.jit(
+    reference.ragged_paged_attention_reference,
+    static_argnames=("sm_scale", "soft_cap", "sliding_window"),
+)
 
 
 def tpu_case(group=4, dtype=jnp.float32, quantized=False, seed=0):
     seqs = mixed_seqs(16, max_pages=3)
-    return make_case(seqs, num_kv_heads=2, group=group, head_dim=64, page_size=16, dtype=dtype,
-                     quantized=quantized, num_tokens=padded_tokens(seqs), max_seqs=len(seqs) + 1,
-                     width=4, seed=seed)
+    return make_case(
+        seqs,
+        num_kv_heads=2,
+        group=group,
+        head_dim=64,
+        page_size=16,
+        dtype=dtype,
+        quantized=quantized,
+        num_tokens=padded_tokens(seqs),
+        max_seqs=len(seqs) + 1,
+        width=4,
+        seed=seed,
+    )
 
 
 def check(case, tol, **kw):
@@ -34,7 +46,7 @@ def check(case, tol, **kw):
     assert not np.any(np.isnan(out32)), "NaN: an unfilled VMEM slot or output tile was read"
     err = np.max(np.abs(out32 - np.asarray(want, np.float32))) / np.max(np.abs(want))
     assert err < tol
-    assert np.all(out32[int(case.cu_q_lens[case.num_seqs]):] == 0)
+    assert np.all(out32[int(case.cu_q_lens[case.num_seqs]) :] == 0)
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +74,12 @@ def test_tpu_bf16_gqa8():
 @pytest.mark.parametrize("quantized", [False, True])
 def test_mosaic_lowering(quantized):
     case = tpu_case(dtype=jnp.bfloat16, quantized=quantized)
-    f = functools.partial(tpu.ragged_paged_attention_tpu, sm_scale=0.1, soft_cap=30.0,
-                          sliding_window=40, **case.scale_kwargs())
+    f = functools.partial(
+        tpu.ragged_paged_attention_tpu,
+        sm_scale=0.1,
+        soft_cap=30.0,
+        sliding_window=40,
+        **case.scale_kwargs(),
+    )
     text = jax.jit(f).trace(*case.args()).lower(lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in text

@@ -40,9 +40,17 @@ def rel_err(got, want):
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_reference_matches_dense(group, head_dim, page_size):
     seqs = mixed_seqs(page_size)
-    case = make_case(seqs, num_kv_heads=2, group=group, head_dim=head_dim, page_size=page_size,
-                     num_tokens=padded_tokens(seqs), max_seqs=len(seqs) + 2, width=5,
-                     seed=group * 1000 + head_dim + page_size)
+    case = make_case(
+        seqs,
+        num_kv_heads=2,
+        group=group,
+        head_dim=head_dim,
+        page_size=page_size,
+        num_tokens=padded_tokens(seqs),
+        max_seqs=len(seqs) + 2,
+        width=5,
+        seed=group * 1000 + head_dim + page_size,
+    )
     out = run_reference(case, sm_scale=sm_scale(head_dim))
     want = dense_attention_numpy(case, sm_scale=sm_scale(head_dim))
     assert rel_err(out, want) < 1e-5
@@ -53,36 +61,75 @@ def test_reference_matches_dense(group, head_dim, page_size):
 @pytest.mark.parametrize("soft_cap,window", [(30.0, None), (None, 7), (5.0, 20)])
 def test_reference_soft_cap_and_window(soft_cap, window):
     seqs = mixed_seqs(16)
-    case = make_case(seqs, num_kv_heads=2, group=4, head_dim=64, page_size=16,
-                     num_tokens=padded_tokens(seqs), width=4, seed=7)
+    case = make_case(
+        seqs,
+        num_kv_heads=2,
+        group=4,
+        head_dim=64,
+        page_size=16,
+        num_tokens=padded_tokens(seqs),
+        width=4,
+        seed=7,
+    )
     kw = dict(sm_scale=sm_scale(64), soft_cap=soft_cap, sliding_window=window)
     assert rel_err(run_reference(case, **kw), dense_attention_numpy(case, **kw)) < 1e-5
 
 
 def test_reference_int8_pages():
     seqs = mixed_seqs(16)
-    case = make_case(seqs, num_kv_heads=2, group=4, head_dim=64, page_size=16, quantized=True,
-                     num_tokens=padded_tokens(seqs), width=4, seed=3)
+    case = make_case(
+        seqs,
+        num_kv_heads=2,
+        group=4,
+        head_dim=64,
+        page_size=16,
+        quantized=True,
+        num_tokens=padded_tokens(seqs),
+        width=4,
+        seed=3,
+    )
     kw = dict(sm_scale=sm_scale(64))
     assert rel_err(run_reference(case, **kw), dense_attention_numpy(case, **kw)) < 1e-5
 
 
 def test_reference_bf16():
     seqs = mixed_seqs(16)
-    case = make_case(seqs, num_kv_heads=2, group=4, head_dim=64, page_size=16,
-                     dtype=jnp.bfloat16, num_tokens=padded_tokens(seqs), width=4, seed=5)
+    case = make_case(
+        seqs,
+        num_kv_heads=2,
+        group=4,
+        head_dim=64,
+        page_size=16,
+        dtype=jnp.bfloat16,
+        num_tokens=padded_tokens(seqs),
+        width=4,
+        seed=5,
+    )
     kw = dict(sm_scale=sm_scale(64))
     assert rel_err(run_reference(case, **kw), dense_attention_numpy(case, **kw)) < 1e-2
 
 
 def test_reference_all_sequences_padded():
     """num_seqs = 0: every row is padding and every block-table entry is the null page."""
-    case = make_case([(2, 3)], num_kv_heads=1, group=2, head_dim=64, page_size=16,
-                     num_tokens=8, max_seqs=3, width=2)
-    case = type(case)(**{**case.__dict__, "num_seqs": jnp.asarray(0, jnp.int32),
-                         "cu_q_lens": jnp.zeros_like(case.cu_q_lens),
-                         "kv_lens": jnp.zeros_like(case.kv_lens),
-                         "block_tables": jnp.zeros_like(case.block_tables)})
+    case = make_case(
+        [(2, 3)],
+        num_kv_heads=1,
+        group=2,
+        head_dim=64,
+        page_size=16,
+        num_tokens=8,
+        max_seqs=3,
+        width=2,
+    )
+    case = type(case)(
+        **{
+            **case.__dict__,
+            "num_seqs": jnp.asarray(0, jnp.int32),
+            "cu_q_lens": jnp.zeros_like(case.cu_q_lens),
+            "kv_lens": jnp.zeros_like(case.kv_lens),
+            "block_tables": jnp.zeros_like(case.block_tables),
+        }
+    )
     out = run_reference(case, sm_scale=0.125)
     assert np.all(np.asarray(out) == 0)
 

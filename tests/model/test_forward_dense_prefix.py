@@ -12,8 +12,16 @@ from pijax.model.llama import LlamaModel
 
 
 def test_shared_prefix_matches_concatenated_rows_and_gradients():
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
     graphdef, params = nnx.split(LlamaModel(cfg, rngs=nnx.Rngs(1)))
     rng = np.random.default_rng(0)
     prefix = jnp.asarray(rng.integers(0, 64, size=7), jnp.int32)

@@ -167,6 +167,10 @@ def test_fp8_pool_on_the_cpu_reference_path(sharp, runs):
     assert (np.asarray(layer.k_scale) != 1.0).sum() > 0
     first = [o.token_ids[0] for o in free]
     assert first == [r.token_ids[0] for r in runs["ref"][:4]]
-    agree = np.mean([np.mean(np.equal(o.token_ids, r.token_ids))
-                     for o, r in zip(free, runs["ref"][:4], strict=True)])
+    agree = np.mean(
+        [
+            np.mean(np.equal(o.token_ids, r.token_ids))
+            for o, r in zip(free, runs["ref"][:4], strict=True)
+        ]
+    )
     assert agree >= 0.5, agree

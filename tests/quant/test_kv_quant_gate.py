@@ -229,12 +229,21 @@ def test_serve_refuses_int8_without_a_gate_report_and_names_the_way_out(tmp_path
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    serve = [sys.executable, str(REPO / "scripts" / "serve.py"), "--model=tiny-random",
-             "--kv_cache_dtype=int8", "--insecure_dev_mode", "--port=0"]
-    for extra, needle in [([], "--skip_kv_quant_gate"),
-                          ([f"--kv_quant_gate_report={bad}"], str(bad))]:
-        proc = subprocess.run(serve + extra, env=env, cwd=REPO, capture_output=True, text=True,
-                              timeout=300)
+    serve = [
+        sys.executable,
+        str(REPO / "scripts" / "serve.py"),
+        "--model=tiny-random",
+        "--kv_cache_dtype=int8",
+        "--insecure_dev_mode",
+        "--port=0",
+    ]
+    for extra, needle in [
+        ([], "--skip_kv_quant_gate"),
+        ([f"--kv_quant_gate_report={bad}"], str(bad)),
+    ]:
+        proc = subprocess.run(
+            serve + extra, env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode != 0
         assert "kv_quant_eval.py" in proc.stderr or needle in proc.stderr, proc.stderr[-2000:]
         assert needle in proc.stderr, proc.stderr[-2000:]

@@ -14,9 +14,16 @@ from pijax.serving.proto.pijax.v1 import inference_pb2 as pb
 from pijax.serving.proto.pijax.v1 import inference_pb2_grpc as pb_grpc
 from pijax.serving.server import InferenceServer, ServerConfig
 
-ENGINE_OVERRIDES = dict(num_pages=40, page_size=64, max_num_seqs=4, max_num_batched_tokens=16,
-                        max_model_len=1024, max_waiting=4, seed=0,
-                        compilation_cache_dir=os.environ.get("PIJAX_COMPILATION_CACHE"))
+ENGINE_OVERRIDES = dict(
+    num_pages=40,
+    page_size=64,
+    max_num_seqs=4,
+    max_num_batched_tokens=16,
+    max_model_len=1024,
+    max_waiting=4,
+    seed=0,
+    compilation_cache_dir=os.environ.get("PIJAX_COMPILATION_CACHE"),
+)
 KEYS = {
     "key-acme": {"tenant": "acme", "zones": ["policy"]},
     "key-beta": {"tenant": "beta", "zones": []},
@@ -34,8 +41,9 @@ class ServerThread:
 
     def __init__(self, engine, config: ServerConfig, wait: bool = True):
         self.aio = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.aio.run_forever, name="test-grpc-server",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self.aio.run_forever, name="test-grpc-server", daemon=True
+        )
         self._thread.start()
         self.server = self.run(_build(engine, config))
         self.started = asyncio.run_coroutine_threadsafe(self.server.start(), self.aio)
@@ -83,12 +91,14 @@ def start_server(engine, keys_file: str | None, wait: bool = True, **config) -> 
     return ServerThread(engine, ServerConfig(**{**defaults, **config}), wait=wait)
 
 
-def generate(stub, request: pb.GenerateRequest, key: str = "key-acme",
-             timeout: float = RPC_TIMEOUT_S) -> list[pb.GenerateResponse]:
+def generate(
+    stub, request: pb.GenerateRequest, key: str = "key-acme", timeout: float = RPC_TIMEOUT_S
+) -> list[pb.GenerateResponse]:
     return list(stub.Generate(request, metadata=auth(key), timeout=timeout))
 
 
 def text_request(text: str, max_tokens: int = 8, **kw) -> pb.GenerateRequest:
     sampling = kw.pop("sampling", pb.SamplingParams(temperature=0.0))
-    return pb.GenerateRequest(prompt=[pb.PromptSegment(text=text)], max_tokens=max_tokens,
-                              sampling=sampling, **kw)
+    return pb.GenerateRequest(
+        prompt=[pb.PromptSegment(text=text)], max_tokens=max_tokens, sampling=sampling, **kw
+    )

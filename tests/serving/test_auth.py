@@ -19,10 +19,12 @@ from pijax.serving.auth import (
 
 def test_keys_map_to_principals_and_digests_work():
     digest = hashlib.sha256(b"sk-ops").hexdigest()
-    store = KeyStore.from_dict({
-        "sk-acme": {"tenant": "acme", "zones": ["policy"]},
-        f"sha256:{digest}": {"tenant": "ops", "zones": ["*"], "admin": True},
-    })
+    store = KeyStore.from_dict(
+        {
+            "sk-acme": {"tenant": "acme", "zones": ["policy"]},
+            f"sha256:{digest}": {"tenant": "ops", "zones": ["*"], "admin": True},
+        }
+    )
     acme = store.authenticate("Bearer sk-acme")
     assert (acme.tenant, acme.zones, acme.admin) == ("acme", frozenset({"policy"}), False)
     assert acme.may_use_zone("policy") and not acme.may_use_zone("coding")
@@ -32,8 +34,9 @@ def test_keys_map_to_principals_and_digests_work():
     assert store.known_zones == {"policy"}
 
 
-@pytest.mark.parametrize("header", [None, "", "sk-acme", "Basic sk-acme", "Bearer ",
-                                    "Bearer sk-unknown"])
+@pytest.mark.parametrize(
+    "header", [None, "", "sk-acme", "Basic sk-acme", "Bearer ", "Bearer sk-unknown"]
+)
 def test_bad_credentials_are_refused_without_echoing_them(header):
     store = KeyStore.from_dict({"sk-acme": {"tenant": "acme"}})
     with pytest.raises(AuthError) as e:
@@ -41,16 +44,19 @@ def test_bad_credentials_are_refused_without_echoing_them(header):
     assert "sk-" not in str(e.value)
 
 
-@pytest.mark.parametrize("data, needle", [
-    ({}, "non-empty"),
-    ([], "non-empty"),
-    ({"k": "acme"}, "entry #1"),
-    ({"k": {"tenant": "a.b"}}, "tenant"),
-    ({"k": {"tenant": "acme", "zones": "policy"}}, "zones"),
-    ({"k": {"tenant": "acme", "zones": ["bad zone"]}}, "zones"),
-    ({"k": {"tenant": "acme", "admin": "yes"}}, "admin"),
-    ({"k": {"tenant": "acme", "role": "x"}}, "unknown field"),
-])
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({}, "non-empty"),
+        ([], "non-empty"),
+        ({"k": "acme"}, "entry #1"),
+        ({"k": {"tenant": "a.b"}}, "tenant"),
+        ({"k": {"tenant": "acme", "zones": "policy"}}, "zones"),
+        ({"k": {"tenant": "acme", "zones": ["bad zone"]}}, "zones"),
+        ({"k": {"tenant": "acme", "admin": "yes"}}, "admin"),
+        ({"k": {"tenant": "acme", "role": "x"}}, "unknown field"),
+    ],
+)
 def test_malformed_key_files_name_the_entry_not_the_key(data, needle, tmp_path):
     path = tmp_path / "keys.json"
     path.write_text(json.dumps(data))

@@ -50,8 +50,11 @@ def test_not_serving_until_warm(llm, keys_file, monkeypatch):
         release.set()
         s.started.result(RPC_TIMEOUT_S)
         assert health(s) == SERVING
-        out = list(s.stub.Generate(text_request("warm", max_tokens=2), metadata=auth(),
-                                   timeout=RPC_TIMEOUT_S))
+        out = list(
+            s.stub.Generate(
+                text_request("warm", max_tokens=2), metadata=auth(), timeout=RPC_TIMEOUT_S
+            )
+        )
         assert out[-1].usage.completion_tokens >= 1
     finally:
         release.set()
@@ -61,8 +64,11 @@ def test_not_serving_until_warm(llm, keys_file, monkeypatch):
 def test_drain_finishes_in_flight_and_refuses_new(llm, keys_file):
     s = start_server(llm.engine, keys_file, drain_grace_s=RPC_TIMEOUT_S)
     try:
-        call = s.stub.Generate(text_request("in flight", max_tokens=60, ignore_eos=True),
-                               metadata=auth(), timeout=RPC_TIMEOUT_S)
+        call = s.stub.Generate(
+            text_request("in flight", max_tokens=60, ignore_eos=True),
+            metadata=auth(),
+            timeout=RPC_TIMEOUT_S,
+        )
         first = next(call)
         drained = s.drain_in_background()
         poll(lambda: health(s) == NOT_SERVING, "NOT_SERVING while draining")
@@ -83,8 +89,11 @@ def test_drain_past_grace_cancels_with_unavailable_and_frees_pages(llm, keys_fil
     try:
         poll(lambda: s.on_engine(lambda e: not e.has_unfinished_requests()), "an idle engine")
         baseline = s.free_pages()
-        call = s.stub.Generate(text_request("long", max_tokens=480, ignore_eos=True),
-                               metadata=auth(), timeout=RPC_TIMEOUT_S)
+        call = s.stub.Generate(
+            text_request("long", max_tokens=480, ignore_eos=True),
+            metadata=auth(),
+            timeout=RPC_TIMEOUT_S,
+        )
         next(call)
         s.drain_in_background().result(RPC_TIMEOUT_S)
         with pytest.raises(grpc.RpcError) as e:
@@ -124,10 +133,21 @@ def test_missing_engine_features_answer_unimplemented(llm, keys_file):
             assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
             assert "this engine build has no" in e.value.details()
         # Sessions still work as a namespace; ending one needs no engine support.
-        out = list(s.stub.Generate(pb.GenerateRequest(
-            prompt=[pb.PromptSegment(text="turn", scope="session")], start_session=True,
-            max_tokens=2), metadata=auth(), timeout=RPC_TIMEOUT_S))
-        s.stub.EndSession(pb.EndSessionRequest(session_id=out[0].session_id), metadata=auth(),
-                          timeout=RPC_TIMEOUT_S)
+        out = list(
+            s.stub.Generate(
+                pb.GenerateRequest(
+                    prompt=[pb.PromptSegment(text="turn", scope="session")],
+                    start_session=True,
+                    max_tokens=2,
+                ),
+                metadata=auth(),
+                timeout=RPC_TIMEOUT_S,
+            )
+        )
+        s.stub.EndSession(
+            pb.EndSessionRequest(session_id=out[0].session_id),
+            metadata=auth(),
+            timeout=RPC_TIMEOUT_S,
+        )
     finally:
         s.stop()

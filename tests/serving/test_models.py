@@ -58,10 +58,18 @@ def review_requests(name: str, llm) -> list[tuple[pb.GenerateRequest, dict]]:
     """20 requests with random seeds, and the schema each answer must validate against."""
     if name == "random-bpe":
         schema = json.loads(TEST_SCHEMA)
-        return [(pb.GenerateRequest(
-            prompt=[pb.PromptSegment(text=f"Review claim C{1000 + i}. JSON:")], max_tokens=440,
-            sampling=pb.SamplingParams(temperature=1.0, seed=i), json_schema=TEST_SCHEMA), schema)
-            for i in range(20)]
+        return [
+            (
+                pb.GenerateRequest(
+                    prompt=[pb.PromptSegment(text=f"Review claim C{1000 + i}. JSON:")],
+                    max_tokens=440,
+                    sampling=pb.SamplingParams(temperature=1.0, seed=i),
+                    json_schema=TEST_SCHEMA,
+                ),
+                schema,
+            )
+            for i in range(20)
+        ]
     from pijax.claims.corpus import generate_examples
     from pijax.claims.prompt import policy_scaffold, render_claim_segment, render_policy_segment
     from pijax.claims.schema import findings_schema
@@ -73,10 +81,17 @@ def review_requests(name: str, llm) -> list[tuple[pb.GenerateRequest, dict]]:
     for i, ex in enumerate(generate_examples(seed=0, count=20, split="heldout")):
         claim = render_claim_segment(ex.claim)
         budget = llm.engine.max_model_len - len(llm.tokenizer.encode(policy + claim)) - 8
-        out.append((pb.GenerateRequest(
-            prompt=[pb.PromptSegment(text=policy), pb.PromptSegment(text=claim)],
-            max_tokens=min(600, budget), sampling=pb.SamplingParams(temperature=1.0, seed=i),
-            json_schema=text), schema))
+        out.append(
+            (
+                pb.GenerateRequest(
+                    prompt=[pb.PromptSegment(text=policy), pb.PromptSegment(text=claim)],
+                    max_tokens=min(600, budget),
+                    sampling=pb.SamplingParams(temperature=1.0, seed=i),
+                    json_schema=text,
+                ),
+                schema,
+            )
+        )
     return out
 
 

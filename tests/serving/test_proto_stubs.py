@@ -10,8 +10,10 @@ from pijax.serving.proto import generate
 def test_committed_stubs_match_the_proto():
     pytest.importorskip("grpc_tools", reason="grpcio-tools (dev extra) regenerates the stubs")
     stale = generate.stale_stubs()
-    assert not stale, (f"stubs out of date with inference.proto: {stale}; run "
-                       "python -m pijax.serving.proto.generate and commit the result")
+    assert not stale, (
+        f"stubs out of date with inference.proto: {stale}; run "
+        "python -m pijax.serving.proto.generate and commit the result"
+    )
 
 
 def test_stubs_import_under_the_package_path():
@@ -21,7 +23,12 @@ def test_stubs_import_under_the_package_path():
     assert inference_pb2.DESCRIPTOR.name == "pijax/v1/inference.proto"
     service = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
     assert [m.name for m in service.methods] == [
-        "Generate", "Tokenize", "ModelInfo", "EndSession", "RegisterTrustedPrefix",
-        "ReadAuditLog"]
+        "Generate",
+        "Tokenize",
+        "ModelInfo",
+        "EndSession",
+        "RegisterTrustedPrefix",
+        "ReadAuditLog",
+    ]
     assert service.methods_by_name["Generate"].server_streaming
     assert hasattr(inference_pb2_grpc, "InferenceStub")

@@ -23,8 +23,14 @@ def allowed_ids(constraint, vocab_size: int) -> np.ndarray:
     return np.nonzero(bits.reshape(-1)[:vocab_size])[0]
 
 
-def random_walk(compiler: SchemaCompiler, schema_text: str, vocab_size: int, eos: int, seed: int,
-                max_steps: int = 2000) -> list[int]:
+def random_walk(
+    compiler: SchemaCompiler,
+    schema_text: str,
+    vocab_size: int,
+    eos: int,
+    seed: int,
+    max_steps: int = 2000,
+) -> list[int]:
     """Sample uniformly among allowed tokens until the constraint stops (what a random model
     under the mask does)."""
     rng = np.random.default_rng(seed)
@@ -62,14 +68,27 @@ def small_bpe_tokenizer() -> Tokenizer:
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>", "<bos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = [json.dumps({"claim_id": f"C{1000 + i}", "flags": [], "risk_category": "low",
-                          "recommended_action": "approve", "narrative": "no issues found"})
-              for i in range(50)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<eos>", "<bos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [
+        json.dumps(
+            {
+                "claim_id": f"C{1000 + i}",
+                "flags": [],
+                "risk_category": "low",
+                "recommended_action": "approve",
+                "narrative": "no issues found",
+            }
+        )
+        for i in range(50)
+    ]
     tok.train_from_iterator(corpus, trainer)
-    return Tokenizer(tok, bos_token_id=tok.token_to_id("<bos>"),
-                     eos_token_ids=(tok.token_to_id("<eos>"),))
+    return Tokenizer(
+        tok, bos_token_id=tok.token_to_id("<bos>"), eos_token_ids=(tok.token_to_id("<eos>"),)
+    )
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -83,13 +102,16 @@ def test_tokenizer_json_walk_validates(seed):
     jsonschema.validate(json.loads(tok.decode(ids)), SCHEMA)
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("{not json", "valid JSON"),
-    ("[1, 2]", "JSON object"),
-    ('{"type": "strng"}', "not a valid JSON Schema"),
-    ('{"type": "object", "properties": {"a": {"minLength": -1}}}', "not a valid JSON Schema"),
-    ('{"type": "string", "pattern": "(unclosed"}', "not"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("{not json", "valid JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"type": "strng"}', "not a valid JSON Schema"),
+        ('{"type": "object", "properties": {"a": {"minLength": -1}}}', "not a valid JSON Schema"),
+        ('{"type": "string", "pattern": "(unclosed"}', "not"),
+    ],
+)
 def test_bad_schemas_are_refused_with_a_reason(text, needle):
     compiler = SchemaCompiler.for_tokenizer(ByteTokenizer(), vocab_size=320, eos_token_ids=(257,))
     with pytest.raises(SchemaError, match=needle):
@@ -97,8 +119,9 @@ def test_bad_schemas_are_refused_with_a_reason(text, needle):
 
 
 def test_oversized_schema_is_refused():
-    compiler = SchemaCompiler.for_tokenizer(ByteTokenizer(), vocab_size=320, eos_token_ids=(257,),
-                                            max_schema_bytes=100)
+    compiler = SchemaCompiler.for_tokenizer(
+        ByteTokenizer(), vocab_size=320, eos_token_ids=(257,), max_schema_bytes=100
+    )
     with pytest.raises(SchemaError, match="at most 100 bytes"):
         compiler.compile(json.dumps(SCHEMA))
 

@@ -29,20 +29,42 @@ class HostEngine:
     def __init__(self, num_pages=64, budget=32, max_seqs=8, aging=64, **kv_kwargs):
         self.blocks = BlockManager(num_pages, PAGE)
         self.kv = KVCacheManager(self.blocks, **kv_kwargs)
-        self.sched = Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
-                                               max_model_len=4096, priority_aging_steps=aging),
-                               self.kv)
+        self.sched = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=max_seqs,
+                max_num_batched_tokens=budget,
+                max_model_len=4096,
+                priority_aging_steps=aging,
+            ),
+            self.kv,
+        )
         self.ids = itertools.count()
         self.finished: list[Request] = []
 
-    def add(self, n_prompt, max_tokens=4, priority=0, tenant="t", session=None, segments=None,
-            zones=frozenset()):
+    def add(
+        self,
+        n_prompt,
+        max_tokens=4,
+        priority=0,
+        tenant="t",
+        session=None,
+        segments=None,
+        zones=frozenset(),
+    ):
         rid = f"r{next(self.ids)}"
         segments = segments or [(list(range(1, n_prompt + 1)), Scope())]
         prompt = [t for ids, _ in segments for t in ids]
-        req = Request(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), (),
-                      seed=0, priority=priority, arrival_order=int(rid[1:]), tenant=tenant,
-                      session_id=session)
+        req = Request(
+            rid,
+            prompt,
+            SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+            (),
+            seed=0,
+            priority=priority,
+            arrival_order=int(rid[1:]),
+            tenant=tenant,
+            session_id=session,
+        )
         self.kv.register(req, segments, zones)
         self.sched.add(req)
         return req
@@ -84,8 +106,10 @@ def test_long_prefill_is_chunked_and_decodes_advance_every_step():
 
 def test_without_chunking_a_long_prefill_runs_whole():
     blocks = BlockManager(512, PAGE)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=2048,
-                                      enable_chunked_prefill=False), KVCacheManager(blocks))
+    sched = Scheduler(
+        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=2048, enable_chunked_prefill=False),
+        KVCacheManager(blocks),
+    )
     req = Request("a", list(range(1500)), SamplingParams(max_tokens=1), (), seed=0)
     sched.kv.register(req, [(req.prompt_token_ids, Scope())], frozenset())
     sched.add(req)
@@ -94,10 +118,14 @@ def test_without_chunking_a_long_prefill_runs_whole():
 
 
 def test_without_chunking_the_budget_must_hold_the_longest_prompt():
-    with pytest.raises(ConfigError, match=r"max_num_batched_tokens must be an integer >= "
-                                          r"max_model_len=4096 when enable_chunked_prefill"):
-        SchedulerConfig(max_num_batched_tokens=256, max_model_len=4096,
-                        enable_chunked_prefill=False)
+    with pytest.raises(
+        ConfigError,
+        match=r"max_num_batched_tokens must be an integer >= "
+        r"max_model_len=4096 when enable_chunked_prefill",
+    ):
+        SchedulerConfig(
+            max_num_batched_tokens=256, max_model_len=4096, enable_chunked_prefill=False
+        )
 
 
 def test_preemption_picks_least_urgent_latest_and_recomputes():
@@ -153,17 +181,23 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.eng.kv.register_trusted_prefix("policy", list(range(500, 500 + 2 * PAGE)), "test")
         self.live: list[Request] = []
 
-    @rule(n=st.integers(1, 40), max_tokens=st.integers(1, 12), prio=st.integers(0, 2),
-          kind=st.sampled_from(["private", "tenant", "session", "shared"]),
-          tenant=st.sampled_from(["a", "b"]))
+    @rule(
+        n=st.integers(1, 40),
+        max_tokens=st.integers(1, 12),
+        prio=st.integers(0, 2),
+        kind=st.sampled_from(["private", "tenant", "session", "shared"]),
+        tenant=st.sampled_from(["a", "b"]),
+    )
     def add(self, n, max_tokens, prio, kind, tenant):
         if len(self.live) >= 8:
             return
         body = list(range(1, n + 1))
         session = None
         if kind == "shared":
-            segs = [(list(range(500, 500 + 2 * PAGE)), Scope(ScopeKind.SHARED, "policy")),
-                    (body, Scope())]
+            segs = [
+                (list(range(500, 500 + 2 * PAGE)), Scope(ScopeKind.SHARED, "policy")),
+                (body, Scope()),
+            ]
         elif kind == "session":
             session = f"s-{tenant}"
             segs = [(body, Scope(ScopeKind.SESSION, session))]
@@ -174,8 +208,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         total = sum(len(s) for s, _ in segs) + max_tokens
         if -(-total // PAGE) > self.eng.blocks.num_usable_pages:
             return
-        self.live.append(self.eng.add(0, max_tokens, prio, tenant, session, segs,
-                                      frozenset({"policy"})))
+        self.live.append(
+            self.eng.add(0, max_tokens, prio, tenant, session, segs, frozenset({"policy"}))
+        )
 
     @rule()
     def step(self):
@@ -214,8 +249,10 @@ TestSchedulerMachine.settings = settings(max_examples=30, stateful_step_count=40
 
 def test_reserve_full_length_holds_pages_for_the_whole_request():
     blocks = BlockManager(64, PAGE)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32,
-                                      reserve_full_length=True), KVCacheManager(blocks))
+    sched = Scheduler(
+        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, reserve_full_length=True),
+        KVCacheManager(blocks),
+    )
     req = Request("a", list(range(10)), SamplingParams(max_tokens=30), (), seed=0)
     sched.kv.register(req, [(req.prompt_token_ids, Scope())], frozenset())
     sched.add(req)

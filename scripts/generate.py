@@ -68,7 +68,7 @@ def sampling_params(default_max_tokens: int) -> SamplingParams:
 def findings_constraint_factory(llm: LLM):
     """`new_constraint` for the findings schema, or None where structured output is unavailable."""
     try:
-        from pijax.serving.structured import SchemaCompiler
+        from pijax.structured import SchemaCompiler
     except ImportError as e:
         logging.warning("structured output unavailable (%s): decoding unconstrained", e)
         return None

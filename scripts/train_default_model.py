@@ -132,7 +132,7 @@ def run_eval(out: Path, seed: int, num_claims: int, max_new_tokens: int, constra
 
 def _constraint_factory(llm):
     try:
-        from pijax.serving.structured import SchemaCompiler
+        from pijax.structured import SchemaCompiler
     except ImportError as e:
         return None, f"structured output unavailable: {e}"
     engine = llm.engine

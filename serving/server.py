@@ -30,7 +30,7 @@ from pijax.serving.proto.pijax.v1 import inference_pb2 as pb
 from pijax.serving.proto.pijax.v1 import inference_pb2_grpc as pb_grpc
 from pijax.serving.servicer import EngineInfo, InferenceServicer, ServingState
 from pijax.serving.sessions import SessionRegistry
-from pijax.serving.structured import SchemaCompiler, UnsupportedTokenizerError
+from pijax.structured import SchemaCompiler, UnsupportedTokenizerError
 from pijax.serving.validation import RequestLimits
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ from pijax.serving.metrics import ServingMetrics
 from pijax.serving.proto.pijax.v1 import inference_pb2 as pb
 from pijax.serving.proto.pijax.v1 import inference_pb2_grpc as pb_grpc
 from pijax.serving.sessions import SessionExists, SessionNotFound, SessionRegistry, TooManySessions
-from pijax.serving.structured import SchemaCompiler, SchemaError
+from pijax.structured import SchemaCompiler, SchemaError
 from pijax.serving.validation import (
     ModelLimits,
     RequestError,

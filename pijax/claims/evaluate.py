@@ -262,7 +262,7 @@ def engine_texts(
     unless `params` (a `SamplingParams`, which then sets the token budget too) says otherwise.
 
     With `new_constraint`, each request gets its own token constraint (structured output); the
-    caller supplies the factory, e.g. a compiled findings schema from `pijax.serving.structured`,
+    caller supplies the factory, e.g. a compiled findings schema from `pijax.structured`,
     so this module does not import the serving layer.
     """
     from pijax.request import SamplingParams

@@ -112,7 +112,7 @@ def test_engine_greedy_matches_reference_decoder(llm):
 
 @pytest.mark.slow
 def test_constrained_output_validates_for_20_heldout_claims(llm, heldout):
-    structured = pytest.importorskip("pijax.serving.structured")
+    structured = pytest.importorskip("pijax.structured")
     from pijax.claims.evaluate import evaluate_constrained
     from pijax.claims.schema import findings_schema
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pijax.model.tokenizer import ByteTokenizer, Tokenizer
-from pijax.serving.structured import SchemaCompiler, SchemaError
+from pijax.structured import SchemaCompiler, SchemaError
 
 SCHEMA = json.loads((Path(__file__).parent / "findings_test.schema.json").read_text())
 

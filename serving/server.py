@@ -30,8 +30,8 @@ from pijax.serving.proto.pijax.v1 import inference_pb2 as pb
 from pijax.serving.proto.pijax.v1 import inference_pb2_grpc as pb_grpc
 from pijax.serving.servicer import EngineInfo, InferenceServicer, ServingState
 from pijax.serving.sessions import SessionRegistry
-from pijax.structured import SchemaCompiler, UnsupportedTokenizerError
 from pijax.serving.validation import RequestLimits
+from pijax.structured import SchemaCompiler, UnsupportedTokenizerError
 
 log = logging.getLogger(__name__)
 

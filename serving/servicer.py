@@ -41,7 +41,6 @@ from pijax.serving.metrics import ServingMetrics
 from pijax.serving.proto.pijax.v1 import inference_pb2 as pb
 from pijax.serving.proto.pijax.v1 import inference_pb2_grpc as pb_grpc
 from pijax.serving.sessions import SessionExists, SessionNotFound, SessionRegistry, TooManySessions
-from pijax.structured import SchemaCompiler, SchemaError
 from pijax.serving.validation import (
     ModelLimits,
     RequestError,
@@ -51,6 +50,7 @@ from pijax.serving.validation import (
     validate_generate,
     validate_zone,
 )
+from pijax.structured import SchemaCompiler, SchemaError
 
 log = logging.getLogger(__name__)
 

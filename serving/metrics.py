@@ -7,6 +7,12 @@ at scrape time from the latest `EngineStats` snapshot the engine loop publishes,
 never touches the engine, which belongs to its own thread.
 
 Each server owns its `CollectorRegistry`, so several servers (tests) can live in one process.
+
+The Kubernetes inference gateway's model-server protocol reads `pijax:num_requests_waiting`,
+`pijax:num_requests_running`, `pijax:kv_cache_usage_perc` (0-1) and `pijax:cache_config_info`
+(value 1, labels `block_size` and `num_gpu_blocks`); these, the latency histograms and the
+vLLM-style counters (`pijax:prompt_tokens_total`, `pijax:generation_tokens_total`,
+`pijax:request_success_total{finished_reason}`) carry a `model_name` label.
 """
 
 from __future__ import annotations
@@ -45,15 +51,25 @@ TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20
 
 
 class ServingMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        model_name: str = "",
+        cache_config: dict[str, int] | None = None,
+    ):
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.model_name = model_name
+        self.cache_config = dict(cache_config or {})  # block_size, num_gpu_blocks
         r = self.registry
+        model = ["model_name"]
 
-        def seconds(name: str, doc: str) -> Histogram:
-            return Histogram(f"pijax:{name}", doc, buckets=LATENCY_BUCKETS, registry=r)
+        def seconds(name: str, doc: str):
+            h = Histogram(f"pijax:{name}", doc, model, buckets=LATENCY_BUCKETS, registry=r)
+            return h.labels(model_name)
 
-        def tokens(name: str, doc: str) -> Histogram:
-            return Histogram(f"pijax:{name}", doc, buckets=TOKEN_BUCKETS, registry=r)
+        def tokens(name: str, doc: str):
+            h = Histogram(f"pijax:{name}", doc, model, buckets=TOKEN_BUCKETS, registry=r)
+            return h.labels(model_name)
 
         self.ttft = seconds("time_to_first_token_seconds", "Arrival to first output token.")
         self.tpot = seconds(
@@ -82,6 +98,18 @@ class ServingMetrics:
             ["method", "code"],
             registry=r,
         )
+        self.prompt_tokens_total = Counter(
+            "pijax:prompt_tokens", "Prompt tokens of finished requests.", model, registry=r
+        ).labels(model_name)
+        self.generation_tokens_total = Counter(
+            "pijax:generation_tokens", "Generated tokens of finished requests.", model, registry=r
+        ).labels(model_name)
+        self.success = Counter(
+            "pijax:request_success",
+            "Requests that finished by stop or length, by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=r,
+        )
         self._stats = None
         r.register(_EngineStatsCollector(self))
 
@@ -96,6 +124,10 @@ class ServingMetrics:
     def observe_finished(self, output) -> None:
         reason = output.finish_reason.value if output.finish_reason is not None else "unknown"
         self.finished.labels(finish_reason=reason).inc()
+        self.prompt_tokens_total.inc(output.num_prompt_tokens)
+        self.generation_tokens_total.inc(len(output.token_ids))
+        if reason in ("stop", "length"):
+            self.success.labels(model_name=self.model_name, finished_reason=reason).inc()
         self.prompt_tokens.observe(output.num_prompt_tokens)
         self.cached_tokens.observe(output.num_cached_tokens)
         self.completion_tokens.observe(len(output.token_ids))
@@ -155,11 +187,24 @@ class _EngineStatsCollector:
             ),
             ("compile_count", "compile_count", "Step-function compilations so far."),
         )
+        model = [self._metrics.model_name]
         for name, field, doc in gauges:
-            g = GaugeMetricFamily(f"pijax:{name}", doc)
+            g = GaugeMetricFamily(f"pijax:{name}", doc, labels=["model_name"])
             if field in s:
-                g.add_metric([], float(s[field]))
+                g.add_metric(model, float(s[field]))
             yield g
+        cache = self._metrics.cache_config
+        info = GaugeMetricFamily(
+            "pijax:cache_config_info",
+            "KV cache configuration (value 1): page size in tokens and usable page count.",
+            labels=["model_name", "block_size", "num_gpu_blocks"],
+        )
+        if cache:
+            info.add_metric(
+                model + [str(cache.get("block_size", "")), str(cache.get("num_gpu_blocks", ""))],
+                1.0,
+            )
+        yield info
         counters = (
             ("num_preemptions", "num_preemptions", "Preemptions by recompute."),
             (
@@ -169,17 +214,17 @@ class _EngineStatsCollector:
             ),
         )
         for name, field, doc in counters:
-            c = CounterMetricFamily(f"pijax:{name}", doc)
+            c = CounterMetricFamily(f"pijax:{name}", doc, labels=["model_name"])
             if field in s:
-                c.add_metric([], float(s[field]))
+                c.add_metric(model, float(s[field]))
             yield c
         for name, field, doc in (
             ("prefix_cache_queries", "prefix_queries_by_zone", "Prefix-cache lookups by zone."),
             ("prefix_cache_hits", "prefix_hits_by_zone", "Prefix-cache hits by zone."),
         ):
-            c = CounterMetricFamily(f"pijax:{name}", doc, labels=["zone"])
+            c = CounterMetricFamily(f"pijax:{name}", doc, labels=["model_name", "zone"])
             for zone, value in sorted((s.get(field) or {}).items()):
-                c.add_metric([str(zone)], float(value))
+                c.add_metric(model + [str(zone)], float(value))
             yield c
 
 

@@ -87,7 +87,13 @@ class InferenceServer:
     def __init__(self, engine, config: ServerConfig):
         self.config = config
         self.engine = engine
-        self.metrics = ServingMetrics()
+        self.metrics = ServingMetrics(
+            model_name=config.model_name,
+            cache_config={
+                "block_size": engine.config.cache.page_size,
+                "num_gpu_blocks": engine.blocks.num_usable_pages,
+            },
+        )
         self.loop = EngineLoop(engine, self.metrics)
         if config.insecure_dev_mode:
             self.authenticator = Authenticator.insecure_dev_mode()

@@ -3,8 +3,8 @@
     python scripts/serve.py --insecure_dev_mode                 # terminal 1
     python scripts/review_claims.py --num_claims 3              # terminal 2
 
-For each claim (synthetic: from `pijax.claims` when installed, else a small bundled sample, or
-`--claims FILE`, a JSON list of {"claim_id", "text"}), the agent
+For each claim (synthetic, from the `pijax.claims` generator, or `--claims FILE`, a JSON list of
+{"claim_id", "text"}), the agent
 
 1. asks for structured findings: the policy scaffold as a `shared:policy` segment (computed once
    and reused across claims and tenants permitted the zone), the claim as a `private` segment,
@@ -24,7 +24,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
-import os
 import re
 import statistics
 import sys
@@ -33,11 +32,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+import jsonschema
 from absl import app, flags
 
-from pijax.serving import sample_claims
-from pijax.serving.proto.pijax.v1 import inference_pb2 as pb
-from pijax.serving.proto.pijax.v1 import inference_pb2_grpc as pb_grpc
+from pijax.claims.codes import POLICIES, PROCEDURES, FlagCode
+from pijax.claims.corpus import generate_examples
+from pijax.claims.prompt import policy_scaffold, render_claim_segment, render_policy_segment
+from pijax.serving.client import Completion, InferenceClient, pb
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("target", "127.0.0.1:50051", "host:port of the pijax server.")
@@ -45,14 +46,12 @@ flags.DEFINE_string("api_key", None, "API key (default: $PIJAX_API_KEY; unused i
 flags.DEFINE_string(
     "claims",
     None,
-    "JSON file: a list of {claim_id, text}. Default: synthetic "
-    "claims from pijax.claims, or the bundled sample.",
+    "JSON file: a list of {claim_id, text}. Default: synthetic claims from pijax.claims.",
 )
 flags.DEFINE_string(
     "policy",
     None,
-    "Text file with the policy scaffold (default: the one of "
-    "pijax.claims, or the bundled sample's).",
+    "Text file with the policy scaffold (default: the one of pijax.claims).",
 )
 flags.DEFINE_integer("num_claims", 3, "How many claims to review.")
 flags.DEFINE_integer("seed", 7, "Seed of the synthetic claims.")
@@ -135,41 +134,20 @@ def load_cases(opts: Options) -> list[Case]:
 
 
 def _cases(opts: Options) -> list[Case]:
+    policy = render_policy_segment(policy_scaffold())
     if opts.claims_file:
         items = json.loads(Path(opts.claims_file).read_text())
-        policy = _policy_segment()
         return [
-            Case(c["claim_id"], policy, _bundled_claim_segment(c["text"]))
+            Case(c["claim_id"], policy, _file_claim_segment(c["text"]))
             for c in items[: opts.num_claims]
         ]
-    try:
-        from pijax.claims.corpus import generate_examples
-        from pijax.claims.prompt import (
-            policy_scaffold,
-            render_claim_segment,
-            render_policy_segment,
-        )
-    except ImportError:
-        return [
-            Case(c["claim_id"], sample_claims.POLICY_TEXT, _bundled_claim_segment(c["text"]))
-            for c in sample_claims.CLAIMS[: opts.num_claims]
-        ]
-    policy = render_policy_segment(policy_scaffold())
     return [
         Case(e.claim.claim_id, policy, render_claim_segment(e.claim), e.findings_json())
         for e in generate_examples(opts.seed, opts.num_claims, split="demo")
     ]
 
 
-def _policy_segment() -> str:
-    try:
-        from pijax.claims.prompt import policy_scaffold, render_policy_segment
-    except ImportError:
-        return sample_claims.POLICY_TEXT
-    return render_policy_segment(policy_scaffold())
-
-
-def _bundled_claim_segment(text: str) -> str:
+def _file_claim_segment(text: str) -> str:
     return f"\nClaim to review:\n{text}\nFindings JSON:\n"
 
 
@@ -189,50 +167,24 @@ def load_schema(path: str | None) -> tuple[str, dict] | None:
 # --- the client -----------------------------------------------------------------------------------
 
 
-class Client:
-    def __init__(self, opts: Options):
-        self._channel = grpc.insecure_channel(opts.target)
-        self.stub = pb_grpc.InferenceStub(self._channel)
-        key = opts.api_key or os.environ.get("PIJAX_API_KEY") or "dev-mode"
-        self.metadata = (("authorization", f"Bearer {key}"),)
-        self.timeout = opts.timeout_s
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def generate(
-        self, kind: str, request: pb.GenerateRequest
-    ) -> tuple[str, list[int], pb.GenerateResponse, CallStats]:
-        start = time.perf_counter()
-        first = None
-        texts, ids, last = [], [], None
-        for r in self.stub.Generate(request, metadata=self.metadata, timeout=self.timeout):
-            if first is None and r.token_ids:
-                first = time.perf_counter()
-            texts.append(r.text)
-            ids.extend(r.token_ids)
-            last = r
-        end = time.perf_counter()
-        stats = CallStats(
-            kind=kind,
-            client_ttft_s=(first or end) - start,
-            client_total_s=end - start,
-            server_ttft_s=last.timings.time_to_first_token_seconds,
-            server_total_s=last.timings.total_seconds,
-            prompt_tokens=last.usage.prompt_tokens,
-            cached_tokens=last.usage.cached_prompt_tokens,
-            completion_tokens=last.usage.completion_tokens,
-            finish=pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower(),
-        )
-        return "".join(texts), ids, last, stats
+def call_stats(kind: str, c: Completion) -> CallStats:
+    return CallStats(
+        kind=kind,
+        client_ttft_s=c.ttft_s,
+        client_total_s=c.total_s,
+        server_ttft_s=c.last.timings.time_to_first_token_seconds,
+        server_total_s=c.last.timings.total_seconds,
+        prompt_tokens=c.last.usage.prompt_tokens,
+        cached_tokens=c.last.usage.cached_prompt_tokens,
+        completion_tokens=c.last.usage.completion_tokens,
+        finish=c.finish,
+    )
 
 
-def policy_scope(client: Client, policy_text: str, out) -> str:
+def policy_scope(client: InferenceClient, policy_text: str, out) -> str:
     """`shared:policy` when the server knows the zone and the key may use it (an admin key
     registers the scaffold itself), else `private` (correct, just not reused)."""
-    info = client.stub.ModelInfo(
-        pb.ModelInfoRequest(), metadata=client.metadata, timeout=client.timeout
-    )
+    info = client.model_info()
     print(
         f"server: model {info.model or '?'} ({info.architecture}), context "
         f"{info.context_length} tokens, KV pages of {info.page_size}; tenant {info.tenant}, "
@@ -242,11 +194,7 @@ def policy_scope(client: Client, policy_text: str, out) -> str:
     if POLICY_ZONE in info.permitted_zones:
         return f"shared:{POLICY_ZONE}"
     if info.admin:
-        client.stub.RegisterTrustedPrefix(
-            pb.RegisterTrustedPrefixRequest(zone=POLICY_ZONE, text=policy_text),
-            metadata=client.metadata,
-            timeout=client.timeout,
-        )
+        client.register_trusted_prefix(POLICY_ZONE, text=policy_text)
         print(
             f"registered the policy scaffold as a trusted prefix of shared:{POLICY_ZONE}", file=out
         )
@@ -265,7 +213,7 @@ def sampling(opts: Options, seed: int) -> pb.SamplingParams:
 
 
 def review_claim(
-    client: Client,
+    client: InferenceClient,
     case: Case,
     scope: str,
     schema: tuple[str, dict] | None,
@@ -292,16 +240,14 @@ def _findings(client, case, scope, schema, opts, index, res: Result) -> None:
         sampling=sampling(opts, index),
         json_schema=schema[0] if schema else "",
     )
-    text, _, _, stats = client.generate("review", request)
-    res.calls.append(stats)
-    res.findings_text = text
+    c = client.generate(request)
+    res.calls.append(call_stats("review", c))
+    res.findings_text = c.text
     try:
-        res.findings = json.loads(text)
+        res.findings = json.loads(c.text)
     except json.JSONDecodeError:
         res.findings = None
     if schema and res.findings is not None:
-        import jsonschema
-
         res.schema_valid = jsonschema.Draft202012Validator(schema[1]).is_valid(res.findings)
 
 
@@ -329,13 +275,13 @@ def _investigate(client, case, scope, opts, index, res: Result) -> None:
         max_tokens=opts.tool_call_tokens,
         sampling=sampling(opts, index),
     )
-    _, ids, last, stats = client.generate("tool_call", turn1)
-    res.calls.append(stats)
-    res.session_id = last.session_id
+    c = client.generate(turn1)
+    res.calls.append(call_stats("tool_call", c))
+    res.session_id = c.last.session_id
     res.tool_output = fake_tools(case, res.findings)
     history = [
         *history,
-        pb.PromptSegment(token_ids=pb.TokenIds(ids=ids), scope="session"),
+        pb.PromptSegment(token_ids=pb.TokenIds(ids=c.token_ids), scope="session"),
         pb.PromptSegment(
             text=f"\n{res.tool_output}\n[investigator] Narrative for the case file:\n",
             scope="session",
@@ -349,27 +295,27 @@ def _investigate(client, case, scope, opts, index, res: Result) -> None:
         sampling=sampling(opts, index),
     )
     try:
-        res.narrative, _, _, stats = client.generate("narrative", turn2)
-        res.calls.append(stats)
+        c = client.generate(turn2)
+        res.narrative = c.text
+        res.calls.append(call_stats("narrative", c))
     finally:
-        client.stub.EndSession(
-            pb.EndSessionRequest(session_id=res.session_id),
-            metadata=client.metadata,
-            timeout=client.timeout,
-        )
+        client.end_session(res.session_id)
 
 
 def fake_tools(case: Case, findings: dict | None) -> str:
-    """FAKE lookups over synthetic tables, standing in for a payer's policy and fee systems."""
+    """FAKE lookups over the synthetic code tables of `pijax.claims`, standing in for a payer's
+    policy and fee systems."""
     lines = [FAKE_TOOL_BANNER]
     codes = list(dict.fromkeys(re.findall(r"\b(\d{5}|[A-Z]\d{4})\b", case.claim_text)))[:3]
     for code in codes:
-        fee = sample_claims.FAKE_FEE_SCHEDULE.get(code, "not in the demo table")
+        proc = PROCEDURES.get(code)
+        fee = f"{proc.fee:.2f} per unit" if proc else "not in the demo table"
         lines.append(f"fee_schedule_lookup({code}) -> allowed amount {fee}")
     flags_ = [f for f in (findings or {}).get("flags", []) if isinstance(f, dict)]
     for flag in flags_[:3]:
         code = str(flag.get("code", ""))
-        ref = sample_claims.FAKE_POLICY_INDEX.get(code, "no such policy in the demo index")
+        known = code in FlagCode.__members__
+        ref = POLICIES[FlagCode[code]].reference if known else "no such policy in the demo index"
         lines.append(f"policy_lookup({code}) -> {ref}")
     if not flags_:
         lines.append("policy_lookup(none) -> no flags to look up")
@@ -462,7 +408,7 @@ def _pct(calls: Sequence[CallStats], field: str, q: int) -> float:
 def run(opts: Options, out=sys.stdout) -> list[Result]:
     cases = load_cases(opts)
     schema = load_schema(opts.schema_file)
-    client = Client(opts)
+    client = InferenceClient(opts.target, opts.api_key, opts.timeout_s)
     try:
         scope = policy_scope(client, cases[0].policy_text, out) if cases else "private"
         if schema is None:

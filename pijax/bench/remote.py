@@ -25,10 +25,13 @@ import queue
 import secrets
 import time
 
+import grpc
+
 from pijax.bench.driver import ArrivalDriver, ArrivalSpec, PendingTurn
 from pijax.bench.metrics import DEFINITIONS, summarize
 from pijax.bench.presets import BenchPreset
 from pijax.bench.runner import ProgressBar, RunResult, TurnRecord, turn_kind
+from pijax.serving.client import InferenceClient, pb
 from pijax.workload import POLICY_ZONE, Workload, generate_workload
 
 REMOTE = "remote"
@@ -44,118 +47,83 @@ class _Done:
     overloaded: bool = False
 
 
-class RemoteClient:
-    """A thin wrapper over the generated stub: metadata on every call, one channel."""
-
-    def __init__(self, target: str, api_key: str | None):
-        import grpc
-
-        from pijax.serving.proto.pijax.v1 import inference_pb2 as pb
-        from pijax.serving.proto.pijax.v1 import inference_pb2_grpc as pb_grpc
-
-        self.grpc, self.pb = grpc, pb
-        self.channel = grpc.insecure_channel(target)
-        self.stub = pb_grpc.InferenceStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {api_key or 'dev-mode'}"),)
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def model_info(self):
-        return self.stub.ModelInfo(
-            self.pb.ModelInfoRequest(), metadata=self.metadata, timeout=RPC_TIMEOUT_S
+def _segments(p: PendingTurn) -> list[pb.PromptSegment]:
+    return [
+        pb.PromptSegment(
+            token_ids=pb.TokenIds(ids=list(seg.content)),
+            scope="session" if seg.scope.kind.value == "session" else str(seg.scope),
         )
+        for seg in p.prompt
+    ]
 
-    def register_policy(self, tokens) -> str:
-        """'registered', or why not (a non-admin key may not register)."""
-        req = self.pb.RegisterTrustedPrefixRequest(
-            zone=POLICY_ZONE, token_ids=self.pb.TokenIds(ids=list(tokens))
+
+def turn_request(p: PendingTurn, run_id: str, session_id: str | None) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        request_id=f"bench{run_id}-{p.request_id}",
+        prompt=_segments(p),
+        sampling=pb.SamplingParams(temperature=0.0),
+        max_tokens=p.output_len,
+        ignore_eos=True,
+        session_id=session_id or "",
+        start_session=session_id is not None and p.turn == 0,
+    )
+
+
+def register_policy(client: InferenceClient, tokens) -> str:
+    """'registered', or why not (a non-admin key may not register)."""
+    try:
+        client.register_trusted_prefix(POLICY_ZONE, token_ids=list(tokens))
+    except grpc.RpcError as e:
+        return f"refused: {e.code().name}: {e.details()}"
+    return "registered"
+
+
+def run_turn(client: InferenceClient, p: PendingTurn, run_id: str, session_id: str | None) -> _Done:
+    try:
+        return _run_turn(client, p, run_id, session_id)
+    except Exception as e:  # noqa: BLE001 - reported as a failed turn; the run goes on
+        return _Done(p, None, [], f"{type(e).__name__}: {e}")
+
+
+def _run_turn(
+    client: InferenceClient, p: PendingTurn, run_id: str, session_id: str | None
+) -> _Done:
+    try:
+        c = client.generate(turn_request(p, run_id, session_id))
+    except grpc.RpcError as e:
+        code = e.code()
+        return _Done(
+            p,
+            None,
+            [],
+            f"{code.name}: {e.details()}",
+            overloaded=code == grpc.StatusCode.RESOURCE_EXHAUSTED,
         )
+    if not c.token_times:
+        return _Done(p, None, [], "no tokens streamed")
+    rec = TurnRecord(
+        request_id=p.request_id,
+        conversation=p.conv.index,
+        turn=p.turn,
+        kind=turn_kind(p),
+        claim_kind=p.conv.kind,
+        arrival=p.arrival,
+        first_scheduled=c.sent + c.last.timings.queue_seconds,
+        token_times=c.token_times,
+        finish=c.done,
+        prompt_tokens=c.last.usage.prompt_tokens,
+        cached_tokens=c.last.usage.cached_prompt_tokens,
+    )
+    if session_id is not None and p.turn == len(p.conv.turns) - 1:
         try:
-            self.stub.RegisterTrustedPrefix(req, metadata=self.metadata, timeout=RPC_TIMEOUT_S)
-        except self.grpc.RpcError as e:
-            return f"refused: {e.code().name}: {e.details()}"
-        return "registered"
-
-    def end_session(self, session_id: str) -> None:
-        try:
-            self.stub.EndSession(
-                self.pb.EndSessionRequest(session_id=session_id),
-                metadata=self.metadata,
-                timeout=RPC_TIMEOUT_S,
-            )
-        except self.grpc.RpcError:
+            client.end_session(session_id)
+        except grpc.RpcError:
             pass  # already gone (e.g. evicted): nothing left to release
-
-    def request(self, p: PendingTurn, run_id: str, session_id: str | None):
-        pb = self.pb
-        segments = []
-        for seg in p.prompt:
-            scope = "session" if seg.scope.kind.value == "session" else str(seg.scope)
-            segments.append(
-                pb.PromptSegment(token_ids=pb.TokenIds(ids=list(seg.content)), scope=scope)
-            )
-        return pb.GenerateRequest(
-            request_id=f"bench{run_id}-{p.request_id}",
-            prompt=segments,
-            sampling=pb.SamplingParams(temperature=0.0),
-            max_tokens=p.output_len,
-            ignore_eos=True,
-            session_id=session_id or "",
-            start_session=session_id is not None and p.turn == 0,
-        )
-
-    def run_turn(self, p: PendingTurn, run_id: str, session_id: str | None) -> _Done:
-        try:
-            return self._run_turn(p, run_id, session_id)
-        except Exception as e:  # noqa: BLE001 - reported as a failed turn; the run goes on
-            return _Done(p, None, [], f"{type(e).__name__}: {e}")
-
-    def _run_turn(self, p: PendingTurn, run_id: str, session_id: str | None) -> _Done:
-        sent = time.monotonic()
-        times: list[float] = []
-        ids: list[int] = []
-        last = None
-        try:
-            for r in self.stub.Generate(
-                self.request(p, run_id, session_id), metadata=self.metadata, timeout=RPC_TIMEOUT_S
-            ):
-                now = time.monotonic()
-                times.extend([now] * len(r.token_ids))
-                ids.extend(r.token_ids)
-                last = r
-        except self.grpc.RpcError as e:
-            code = e.code()
-            return _Done(
-                p,
-                None,
-                [],
-                f"{code.name}: {e.details()}",
-                overloaded=code == self.grpc.StatusCode.RESOURCE_EXHAUSTED,
-            )
-        finish = time.monotonic()
-        if not times or last is None:
-            return _Done(p, None, [], "no tokens streamed")
-        rec = TurnRecord(
-            request_id=p.request_id,
-            conversation=p.conv.index,
-            turn=p.turn,
-            kind=turn_kind(p),
-            claim_kind=p.conv.kind,
-            arrival=p.arrival,
-            first_scheduled=sent + last.timings.queue_seconds,
-            token_times=times,
-            finish=finish,
-            prompt_tokens=last.usage.prompt_tokens,
-            cached_tokens=last.usage.cached_prompt_tokens,
-        )
-        if session_id is not None and p.turn == len(p.conv.turns) - 1:
-            self.end_session(session_id)
-        return _Done(p, rec, ids)
+    return _Done(p, rec, c.token_ids)
 
 
 def run_workload(
-    client: RemoteClient,
+    client: InferenceClient,
     workload: Workload,
     arrival: ArrivalSpec,
     *,
@@ -175,7 +143,7 @@ def run_workload(
         while not driver.done:
             for p in driver.due(time.monotonic()):
                 sid = f"bench{nonce}-{p.conv.session_id}" if p.conv.session_id else None
-                pool.submit(lambda p=p, sid=sid: done.put(client.run_turn(p, nonce, sid)))
+                pool.submit(lambda p=p, sid=sid: done.put(run_turn(client, p, nonce, sid)))
                 inflight += 1
             nxt = driver.next_time()
             wait = 0.5 if nxt is None else max(0.0, min(0.5, nxt - time.monotonic()))
@@ -218,7 +186,7 @@ def run_remote(
     from pijax.bench.runner import show_progress
     from pijax.bench.suite import environment
 
-    client = RemoteClient(target, api_key)
+    client = InferenceClient(target, api_key, timeout_s=RPC_TIMEOUT_S)
     try:
         info = client.model_info()
         lo, hi = preset.workload.token_range
@@ -228,7 +196,7 @@ def run_remote(
                 f"has vocab_size={info.vocab_size}"
             )
         workload = generate_workload(preset.workload)
-        registration = client.register_policy(workload.policy)
+        registration = register_policy(client, workload.policy)
         t0 = time.monotonic()
         bar = ProgressBar(show_progress(progress), workload.num_requests, REMOTE)
         try:

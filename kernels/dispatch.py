@@ -1,12 +1,22 @@
 """The single attention dispatch point: the engine calls these, never a kernel directly.
 
-| impl             | cpu                      | gpu (cuda/rocm)               | tpu                  |
-| ---------------- | ------------------------ | ----------------------------- | -------------------- |
-| AUTO             | reference                | Pallas/Triton                 | Pallas/Mosaic        |
-| REFERENCE        | reference                | reference                     | reference            |
-| PALLAS           | error (no kernel)        | ragged.py, or decode.py with  | tpu.py               |
-|                  |                          | `decode_only=True` (split-K)  |                      |
-| PALLAS_INTERPRET | GPU-style kernels, interpret=True (any backend; slow, for tests)        |
+| impl             | cpu                      | gpu (cuda/rocm)                | tpu                  |
+| ---------------- | ------------------------ | ------------------------------ | -------------------- |
+| AUTO             | tiled                    | kernel if the shape is in the  | tpu.py if supported, |
+|                  |                          | support table, else reference  | else reference       |
+| REFERENCE        | reference                | reference                      | reference            |
+| TILED            | tiled.py (XLA; K/V gathered once per sequence and query tile)             |
+| PALLAS           | error (no kernel)        | mosaic_gpu.py (sm_90+, when    | tpu.py               |
+|                  |                          | tuning.HOPPER_KERNEL says so), |                      |
+|                  |                          | else ragged.py, or decode.py   |                      |
+|                  |                          | with `decode_only=True`        |                      |
+| PALLAS_INTERPRET | GPU-style Triton kernels, interpret=True (any backend; slow, for tests)  |
+
+Shapes. `support.SUPPORTED` is the one table of what each kernel runs (head dims, GQA ratios,
+page sizes, dtypes). `auto` uses a kernel only for a listed shape and otherwise the XLA
+reference, logging once per shape which one fell back and why; an explicit `pallas` raises a
+ValueError naming the shape and the supported set. `check_supported` raises that same error
+without tracing anything, for the engine to call at start-up.
 
 The engine makes one call per layer per step and passes no `decode_only`: the ragged kernel
 handles any mix, and splits each tile's context (split-K) when the batch's shapes give a grid
@@ -32,36 +42,105 @@ plain XLA computation that GSPMD partitions itself.
 
 from __future__ import annotations
 
-import enum
+import logging
 
 import jax
 from jax.sharding import PartitionSpec as P
 
-from pijax.kernels.paged_attention import decode, ragged, reference
+from pijax.kernels import support
+from pijax.kernels.impl import AttentionImpl
+from pijax.kernels.paged_attention import decode, ragged, reference, tiled, tuning
+from pijax.kernels.support import AttentionShape, Kernel
+
+__all__ = ["AttentionImpl", "paged_attention", "write_kv", "choose_kernel", "check_supported"]
+
+log = logging.getLogger(__name__)
 
 MODEL_AXIS = "model"  # the mesh axis the pool's kv heads (and the query heads) are sharded on
 
-
-class AttentionImpl(enum.Enum):
-    AUTO = "auto"  # Pallas kernels on GPU/TPU, the pure-JAX reference on CPU
-    REFERENCE = "reference"
-    PALLAS = "pallas"
-    PALLAS_INTERPRET = "pallas_interpret"
-
-    @classmethod
-    def parse(cls, value: str | AttentionImpl) -> AttentionImpl:
-        if isinstance(value, AttentionImpl):
-            return value
-        allowed = [m.value for m in cls]
-        if value not in allowed:
-            raise ValueError(f"attention_impl must be one of {allowed}; got {value!r}")
-        return cls(value)
+_FELL_BACK: set[tuple[Kernel, AttentionShape]] = set()  # (kernel, shape) pairs already logged
 
 
 def resolve(impl: AttentionImpl) -> AttentionImpl:
     if impl is AttentionImpl.AUTO:
-        return AttentionImpl.REFERENCE if jax.default_backend() == "cpu" else AttentionImpl.PALLAS
+        return AttentionImpl.TILED if jax.default_backend() == "cpu" else AttentionImpl.PALLAS
     return impl
+
+
+def backend_kernel(backend: str, decode_only: bool = False) -> Kernel | None:
+    """The kernel `pallas` means on `backend` (None: there is none, e.g. CPU)."""
+    if backend in ("cuda", "rocm", "gpu"):
+        if not decode_only and backend != "rocm" and _use_mosaic_gpu():
+            return Kernel.MOSAIC_GPU_RAGGED
+        return Kernel.TRITON_DECODE if decode_only else Kernel.TRITON_RAGGED
+    if backend == "tpu":
+        return Kernel.TPU_RAGGED
+    return None
+
+
+def _use_mosaic_gpu() -> bool:
+    """Hopper or newer, a JAX with the Mosaic GPU backend, and the tuning table prefers it."""
+    if tuning.HOPPER_KERNEL != Kernel.MOSAIC_GPU_RAGGED.value:
+        return False
+    cap = support.gpu_capability()
+    if cap is None or cap < (9, 0):
+        return False
+    from pijax.kernels.paged_attention import mosaic_gpu
+
+    return mosaic_gpu.available()
+
+
+def choose_kernel(
+    impl: AttentionImpl,
+    shape: AttentionShape,
+    *,
+    decode_only: bool = False,
+    backend: str | None = None,
+) -> Kernel | None:
+    """The kernel to run `shape` with, or None for the XLA reference.
+
+    `auto`: the backend's kernel if the support table lists the shape, else None (logged once
+    per shape). `pallas` / `pallas_interpret`: the kernel, or ValueError naming the shape and the
+    supported set. The engine calls `check_supported` at start-up so that error comes first.
+    """
+    impl = AttentionImpl.parse(impl)
+    backend = backend or jax.default_backend()
+    if impl is AttentionImpl.REFERENCE or (impl is AttentionImpl.AUTO and backend == "cpu"):
+        return None
+    if impl is AttentionImpl.PALLAS_INTERPRET:
+        kernel = Kernel.TRITON_DECODE if decode_only else Kernel.TRITON_RAGGED
+    else:
+        kernel = backend_kernel(backend, decode_only)
+    if kernel is None:
+        raise ValueError(
+            f"attention_impl=pallas has no kernel for backend {backend!r}; use "
+            f"{AttentionImpl.REFERENCE.value!r} or {AttentionImpl.PALLAS_INTERPRET.value!r}"
+        )
+    reason = support.why_not(kernel, shape)
+    if reason is None:
+        return kernel
+    if impl is AttentionImpl.AUTO:
+        if (kernel, shape) not in _FELL_BACK:
+            _FELL_BACK.add((kernel, shape))
+            log.warning(
+                "attention: %s runs on the XLA reference path, not %s: %s",
+                shape.describe(),
+                kernel.value,
+                reason,
+            )
+        return None
+    raise ValueError(
+        f"attention_impl={impl.value}: kernel {kernel.value} on {backend!r} does not support "
+        f"{shape.describe()} ({reason}); supported: {support.SUPPORTED[kernel].describe()}. "
+        f"Use attention_impl={AttentionImpl.AUTO.value!r} to fall back to the XLA path."
+    )
+
+
+def check_supported(
+    impl: AttentionImpl | str, shape: AttentionShape, backend: str | None = None
+) -> None:
+    """Start-up check: raises (for an explicit kernel impl) what the first step would."""
+    choose_kernel(AttentionImpl.parse(impl), shape, backend=backend)
 
 
 def paged_attention(
@@ -82,36 +161,42 @@ def paged_attention(
     decode_only: bool = False,
 ):
     """Ragged paged attention over the pool (see `reference` for the argument contract)."""
-    impl = resolve(impl)
+    impl = AttentionImpl.parse(impl)
     args = (q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs)
     kwargs = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
-    if impl is AttentionImpl.REFERENCE:
+    if resolve(impl) is AttentionImpl.TILED:
+        fn = tiled.ragged_paged_attention_tiled
+        mesh = kv_head_mesh(k_pages)  # per kv head, like the kernels: no gathers across devices
+        if mesh is not None:
+            return _shard_over_kv_heads(fn, mesh, args, k_scales, v_scales, kwargs)
+        return fn(*args, k_scales=k_scales, v_scales=v_scales, **kwargs)
+    shape = AttentionShape.of(q, k_pages, soft_cap=soft_cap, sliding_window=sliding_window)
+    kernel = choose_kernel(impl, shape, decode_only=decode_only)
+    if kernel is None:
         return reference.ragged_paged_attention_reference(
             *args, k_scales=k_scales, v_scales=v_scales, **kwargs
         )
-    kernel = _kernel(impl, decode_only)
+    fn = _kernel_fn(kernel)
     if impl is AttentionImpl.PALLAS_INTERPRET:
         kwargs["interpret"] = True
     mesh = kv_head_mesh(k_pages)
     if mesh is not None:
-        return _shard_over_kv_heads(kernel, mesh, args, k_scales, v_scales, kwargs)
-    return kernel(*args, k_scales=k_scales, v_scales=v_scales, **kwargs)
+        return _shard_over_kv_heads(fn, mesh, args, k_scales, v_scales, kwargs)
+    return fn(*args, k_scales=k_scales, v_scales=v_scales, **kwargs)
 
 
-def _kernel(impl: AttentionImpl, decode_only: bool):
-    if impl is AttentionImpl.PALLAS_INTERPRET:
-        return decode.paged_decode_attention if decode_only else ragged.ragged_paged_attention
-    backend = jax.default_backend()
-    if backend in ("cuda", "rocm", "gpu"):
-        return decode.paged_decode_attention if decode_only else ragged.ragged_paged_attention
-    if backend == "tpu":
-        from pijax.kernels.paged_attention import tpu  # Mosaic-only imports stay off GPU hosts
+def _kernel_fn(kernel: Kernel):
+    if kernel is Kernel.TRITON_RAGGED:
+        return ragged.ragged_paged_attention
+    if kernel is Kernel.TRITON_DECODE:
+        return decode.paged_decode_attention
+    if kernel is Kernel.MOSAIC_GPU_RAGGED:
+        from pijax.kernels.paged_attention import mosaic_gpu  # Mosaic GPU imports stay lazy
 
-        return tpu.ragged_paged_attention_tpu
-    raise ValueError(
-        f"attention_impl=pallas has no kernel for backend {backend!r}; use "
-        f"{AttentionImpl.REFERENCE.value!r} or {AttentionImpl.PALLAS_INTERPRET.value!r}"
-    )
+        return mosaic_gpu.ragged_paged_attention_mgpu
+    from pijax.kernels.paged_attention import tpu  # Mosaic-only imports stay off GPU hosts
+
+    return tpu.ragged_paged_attention_tpu
 
 
 def kv_head_mesh(k_pages):

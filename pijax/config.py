@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pijax.kernels.dispatch import AttentionImpl
+from pijax.kernels.impl import AttentionImpl
 
 
 class ConfigError(ValueError):

@@ -64,3 +64,12 @@ def splits(num_programs: int, sizes: BlockSizes) -> int:
     """Static split-K factor for a grid of `num_programs` (kv heads x query tiles) programs."""
     want = -(-sizes.target_programs // max(1, num_programs))
     return max(1, min(sizes.max_splits, want))
+
+
+# The GPU kernel `auto`/`pallas` runs on Hopper and newer (compute capability >= 9.0) when the
+# installed JAX has the Mosaic GPU backend: "mosaic_gpu_ragged" or "triton_ragged" (a
+# `support.Kernel` value). UNMEASURED: neither kernel has run on a GPU yet. The choice belongs to
+# a measurement, `scripts/device_check.py` (it times both side by side on the same shapes); record
+# the run that decided it in HOPPER_KERNEL_MEASURED ("<results folder>: mosaic X us, triton Y us").
+HOPPER_KERNEL = "triton_ragged"
+HOPPER_KERNEL_MEASURED: str | None = None

@@ -21,7 +21,12 @@ from pathlib import Path
 
 from absl import app, flags
 
+from pijax import flags as engine_flags
+
 FLAGS = flags.FLAGS
+# The preset names the model; --kv_cache_dtype is a list here and the compilation cache a
+# process-wide setting, so those three keep the bench's own meaning.
+engine_flags.define_engine_flags(exclude=["model", "kv_cache_dtype", "compilation_cache_dir"])
 flags.DEFINE_string("preset", "cpu", "Bench preset in configs/bench/ (smoke, cpu, gpu-1b, gpu-8b).")
 flags.DEFINE_bool(
     "compare",
@@ -59,7 +64,8 @@ flags.DEFINE_string("api_key", None, "API key for --target (else $PIJAX_API_KEY)
 flags.DEFINE_multi_string(
     "engine_opt",
     [],
-    "Engine override KEY=VALUE applied to every configuration (e.g. max_num_seqs=16); repeatable.",
+    "Engine override KEY=VALUE applied to every configuration, for options without a flag of "
+    "their own (e.g. kv_cache_memory_bytes=4194304); repeatable.",
 )
 flags.DEFINE_list(
     "kv_cache_dtype",
@@ -87,7 +93,9 @@ flags.DEFINE_string(
 
 def engine_overrides() -> dict:
     """Engine options from flags, applied on top of the preset in every configuration."""
-    out = {"kv_cache_dtype": FLAGS.kv_cache_dtype[0]} if FLAGS.kv_cache_dtype else {}
+    out = engine_flags.engine_overrides()
+    if FLAGS.kv_cache_dtype:
+        out["kv_cache_dtype"] = FLAGS.kv_cache_dtype[0]
     for item in FLAGS.engine_opt:
         key, sep, value = item.partition("=")
         if not sep or not key:

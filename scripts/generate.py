@@ -21,18 +21,15 @@ import time
 from absl import app, flags
 
 from pijax import LLM, SamplingParams
+from pijax import flags as engine_flags
 from pijax.claims import evaluate
 from pijax.claims.prompt import answer_text, policy_scaffold, render_claim, render_prompt
 from pijax.claims.samples import SAMPLE_INDEX, sample_example
 from pijax.claims.schema import findings_schema, is_valid_findings
-from pijax.config import DEFAULT_MODEL, parse_mesh
+from pijax.structured import SchemaCompiler
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "model",
-    None,
-    "HF checkpoint dir, converted orbax dir, or preset name (default: the embedded default model)",
-)
+engine_flags.define_engine_flags(exclude=["seed"])  # --seed here is the sampling seed
 flags.DEFINE_multi_string(
     "prompt", None, "Prompt text (repeatable). Default: review a sample claim."
 )
@@ -47,10 +44,6 @@ flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1].")
 flags.DEFINE_integer("top_k", 0, "Top-k (0 = off).")
 flags.DEFINE_integer("seed", None, "Sampling seed (same seed, same output).")
-flags.DEFINE_string("mesh", "1,1", "Device mesh 'DATA,MODEL'.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight and activation dtype.")
-flags.DEFINE_integer("page_size", 16, "KV page size in tokens.")
-flags.DEFINE_integer("num_pages", None, "KV pool pages (default: a memory fraction).")
 flags.DEFINE_bool("ignore_eos", False, "Keep generating past end-of-sequence.")
 
 
@@ -66,12 +59,7 @@ def sampling_params(default_max_tokens: int) -> SamplingParams:
 
 
 def findings_constraint_factory(llm: LLM):
-    """`new_constraint` for the findings schema, or None where structured output is unavailable."""
-    try:
-        from pijax.structured import SchemaCompiler
-    except ImportError as e:
-        logging.warning("structured output unavailable (%s): decoding unconstrained", e)
-        return None
+    """`new_constraint` for the findings schema."""
     engine = llm.engine
     compiler = SchemaCompiler.for_tokenizer(
         llm.tokenizer,
@@ -145,14 +133,7 @@ def complete_prompts(llm: LLM, prompts: list[str]) -> None:
 def main(argv):
     del argv
     logging.getLogger().setLevel(logging.WARNING)
-    source = FLAGS.model or DEFAULT_MODEL
-    llm = LLM(
-        source,
-        mesh_shape=parse_mesh(FLAGS.mesh),
-        dtype=FLAGS.dtype,
-        page_size=FLAGS.page_size,
-        num_pages=FLAGS.num_pages,
-    )
+    llm = LLM(engine_flags.model_source(), **engine_flags.engine_overrides())
     if FLAGS.prompt:
         complete_prompts(llm, FLAGS.prompt)
     else:

@@ -24,18 +24,16 @@ from pathlib import Path
 
 from absl import app, flags
 
-from pijax.config import DEFAULT_MODEL, engine_config_from_overrides, parse_mesh
+from pijax import flags as engine_flags
+from pijax.claims.prompt import policy_scaffold, render_policy_segment
+from pijax.config import ConfigError
 from pijax.engine import Engine
 from pijax.quant_gate import GateError, enforce_gate
 from pijax.serving.auth import KeyStore
 from pijax.serving.server import InferenceServer, ServerConfig, ServerConfigError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "model",
-    None,
-    "HF checkpoint dir, converted orbax dir, or preset name (default: the embedded default model)",
-)
+engine_flags.define_engine_flags()
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 or [::] for all).")
 flags.DEFINE_integer("port", 50051, "gRPC port (0 = any free port).")
 flags.DEFINE_string("api_keys", None, "API-key file (JSON: key -> tenant, zones, admin).")
@@ -59,8 +57,7 @@ flags.DEFINE_multi_string(
 flags.DEFINE_bool(
     "register_claims_policy",
     True,
-    "Register the synthetic claims policy scaffold "
-    "in zone 'policy' when pijax.claims is available.",
+    "Register the synthetic claims policy scaffold (pijax.claims) in zone 'policy'.",
 )
 flags.DEFINE_enum(
     "warmup",
@@ -70,13 +67,6 @@ flags.DEFINE_enum(
     "reporting SERVING; auto = on for GPU/TPU, off on CPU (where it takes minutes "
     "and shapes compile on first use instead).",
 )
-# Engine.
-flags.DEFINE_string("mesh", "1,1", "Device mesh 'DATA,MODEL'.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight and activation dtype.")
-flags.DEFINE_integer("page_size", 16, "KV page size in tokens.")
-flags.DEFINE_integer("num_pages", None, "KV pool pages (default: a memory fraction).")
-flags.DEFINE_float("memory_fraction", None, "Share of free device memory for the KV pool.")
-flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8", "fp8_e4m3"], "KV cache dtype.")
 flags.DEFINE_string(
     "kv_quant_gate_report",
     None,
@@ -88,34 +78,8 @@ flags.DEFINE_bool(
     False,
     "Start a quantized KV cache without a gate report (logged as a warning).",
 )
-flags.DEFINE_integer("max_num_seqs", None, "Sequences per step.")
-flags.DEFINE_integer("max_num_batched_tokens", None, "Token budget per step.")
-flags.DEFINE_integer("max_model_len", None, "Prompt + completion tokens per request.")
-flags.DEFINE_integer("max_waiting", None, "Queued requests before RESOURCE_EXHAUSTED.")
-flags.DEFINE_string("audit_log", None, "Append the prefix-reuse audit log to this file.")
-flags.DEFINE_string("compilation_cache_dir", None, "Persistent JAX compilation cache.")
-flags.DEFINE_integer("seed", 0, "Engine seed (random presets, unseeded sampling).")
 
 log = logging.getLogger("pijax.serve")
-
-
-def engine_overrides() -> dict:
-    overrides = dict(
-        mesh_shape=parse_mesh(FLAGS.mesh),
-        dtype=FLAGS.dtype,
-        page_size=FLAGS.page_size,
-        num_pages=FLAGS.num_pages,
-        memory_fraction=FLAGS.memory_fraction,
-        kv_cache_dtype=FLAGS.kv_cache_dtype,
-        max_num_seqs=FLAGS.max_num_seqs,
-        max_num_batched_tokens=FLAGS.max_num_batched_tokens,
-        max_model_len=FLAGS.max_model_len,
-        max_waiting=FLAGS.max_waiting,
-        audit_log_path=FLAGS.audit_log,
-        compilation_cache_dir=FLAGS.compilation_cache_dir,
-        seed=FLAGS.seed,
-    )
-    return {k: v for k, v in overrides.items() if v is not None}
 
 
 def warmup_wanted() -> bool:
@@ -134,12 +98,7 @@ def trusted_prefixes() -> list[tuple[str, str]]:
             raise app.UsageError(f"--trusted_prefix must be ZONE=FILE; got {spec!r}")
         out.append((zone, Path(path).read_text()))
     if FLAGS.register_claims_policy:
-        try:
-            from pijax.claims.prompt import policy_scaffold, render_policy_segment
-        except ImportError:
-            log.info("pijax.claims not available: no claims policy registered")
-        else:
-            out.append(("policy", render_policy_segment(policy_scaffold())))
+        out.append(("policy", render_policy_segment(policy_scaffold())))
     return out
 
 
@@ -168,7 +127,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
-    model = FLAGS.model or DEFAULT_MODEL
+    model = engine_flags.model_source()
+    try:
+        engine_config = engine_flags.engine_config()
+    except ConfigError as e:
+        raise app.UsageError(str(e)) from None
     try:
         config = ServerConfig(
             host=FLAGS.host,
@@ -188,17 +151,15 @@ def main(argv):
         KeyStore.from_file(FLAGS.api_keys)  # fail on a bad key file before loading the model
     try:  # before loading the model: a quantized cache needs its quality gate
         enforce_gate(
-            FLAGS.kv_cache_dtype, model, FLAGS.kv_quant_gate_report, FLAGS.skip_kv_quant_gate
+            engine_config.cache.kv_cache_dtype,
+            model,
+            FLAGS.kv_quant_gate_report,
+            FLAGS.skip_kv_quant_gate,
         )
     except GateError as e:
         raise app.UsageError(str(e)) from None
     prefixes = trusted_prefixes()
-    engine = Engine.from_source(model, engine_config_from_overrides(**engine_overrides()))
-    if prefixes and not callable(getattr(engine, "register_trusted_prefix", None)):
-        log.warning(
-            "this engine has no trusted-prefix support; ignoring %d prefixes", len(prefixes)
-        )
-        prefixes = []
+    engine = Engine.from_source(model, engine_config)
     asyncio.run(serve(engine, config, prefixes))
 
 

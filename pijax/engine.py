@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Sequence
 
@@ -46,6 +47,12 @@ from pijax.request import (
 from pijax.scheduler import Scheduler
 from pijax.sharding import make_mesh
 from pijax.step import StepFunction
+from pijax.structured import (
+    GrammarKind,
+    SchemaCompiler,
+    SchemaError,
+    UnsupportedTokenizerError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +119,9 @@ class Engine:
         self._arrivals = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)
         log.info(
+        self._compiler_lock = threading.Lock()
+        self._schema_compiler: SchemaCompiler | None = None
+        self._no_structured: str | None = None  # why structured output is unavailable
             "engine ready: %d pages of %d tokens, max_model_len=%d, mesh=%s",
             num_pages,
             cache.page_size,
@@ -192,7 +202,8 @@ class Engine:
         """Queue a request, or raise `InvalidRequestError`/`OverloadedError` and queue nothing.
 
         `prompt` is text, token ids, or scoped `PromptSegment`s. `tenant` is the authenticated
-        tenant (the caller vouches for it); `constraint` masks tokens (structured output).
+        tenant (the caller vouches for it); `constraint` masks tokens (structured output): when
+        None, the one `params` asks for (`json_schema`, `regex`, `grammar`) is compiled here.
         Scopes, tenants and sessions drive prefix reuse (scheduler issue); until that lands every
         segment is computed privately.
         """
@@ -221,6 +232,8 @@ class Engine:
                 f"waiting queue is full ({self.config.scheduler.max_waiting} requests)"
             )
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**32))
+        if constraint is None:
+            constraint = self.compile_constraint(params)
         req = Request(
             request_id=request_id,
             prompt_token_ids=ids,
@@ -240,6 +253,45 @@ class Engine:
         self.scheduler.add(req)
 
     def abort(self, request_id: str) -> RequestOutput | None:
+    @property
+    def schema_compiler(self) -> SchemaCompiler | None:
+        """The structured-output compiler for this model's tokenizer (thread-safe, with a cache
+        of compiled grammars), built on first use; None when the tokenizer cannot be described
+        to llguidance. The server compiles through it too, off its event loop."""
+        with self._compiler_lock:
+            if self._schema_compiler is None and self._no_structured is None:
+                try:
+                    self._schema_compiler = SchemaCompiler.for_tokenizer(
+                        self.tokenizer,
+                        vocab_size=self.model_config.vocab_size,
+                        eos_token_ids=self.model.eos_token_ids,
+                    )
+                except UnsupportedTokenizerError as e:
+                    self._no_structured = str(e)
+            return self._schema_compiler
+
+    @property
+    def structured_unavailable_reason(self) -> str | None:
+        return None if self.schema_compiler is not None else self._no_structured
+
+    def compile_constraint(self, params: SamplingParams) -> TokenConstraint | None:
+        """The token constraint `params` asks for (`json_schema`, `regex` or `grammar`), or None.
+        Raises `InvalidRequestError` naming the field. Thread-safe: callers may compile off the
+        engine's thread and pass the result to `add_request(constraint=...)`."""
+        spec = params.structured
+        if spec is None:
+            return None
+        field, text = spec
+        compiler = self.schema_compiler
+        if compiler is None:
+            raise InvalidRequestError(
+                f"{field}: structured output is not available for this model ({self._no_structured})"
+            )
+        try:
+            return compiler.compile_grammar(GrammarKind(field), text).new_constraint()
+        except SchemaError as e:
+            raise InvalidRequestError(f"{field} {e}") from None
+
         """Free everything the request holds, at any stage. Unknown ids are ignored."""
         req = self._requests.get(request_id)
         if req is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import math
 import time
 from typing import Protocol
@@ -41,6 +42,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    # Structured output (at most one): the completion is constrained token by token so that it
+    # matches. `json_schema` is a JSON Schema (text or dict), `regex` a regular expression,
+    # `grammar` a Lark grammar (llguidance's dialect). See `pijax.structured`.
+    json_schema: str | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
     def __post_init__(self):
         _check(
@@ -86,6 +93,24 @@ class SamplingParams:
             self.stop_token_ids,
         )
         object.__setattr__(self, "stop_token_ids", ids)
+        if isinstance(self.json_schema, dict):
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
+        for name in STRUCTURED_FIELDS:
+            v = getattr(self, name)
+            _check(v is None or (isinstance(v, str) and v), name, "None or non-empty text", v)
+        given = [name for name in STRUCTURED_FIELDS if getattr(self, name) is not None]
+        _check(len(given) <= 1, "json_schema/regex/grammar", "at most one of them", given)
+
+    @property
+    def structured(self) -> tuple[str, str] | None:
+        """(field name, text) of the structured-output constraint asked for, or None."""
+        for name in STRUCTURED_FIELDS:
+            if getattr(self, name) is not None:
+                return name, getattr(self, name)
+        return None
+
+
+STRUCTURED_FIELDS = ("json_schema", "regex", "grammar")
 
 
 class ScopeKind(enum.Enum):

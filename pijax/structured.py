@@ -1,4 +1,7 @@
-"""Structured output: a JSON schema becomes a per-request token constraint (llguidance).
+"""Structured output: a JSON schema, a regex or a Lark grammar becomes a per-request token
+constraint (llguidance). An engine feature: `SamplingParams(json_schema=...)` (or `regex=`,
+`grammar=`) is compiled by `Engine.add_request`, and the server compiles through the same engine's
+compiler off its event loop.
 
     compiler = SchemaCompiler.for_tokenizer(tokenizer, vocab_size=320, eos_token_ids=(257,))
     compiled = compiler.compile(schema_text)          # SchemaError names what is wrong
@@ -7,13 +10,13 @@
 `SchemaCompiler` builds llguidance's `LLTokenizer` once from the engine's tokenizer (the byte
 tokenizer of the random presets, or a `tokenizer.json` one), checks schemas (JSON, the JSON
 Schema meta-schema, then what llguidance can compile) and caches one compiled matcher per distinct
-schema text; each request gets a deep copy, which is far cheaper than compiling again.
+(kind, text); each request gets a deep copy, which is far cheaper than compiling again.
 
 `JsonSchemaConstraint` is the engine's `TokenConstraint`: the engine calls `fill_bitmask` on its
 own thread for each sampling step (the numpy interface writes the mask straight into the engine's
-int32 row: no torch, no copy) and `accept` with each sampled token. Once the JSON value is
-complete the matcher is stopped and the engine finishes the request with `STOP`, so a finished
-completion always parses and validates. A completion cut by `max_tokens` does not.
+int32 row: no torch, no copy) and `accept` with each sampled token. Once the value is complete
+the matcher is stopped and the engine finishes the request with `STOP`, so a finished completion
+always parses and validates. A completion cut by `max_tokens` does not.
 
 JSON is compiled without flexible whitespace by default (a random or weak model would otherwise
 fill the budget with blanks); a schema may opt back in with `"x-guidance": {"whitespace_flexible":
@@ -23,6 +26,7 @@ true}`.
 from __future__ import annotations
 
 import collections
+import enum
 import json
 import threading
 from collections.abc import Sequence
@@ -32,6 +36,14 @@ import llguidance
 import numpy as np
 
 DEFAULT_COMPILE_OPTIONS = {"whitespace_flexible": False}
+
+
+class GrammarKind(enum.Enum):
+    """What a constraint's text is; the values are the `SamplingParams` field names."""
+
+    JSON_SCHEMA = "json_schema"
+    REGEX = "regex"
+    GRAMMAR = "grammar"  # Lark, llguidance's dialect
 
 
 class SchemaError(ValueError):
@@ -66,7 +78,9 @@ class JsonSchemaConstraint:
 
 
 class CompiledSchema:
-    def __init__(self, schema: dict, template: llguidance.LLMatcher):
+    """A compiled constraint template; `schema` is the JSON Schema (None for a regex or grammar)."""
+
+    def __init__(self, schema: dict | None, template: llguidance.LLMatcher):
         self.schema = schema
         self._template = template
 
@@ -86,7 +100,9 @@ class SchemaCompiler:
     ):
         self.ll_tokenizer = ll_tokenizer
         self.max_schema_bytes = max_schema_bytes
-        self._cache: collections.OrderedDict[str, CompiledSchema] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[tuple[GrammarKind, str], CompiledSchema] = (
+            collections.OrderedDict()
+        )
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
@@ -97,37 +113,42 @@ class SchemaCompiler:
         return cls(ll_tokenizer_for(tokenizer, vocab_size, eos_token_ids), **kwargs)
 
     def compile(self, schema_text: str) -> CompiledSchema:
+        """A JSON schema's constraint template (cached)."""
+        return self.compile_grammar(GrammarKind.JSON_SCHEMA, schema_text)
+
+    def compile_grammar(self, kind: GrammarKind, text: str) -> CompiledSchema:
+        key = (kind, text)
         with self._lock:
-            hit = self._cache.get(schema_text)
+            hit = self._cache.get(key)
             if hit is not None:
-                self._cache.move_to_end(schema_text)
+                self._cache.move_to_end(key)
                 return hit
-        compiled = self._compile(schema_text)
+        compiled = self._compile(kind, text)
         with self._lock:
-            self._cache[schema_text] = compiled
+            self._cache[key] = compiled
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return compiled
 
-    def _compile(self, schema_text: str) -> CompiledSchema:
-        size = len(schema_text.encode("utf-8"))
+    def _compile(self, kind: GrammarKind, text: str) -> CompiledSchema:
+        size = len(text.encode("utf-8"))
         if size > self.max_schema_bytes:
-            raise SchemaError(f"must be at most {self.max_schema_bytes} bytes of JSON; got {size}")
+            what = "of JSON" if kind is GrammarKind.JSON_SCHEMA else "of text"
+            raise SchemaError(f"must be at most {self.max_schema_bytes} bytes {what}; got {size}")
+        schema = None
         try:
-            schema = json.loads(schema_text)
-        except json.JSONDecodeError as e:
-            raise SchemaError(f"must be valid JSON text: {e}") from None
-        if not isinstance(schema, dict):
-            raise SchemaError(f"must be a JSON object (a JSON Schema); got {type(schema).__name__}")
-        try:
-            jsonschema.validators.validator_for(schema).check_schema(schema)
-        except jsonschema.SchemaError as e:
-            raise SchemaError(f"is not a valid JSON Schema: {e.message}") from None
-        try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                schema, defaults=DEFAULT_COMPILE_OPTIONS
-            )
+            if kind is GrammarKind.JSON_SCHEMA:
+                schema = _checked_schema(text)
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                    schema, defaults=DEFAULT_COMPILE_OPTIONS
+                )
+            elif kind is GrammarKind.REGEX:
+                grammar = llguidance.LLMatcher.grammar_from_regex(text)
+            else:
+                grammar = llguidance.LLMatcher.grammar_from_lark(text)
         except ValueError as e:
+            if isinstance(e, SchemaError):
+                raise
             raise SchemaError(f"cannot be compiled: {e}") from None
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
             grammar, self.ll_tokenizer
@@ -138,6 +159,20 @@ class SchemaCompiler:
         if matcher.is_error():
             raise SchemaError(f"is not supported for structured output: {matcher.get_error()}")
         return CompiledSchema(schema, matcher)
+
+
+def _checked_schema(schema_text: str) -> dict:
+    try:
+        schema = json.loads(schema_text)
+    except json.JSONDecodeError as e:
+        raise SchemaError(f"must be valid JSON text: {e}") from None
+    if not isinstance(schema, dict):
+        raise SchemaError(f"must be a JSON object (a JSON Schema); got {type(schema).__name__}")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise SchemaError(f"is not a valid JSON Schema: {e.message}") from None
+    return schema
 
 
 # --- tokenizers -----------------------------------------------------------------------------------

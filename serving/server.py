@@ -31,7 +31,7 @@ from pijax.serving.proto.pijax.v1 import inference_pb2_grpc as pb_grpc
 from pijax.serving.servicer import EngineInfo, InferenceServicer, ServingState
 from pijax.serving.sessions import SessionRegistry
 from pijax.serving.validation import RequestLimits
-from pijax.structured import SchemaCompiler, UnsupportedTokenizerError
+from pijax.structured import SchemaCompiler
 
 log = logging.getLogger(__name__)
 
@@ -206,14 +206,11 @@ class InferenceServer:
 
 
 def _schema_compiler(engine, config: ServerConfig) -> SchemaCompiler | None:
-    eos = getattr(engine.model, "eos_token_ids", None) or engine.tokenizer.eos_token_ids
-    try:
-        return SchemaCompiler.for_tokenizer(
-            engine.tokenizer,
-            vocab_size=engine.model_config.vocab_size,
-            eos_token_ids=eos,
-            max_schema_bytes=config.limits.max_schema_bytes,
-        )
-    except UnsupportedTokenizerError as e:
-        log.warning("structured output disabled: %s", e)
-        return None
+    """The engine's own structured-output compiler: gRPC and the offline API share one code path
+    and one cache of compiled grammars. None when the tokenizer is unsupported."""
+    compiler = engine.schema_compiler
+    if compiler is None:
+        log.warning("structured output disabled: %s", engine.structured_unavailable_reason)
+    else:
+        compiler.max_schema_bytes = config.limits.max_schema_bytes
+    return compiler

@@ -87,9 +87,10 @@ class Engine:
         )
         cache = config.cache
         num_pages = num_pages_for_budget(
-            model.config, cache, config.dtype.jnp, None, kv_shards=mesh.shape["model"]
+            model.mesh_config, cache, config.dtype.jnp, None, kv_shards=mesh.shape["model"]
         )
-        self.kv_pool = allocate_pool(model.config, cache, num_pages, config.dtype.jnp, mesh)
+        # mesh_config: kv heads as the mesh runs them (replicated when fewer than the model axis).
+        self.kv_pool = allocate_pool(model.mesh_config, cache, num_pages, config.dtype.jnp, mesh)
         self.blocks = BlockManager(num_pages, cache.page_size)
         self.kv = KVCacheManager(
             self.blocks,

@@ -24,7 +24,14 @@ _TRACE_COUNT = 0
 _JITTED: dict = {}
 
 
-def _step_impl(graphdef: nnx.GraphDef, params_def, param_leaves, kv_pool: KVPool, batch: StepInput):
+def _step_impl(
+    graphdef: nnx.GraphDef,
+    params_def,
+    logits_sharding,
+    param_leaves,
+    kv_pool: KVPool,
+    batch: StepInput,
+):
     global _TRACE_COUNT
     _TRACE_COUNT += 1  # Python runs only while tracing: this counts compilations
     params = jax.tree_util.tree_unflatten(params_def, param_leaves)
@@ -32,6 +39,8 @@ def _step_impl(graphdef: nnx.GraphDef, params_def, param_leaves, kv_pool: KVPool
     logits, kv_pool = model(
         batch.tokens, batch.positions, kv_pool, batch.meta, batch.logits_indices
     )
+    # The LM head is vocab-parallel: gather the logits once, then sample on every device alike.
+    logits = jax.lax.with_sharding_constraint(logits, logits_sharding)
     tokens, logprobs = sample(logits, batch.sampling)
     packed = jnp.stack([tokens, jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
     return packed, kv_pool
@@ -70,7 +79,7 @@ class StepFunction:
         )
         if key not in _JITTED:
             _JITTED[key] = jax.jit(
-                functools.partial(_step_impl, self._graphdef, params_def),
+                functools.partial(_step_impl, self._graphdef, params_def, self._replicated),
                 donate_argnums=(1,),
                 out_shardings=(self._replicated, self._pool_shardings),
             )

@@ -44,9 +44,15 @@ from pijax.model.hf_io import (
     save_hf_checkpoint,
     write_generation_config,
 )
-from pijax.model.llama import LlamaModel
+from pijax.model.llama import LOGICAL_AXES, LlamaModel
 from pijax.model.tokenizer import ByteTokenizer, Tokenizer
-from pijax.sharding import param_shardings
+from pijax.sharding import (
+    TensorParallelPlan,
+    loading_rules,
+    param_shardings,
+    plan_tensor_parallel,
+    replicate_kv_heads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +67,26 @@ __all__ = [
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A model ready for the engine. `params` live on the mesh, sharded per `pijax.sharding`."""
+    """A model ready for the engine. `params` live on the mesh, sharded per `pijax.sharding`.
+
+    `config` is the checkpoint's. When the mesh's model axis exceeds its kv heads, the graph and
+    params run each kv head `kv_head_replicas` times (`mesh_config` is that graph's config, and
+    the one the KV pool is laid out by)."""
 
     config: ModelConfig  # with `eos_token_ids` as below
     graphdef: nnx.GraphDef
     params: nnx.State
     tokenizer: Tokenizer | ByteTokenizer
     eos_token_ids: tuple[int, ...]  # generation_config.json if present, else config.json
+    kv_head_replicas: int = 1
+
+    @property
+    def mesh_config(self) -> ModelConfig:
+        if self.kv_head_replicas == 1:
+            return self.config
+        return dataclasses.replace(
+            self.config, num_kv_heads=self.config.num_kv_heads * self.kv_head_replicas
+        )
 
     def model(self) -> LlamaModel:
         """A live module over the same arrays (for `forward_dense`, tests, training)."""
@@ -92,15 +111,25 @@ def load_model(
     cfg, raw = read_model_config(ckpt_dir)
     eos = read_eos_token_ids(ckpt_dir, cfg)
     cfg = dataclasses.replace(cfg, eos_token_ids=eos)
-    _check_mesh(cfg, mesh, ckpt_dir / CONFIG_FILE)
+    plan = plan_tensor_parallel(cfg, mesh.shape["model"], str(ckpt_dir / CONFIG_FILE))
     tokenizer = _checkpoint_tokenizer(ckpt_dir, raw, cfg)
     graphdef, abstract = abstract_model(cfg, dtype, impl)
-    shardings = param_shardings(abstract, mesh)
+    shardings = param_shardings(abstract, mesh, LOGICAL_AXES, loading_rules(plan))
     if native.is_native_checkpoint(ckpt_dir):
         params = native.restore_params(ckpt_dir, abstract, shardings)
     else:
         params = load_hf_params(ckpt_dir, abstract, shardings, dtype)
-    return LoadedModel(cfg, graphdef, params, tokenizer, eos)
+    graphdef, params = _on_mesh(cfg, plan, dtype, impl, mesh, graphdef, params)
+    return LoadedModel(cfg, graphdef, params, tokenizer, eos, plan.kv_head_replicas)
+
+
+def _on_mesh(cfg, plan: TensorParallelPlan, dtype, impl, mesh: Mesh, graphdef, params):
+    """(graphdef, params) as the mesh runs them: kv heads widened when they are replicated."""
+    if plan.kv_head_replicas == 1:
+        return graphdef, params
+    graphdef, abstract = abstract_model(plan.mesh_config(cfg), dtype, impl)
+    target = param_shardings(abstract, mesh, LOGICAL_AXES)
+    return graphdef, replicate_kv_heads(params, LOGICAL_AXES, plan, target)
 
 
 def abstract_model(
@@ -125,19 +154,6 @@ def _resolve_source(source: str | Path) -> Path | None:
     raise CheckpointError(
         f"{source}: no such checkpoint directory, and not a preset; presets: {preset_names()}"
     )
-
-
-def _check_mesh(cfg: ModelConfig, mesh: Mesh, source) -> None:
-    model_axis = mesh.shape["model"]
-    for field, size in (
-        ("num_key_value_heads", cfg.num_kv_heads),
-        ("intermediate_size", cfg.intermediate_size),
-    ):
-        if size % model_axis:
-            raise ConfigError(
-                f"{source}: {field}={size} is not divisible by the mesh's model axis "
-                f"({model_axis}); allowed: a mesh model axis that divides it"
-            )
 
 
 def _checkpoint_tokenizer(
@@ -206,10 +222,11 @@ def _init_preset(
         bos_token_id=cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_token_id,
         eos_token_ids=cfg.eos_token_ids or tokenizer.eos_token_ids,
     )
-    _check_mesh(cfg, mesh, source)
+    plan = plan_tensor_parallel(cfg, mesh.shape["model"], source)
     graphdef, _ = abstract_model(cfg, dtype, impl)
     params = _random_init_fn(cfg, dtype, impl, mesh)(jax.random.key(seed))
-    return LoadedModel(cfg, graphdef, params, tokenizer, cfg.eos_token_ids)
+    graphdef, params = _on_mesh(cfg, plan, dtype, impl, mesh, graphdef, params)
+    return LoadedModel(cfg, graphdef, params, tokenizer, cfg.eos_token_ids, plan.kv_head_replicas)
 
 
 @functools.lru_cache(maxsize=4)
@@ -222,7 +239,8 @@ def _random_init_fn(cfg: ModelConfig, dtype: DType, impl: AttentionImpl, mesh: M
     def init(key: jax.Array) -> nnx.State:
         return nnx.state(LlamaModel(cfg, dtype=dtype.jnp, attention_impl=impl, rngs=nnx.Rngs(key)))
 
-    return jax.jit(init, out_shardings=param_shardings(abstract, mesh))
+    rules = loading_rules(plan_tensor_parallel(cfg, mesh.shape["model"]))
+    return jax.jit(init, out_shardings=param_shardings(abstract, mesh, LOGICAL_AXES, rules))
 
 
 # --- conversion to a native checkpoint -----------------------------------------------------------

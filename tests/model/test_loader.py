@@ -20,6 +20,7 @@ from pijax.model.hf_io import (
     normalize_hf_config,
     save_hf_checkpoint,
 )
+from pijax.model.llama import LOGICAL_AXES
 from pijax.model.loader import abstract_model, load_model
 from pijax.model.tokenizer import ByteTokenizer, Tokenizer
 from pijax.sharding import param_shardings
@@ -124,7 +125,9 @@ def test_round_trip_float32(saved, mesh1, tokens):
 def test_params_carry_their_sharding(saved, mesh1):
     lm = load_model(saved[0], dtype="float32", mesh=mesh1)
     for x, s in zip(
-        jax.tree.leaves(lm.params), jax.tree.leaves(param_shardings(lm.params, mesh1)), strict=True
+        jax.tree.leaves(lm.params),
+        jax.tree.leaves(param_shardings(lm.params, mesh1, LOGICAL_AXES)),
+        strict=True,
     ):
         assert x.sharding == s
 
@@ -214,7 +217,9 @@ def test_preset_random_init(mesh1, tokens):
     assert isinstance(lm.tokenizer, ByteTokenizer)
     assert lm.eos_token_ids == (257,) and lm.config.bos_token_id == 256
     for x, s in zip(
-        jax.tree.leaves(lm.params), jax.tree.leaves(param_shardings(lm.params, mesh1)), strict=True
+        jax.tree.leaves(lm.params),
+        jax.tree.leaves(param_shardings(lm.params, mesh1, LOGICAL_AXES)),
+        strict=True,
     ):
         assert x.sharding == s and x.dtype == jnp.float32
     assert np.isfinite(dense_logits(lm.graphdef, lm.params, tokens)).all()

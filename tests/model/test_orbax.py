@@ -193,6 +193,7 @@ _MESH_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from pijax.model.loader import load_model
     from pijax.sharding import make_mesh, param_shardings
+    from pijax.model.llama import LOGICAL_AXES
     from pijax.model.hf_io import path_names
     from pijax.testing import dense_logits
 
@@ -207,7 +208,7 @@ _MESH_SCRIPT = textwrap.dedent("""
     for shape in [(1, 4), (2, 2)]:
         mesh = make_mesh(shape)
         lm = load_model(native_dir, dtype="float32", mesh=mesh)
-        want = param_shardings(lm.params, mesh)
+        want = param_shardings(lm.params, mesh, LOGICAL_AXES)
         leaves = jax.tree_util.tree_leaves_with_path(lm.params)
         params = {}
         for (path, x), s in zip(leaves, jax.tree.leaves(want), strict=True):
@@ -224,11 +225,12 @@ _MESH_SCRIPT = textwrap.dedent("""
             max_logit_diff=float(np.abs(logits - ref_logits).max()),
             logit_scale=float(np.abs(ref_logits).max()),
             same_argmax=bool((logits.argmax(-1) == ref_logits.argmax(-1)).all()))
-    # A model axis that does not divide the kv heads is refused, naming the field.
+    # A model axis that neither divides the kv heads nor is a multiple of them is refused,
+    # naming the field (2 kv heads on 4 devices would be replicated, 3 cannot be).
     bad = shutil.copytree(native_dir, scratch)
     cfg = json.load(open(bad + "/config.json"))
-    cfg["num_key_value_heads"] = 2
-    cfg["num_attention_heads"] = 8
+    cfg["num_key_value_heads"] = 3
+    cfg["num_attention_heads"] = 12
     json.dump(cfg, open(bad + "/config.json", "w"))
     try:
         load_model(bad, dtype="float32", mesh=make_mesh((1, 4)))
@@ -279,5 +281,5 @@ def test_restore_on_4_device_mesh(tmp_path, hf_dir, native_dir):
         # Same weights; the sharded contraction may sum in another order.
         assert r["max_logit_diff"] <= 1e-5 * r["logit_scale"], r["max_logit_diff"]
         assert r["same_argmax"]
-    assert "num_key_value_heads=2" in report["bad_mesh_error"]
+    assert "num_key_value_heads=3" in report["bad_mesh_error"]
     assert "config.json" in report["bad_mesh_error"]

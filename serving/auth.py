@@ -33,6 +33,7 @@ DEV_TENANT = "dev"
 TENANT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ZONE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_BEARER_RE = re.compile(r"\A[Bb][Ee][Aa][Rr][Ee][Rr] ([\x21-\x7e]{1,4096})\Z")
 
 
 class AuthError(Exception):
@@ -130,13 +131,19 @@ def _principal(entry, where: str) -> Principal:
     return Principal(tenant=tenant, zones=frozenset(zones), admin=admin)
 
 
-def bearer_token(authorization: str | None) -> str:
+def bearer_token(authorization: str | bytes | None) -> str:
+    """The key of `Bearer <key>`: one space, then printable ASCII with no whitespace. Anything
+    else (tabs, several spaces, control characters, non-ASCII) is malformed, never trimmed into
+    something that authenticates."""
     if not authorization:
         raise AuthError("missing credentials: send metadata 'authorization: Bearer <api key>'")
-    scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise AuthError("malformed authorization metadata: expected 'Bearer <api key>'")
-    return token.strip()
+    match = _BEARER_RE.match(authorization) if isinstance(authorization, str) else None
+    if match is None:
+        raise AuthError(
+            "malformed authorization metadata: expected 'Bearer <api key>' "
+            "(printable ASCII, no whitespace in the key)"
+        )
+    return match.group(1)
 
 
 class Authenticator:

@@ -110,6 +110,12 @@ class ServingMetrics:
             ["model_name", "finished_reason"],
             registry=r,
         )
+        self.malformed = Counter(
+            "pijax:rpc_malformed_messages",
+            "Authenticated requests whose message could not be parsed, by method.",
+            ["method"],
+            registry=r,
+        )
         self._stats = None
         r.register(_EngineStatsCollector(self))
 
@@ -147,6 +153,9 @@ class ServingMetrics:
 
     def count_rpc(self, method: str, code_name: str) -> None:
         self.rpcs.labels(method=method, code=code_name).inc()
+
+    def count_malformed(self, method: str) -> None:
+        self.malformed.labels(method=method).inc()
 
 
 class _EngineStatsCollector:

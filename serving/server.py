@@ -25,12 +25,12 @@ from grpc_reflection.v1alpha import reflection
 
 from pijax.serving.auth import Authenticator, KeyStore
 from pijax.serving.engine_loop import EngineLoop
+from pijax.serving.guard import guarded_handler
 from pijax.serving.metrics import ServingMetrics, start_metrics_server
 from pijax.serving.proto.pijax.v1 import inference_pb2 as pb
-from pijax.serving.proto.pijax.v1 import inference_pb2_grpc as pb_grpc
 from pijax.serving.servicer import EngineInfo, InferenceServicer, ServingState
 from pijax.serving.sessions import SessionRegistry
-from pijax.serving.validation import RequestLimits
+from pijax.serving.validation import RequestLimits, max_message_bytes
 from pijax.structured import SchemaCompiler
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,15 @@ class InferenceServer:
         SERVING. Returns the bound port."""
         if self.authenticator.is_insecure:
             log.warning(INSECURE_BANNER)
-        server = grpc.aio.server()
-        pb_grpc.add_InferenceServicer_to_server(self.servicer, server)
+        self.max_message_bytes = max_message_bytes(self.info.limits, self.config.limits)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_metadata_size", 16 << 10),
+            ]
+        )
+        # Authenticate before parsing: the service's handlers take raw bytes (`guard`).
+        server.add_generic_rpc_handlers((guarded_handler(self.servicer, self.metrics),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -191,6 +198,7 @@ class InferenceServer:
         if self._server is not None:
             await self._server.stop(grace=1.0)
         await asyncio.to_thread(self.loop.stop)
+        self.servicer.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -19,9 +19,9 @@ used when the engine has them and answer UNIMPLEMENTED, saying so, when it does 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
-import itertools
 import json
 import logging
 import secrets
@@ -35,6 +35,7 @@ from pijax.request import (
     Scope,
     ScopeKind,
 )
+from pijax.serving.admission import TenantGate
 from pijax.serving.auth import Authenticator, AuthError, Principal
 from pijax.serving.engine_loop import AsyncioSink, EngineFailure, EngineLoop, EngineRequest
 from pijax.serving.metrics import ServingMetrics
@@ -46,7 +47,9 @@ from pijax.serving.validation import (
     RequestError,
     RequestLimits,
     ValidGenerate,
+    check_text_size,
     invalid,
+    max_token_bytes,
     validate_generate,
     validate_zone,
 )
@@ -61,6 +64,13 @@ FINISH_REASONS = {
 }
 DEFAULT_AUDIT_LIMIT = 1000
 MAX_AUDIT_LIMIT = 10000
+# Tokenizing runs on this many threads (never on the event loop); each tenant may hold at most
+# TOKENIZE_PER_TENANT of them, with TOKENIZE_MAX_WAITING more calls queued behind.
+TOKENIZE_THREADS = 2
+TOKENIZE_PER_TENANT = 1
+TOKENIZE_MAX_WAITING = 16
+# Server-made request ids: 128 random bits behind a character client ids cannot contain.
+SERVER_ID_PREFIX = "~"
 
 
 class _Shutdown:
@@ -82,6 +92,7 @@ class EngineInfo:
     num_pages: int
     max_num_seqs: int
     eos_token_ids: tuple[int, ...]
+    max_token_bytes: int = 64
 
     @classmethod
     def from_engine(cls, engine, model: str) -> EngineInfo:
@@ -99,11 +110,16 @@ class EngineInfo:
             num_pages=engine.blocks.num_usable_pages,
             max_num_seqs=cfg.scheduler.max_num_seqs,
             eos_token_ids=tuple(int(t) for t in eos),
+            max_token_bytes=max_token_bytes(engine.tokenizer),
         )
 
     @property
     def limits(self) -> ModelLimits:
-        return ModelLimits(vocab_size=self.vocab_size, max_model_len=self.max_model_len)
+        return ModelLimits(
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+            max_token_bytes=self.max_token_bytes,
+        )
 
 
 class ServingState:
@@ -204,17 +220,29 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.limits = limits or RequestLimits()
         self.sessions = sessions or SessionRegistry()
         self._inflight: dict[str, asyncio.Queue] = {}
-        self._ids = itertools.count()
-        self._id_prefix = secrets.token_hex(4)
+        self._prep_pool = concurrent.futures.ThreadPoolExecutor(
+            TOKENIZE_THREADS, thread_name_prefix="pijax-tokenize"
+        )
+        self._tokenize_gate = TenantGate("tokenizing", TOKENIZE_PER_TENANT, TOKENIZE_MAX_WAITING)
 
     # --- shared ---------------------------------------------------------------------------------
 
-    def _principal(self, context, admin: bool = False) -> Principal:
-        auth = dict(context.invocation_metadata() or ()).get("authorization")
+    def authenticate(self, context) -> Principal:
+        """The caller, from exactly one `authorization` metadata entry (UNAUTHENTICATED
+        otherwise: missing, repeated, malformed or unknown)."""
+        values = [v for k, v in (context.invocation_metadata() or ()) if k == "authorization"]
+        if len(values) > 1:
+            raise RequestError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"send exactly one 'authorization' metadata entry; got {len(values)}",
+            )
         try:
-            principal = self.auth.authenticate(auth)
+            return self.auth.authenticate(values[0] if values else None)
         except AuthError as e:
             raise RequestError(grpc.StatusCode.UNAUTHENTICATED, str(e)) from None
+
+    def _principal(self, context, admin: bool = False) -> Principal:
+        principal = self.authenticate(context)
         if admin and not principal.admin:
             raise RequestError(grpc.StatusCode.PERMISSION_DENIED, "this RPC needs an admin API key")
         return principal
@@ -226,6 +254,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 f"{what} is not available: this engine build has no {name}()",
             )
 
+    async def _tokenizing(self, tenant: str, fn, *args):
+        """`fn(*args)` on the tokenizer threads, under the tenant's cap."""
+        async with self._tokenize_gate.slot(tenant):
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._prep_pool, functools.partial(fn, *args))
+
     async def _on_engine(self, fn):
         try:
             return await asyncio.wrap_future(self.loop.call(fn))
@@ -235,6 +269,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     @property
     def num_inflight(self) -> int:
         return len(self._inflight)
+
+    def close(self) -> None:
+        self._prep_pool.shutdown(wait=False, cancel_futures=True)
 
     def cancel_inflight(self) -> int:
         """Drain's last step: end every stream still running with UNAVAILABLE."""
@@ -254,7 +291,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 if self.state.draining
                 else "server is warming up; retry shortly",
             )
-        v = validate_generate(
+        v = await self._tokenizing(
+            principal.tenant,
+            validate_generate,
             request,
             principal,
             self.state.known_zones,
@@ -263,7 +302,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.limits,
         )
         constraint = await self._constraint(v)
-        request_id = v.request_id or f"gen-{self._id_prefix}-{next(self._ids)}"
+        request_id = v.request_id or SERVER_ID_PREFIX + secrets.token_hex(16)
         engine_id = f"{principal.tenant}/{request_id}"
         if engine_id in self._inflight:
             raise RequestError(
@@ -384,16 +423,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @_rpc("Tokenize")
     async def Tokenize(self, request, context):
-        self._principal(context)
-        if len(request.text) > self.limits.max_text_chars:
-            raise invalid(
-                "text",
-                f"at most {self.limits.max_text_chars} characters",
-                f"{len(request.text)} characters",
-            )
+        principal = self._principal(context)
+        check_text_size("text", request.text, self.info.limits)
         add_bos = request.add_bos if request.HasField("add_bos") else None
         try:
-            ids = self.tokenizer.encode(request.text, add_bos=add_bos)
+            ids = await self._tokenizing(
+                principal.tenant, self.tokenizer.encode, request.text, add_bos
+            )
         except ValueError as e:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"add_bos: {e}") from None
         return pb.TokenizeResponse(token_ids=ids)
@@ -433,12 +469,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @_rpc("RegisterTrustedPrefix")
     async def RegisterTrustedPrefix(self, request, context):
-        self._principal(context, admin=True)
+        principal = self._principal(context, admin=True)
         zone = validate_zone("zone", request.zone)
         kind = request.WhichOneof("content")
         if kind == "text" and request.text:
-            ids = self.tokenizer.encode(request.text)
+            check_text_size("text", request.text, self.info.limits)
+            ids = await self._tokenizing(principal.tenant, self.tokenizer.encode, request.text)
         elif kind == "token_ids" and request.token_ids.ids:
+            if len(request.token_ids.ids) >= self.info.max_model_len:
+                raise invalid(
+                    "content",
+                    f"shorter than max_model_len={self.info.max_model_len} tokens",
+                    f"{len(request.token_ids.ids)} tokens",
+                )
             ids = list(request.token_ids.ids)
             bad = [t for t in ids if t >= self.info.vocab_size]
             if bad:

@@ -3,13 +3,22 @@
 Every field is checked here, before anything is queued, and each error names the field (with its
 index for repeated fields: `prompt[2].scope`, `stop[0]`) and the allowed values, in the engine's
 style: "<field> must be <allowed>; got <value>". Trust-zone rules: a `shared:<zone>` segment needs
-a zone the server knows (INVALID_ARGUMENT otherwise) and that the caller's key permits
-(PERMISSION_DENIED otherwise). Session existence and JSON-schema compilation need server state and
+a zone the server knows and the caller's key permits; both failures get the same answer
+(PERMISSION_DENIED, listing only the caller's own zones), so zone names cannot be enumerated. Session existence and JSON-schema compilation need server state and
 are checked by the servicer.
 
 Text segments are tokenized here, the first with the tokenizer's default BOS and the rest
 without, so a prompt split into segments has the tokens of the unsplit text (for tokenizers
 whose merges don't cross the split) and never a BOS in the middle.
+
+Bounded before work: every size is checked before anything costs time. Text is measured in UTF-8
+bytes before it is tokenized: a text of `n` bytes has at least `n / max_token_bytes` tokens
+(`max_token_bytes`: the longest token of the vocabulary, in bytes of its vocabulary string,
+which is never shorter than the bytes it stands for), so text longer than `max_model_len *
+max_token_bytes` bytes (`ModelLimits.max_text_bytes`) can never fit and is refused untokenized.
+Token-id lists are bounded by `max_model_len` before they are scanned. The gRPC server's
+`max_receive_message_length` is derived from the same bound (`max_message_bytes`), so a larger
+message is refused by the transport before it is even parsed.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 ZONE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 DEFAULT_MAX_TOKENS = 16
+DEFAULT_MAX_TOKEN_BYTES = 64
 OWN_SESSION = ""  # the name of a SESSION scope until the servicer resolves the engine's id
 
 
@@ -52,13 +62,42 @@ class RequestLimits:
     max_schema_bytes: int = 65536
     min_priority: int = -100
     max_priority: int = 100
-    max_text_chars: int = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelLimits:
     vocab_size: int
     max_model_len: int
+    max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES
+
+    @property
+    def max_text_bytes(self) -> int:
+        """UTF-8 bytes of text that could still fit in `max_model_len` tokens."""
+        return self.max_model_len * self.max_token_bytes
+
+
+def max_token_bytes(tokenizer) -> int:
+    """The longest token of `tokenizer`'s vocabulary in bytes (an upper bound on the bytes one
+    token stands for). The byte tokenizer: 1. A `tokenizer.json` tokenizer: the longest
+    vocabulary string in UTF-8 (byte-level and SentencePiece spellings are never shorter than the
+    text they encode). Anything else: `DEFAULT_MAX_TOKEN_BYTES`."""
+    if getattr(tokenizer, "NUM_BYTES", None) == 256:  # ByteTokenizer: one byte per token
+        return 1
+    tok = getattr(tokenizer, "_tok", None)
+    get_vocab = getattr(tok, "get_vocab", None)
+    if not callable(get_vocab):
+        return DEFAULT_MAX_TOKEN_BYTES
+    vocab = get_vocab(with_added_tokens=True)
+    return max((len(t.encode("utf-8")) for t in vocab), default=DEFAULT_MAX_TOKEN_BYTES)
+
+
+def max_message_bytes(model: ModelLimits, limits: RequestLimits) -> int:
+    """The largest request message a valid call can need: the prompt as text or as token ids
+    (at most 5 bytes per packed varint), a schema, stop strings, and 64 KiB for everything else
+    (ids, names, framing)."""
+    prompt = max(model.max_text_bytes, 5 * model.max_model_len)
+    stops = limits.max_stop * limits.max_stop_chars * 4
+    return prompt + limits.max_schema_bytes + stops + (64 << 10)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,12 +145,14 @@ def validate_generate(
             f"{schema_bytes} bytes",
         )
     params = _sampling_params(req, model, limits)
+    prompt = _segments(req, limits)
+    check_prompt_size(prompt, model)
     session = req.session_id or req.start_session
     segments = [
         _segment(
             i, seg, principal, known_zones, session, req.session_id, tokenizer, model, first=i == 0
         )
-        for i, seg in enumerate(_segments(req, limits))
+        for i, seg in enumerate(prompt)
     ]
     n = sum(len(ids) for ids, _ in segments)
     if n + params.max_tokens > model.max_model_len:
@@ -131,6 +172,49 @@ def validate_generate(
         start_session=req.start_session,
         json_schema=req.json_schema,
     )
+
+
+def check_prompt_size(segments, model: ModelLimits) -> None:
+    """Refuse, before any tokenizing, a prompt that cannot fit `max_model_len` tokens: its text
+    (all segments together) over `max_text_bytes` UTF-8 bytes, or over `max_model_len` token
+    ids."""
+    text_bytes = num_ids = 0
+    for i, seg in enumerate(segments):
+        kind = seg.WhichOneof("content")
+        if kind == "text":
+            n = utf8_len(seg.text)
+            if n > model.max_text_bytes:
+                raise invalid(
+                    f"prompt[{i}].text",
+                    f"at most {model.max_text_bytes} bytes of UTF-8 (max_model_len="
+                    f"{model.max_model_len} tokens of at most {model.max_token_bytes} bytes)",
+                    f"{n} bytes",
+                )
+            text_bytes += n
+        elif kind == "token_ids":
+            num_ids += len(seg.token_ids.ids)
+    if text_bytes > model.max_text_bytes:
+        raise invalid(
+            "prompt", f"at most {model.max_text_bytes} bytes of text in all", f"{text_bytes} bytes"
+        )
+    if num_ids > model.max_model_len:
+        raise invalid(
+            "prompt",
+            f"at most max_model_len={model.max_model_len} token ids",
+            f"{num_ids} token ids",
+        )
+
+
+def check_text_size(field: str, text: str, model: ModelLimits) -> None:
+    n = utf8_len(text)
+    if n > model.max_text_bytes:
+        raise invalid(field, f"at most {model.max_text_bytes} bytes of UTF-8", f"{n} bytes")
+
+
+def utf8_len(text: str) -> int:
+    # Characters bound the bytes from below (and from above by 4x), so most long texts are
+    # refused without encoding them.
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def _segments(req, limits: RequestLimits):
@@ -193,15 +277,14 @@ def parse_scope(
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {e}") from None
     if scope.kind is ScopeKind.SHARED:
         zone = scope.name
-        if zone not in known_zones:
+        # One answer for "no such zone" and "not yours", so no tenant can learn which zones
+        # other tenants have by probing names.
+        if zone not in known_zones or not principal.may_use_zone(zone):
             permitted = sorted(principal.permitted_zones(known_zones))
-            raise invalid(
-                field, f"'shared:<zone>' with a zone this server knows (yours: {permitted})", text
-            )
-        if not principal.may_use_zone(zone):
             raise RequestError(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"{field}: zone {zone!r} is not permitted for this API key",
+                f"{field} must be 'shared:<zone>' with a zone this API key may use "
+                f"(yours: {permitted}); got {text!r}",
             )
     return scope
 

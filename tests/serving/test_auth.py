@@ -28,7 +28,10 @@ def test_keys_map_to_principals_and_digests_work():
     acme = store.authenticate("Bearer sk-acme")
     assert (acme.tenant, acme.zones, acme.admin) == ("acme", frozenset({"policy"}), False)
     assert acme.may_use_zone("policy") and not acme.may_use_zone("coding")
-    ops = store.authenticate("bearer   sk-ops ")
+    ops = store.authenticate("bearer sk-ops")
+    for padded in ("bearer   sk-ops ", "Bearer sk-ops\t", " Bearer sk-ops"):
+        with pytest.raises(AuthError):  # malformed: refused, never trimmed into a match
+            store.authenticate(padded)
     assert ops.admin and ops.may_use_zone("anything")
     assert ops.permitted_zones(frozenset({"a", "b"})) == {"a", "b"}
     assert store.known_zones == {"policy"}

@@ -150,7 +150,13 @@ BAD_REQUESTS = [
         INVALID,
         "prompt[1].token_ids must be token ids in [0, 320)",
     ),
-    ("prompt too long", req(seg("x" * 1100)), "key-acme", INVALID, "prompt must be at most"),
+    (
+        "prompt too long",
+        req(seg("x" * 1100)),
+        "key-acme",
+        INVALID,
+        "prompt[0].text must be at most 1024 bytes",
+    ),
     (
         "prompt + max_tokens too long",
         req(seg("x" * 600), max_tokens=500),
@@ -230,15 +236,15 @@ BAD_REQUESTS = [
         "unknown zone",
         req(seg(), seg(scope="shared:coding")),
         "key-acme",
-        INVALID,
-        "prompt[1].scope must be 'shared:<zone>' with a zone this server knows",
+        grpc.StatusCode.PERMISSION_DENIED,  # the same answer as a zone not permitted: no oracle
+        "prompt[1].scope must be 'shared:<zone>' with a zone this API key may use",
     ),
     (
         "zone not permitted",
         req(seg(scope="shared:policy")),
         "key-beta",
         grpc.StatusCode.PERMISSION_DENIED,
-        "zone 'policy' is not permitted",
+        "prompt[0].scope must be 'shared:<zone>' with a zone this API key may use",
     ),
     (
         "session scope without session",

@@ -9,10 +9,11 @@
    prefilled once beforehand in both (a warm server), so the difference is the reuse itself.
 2. Chunked prefill. `--decoders` (8) requests are decoding when a `--long_prompt` (4,096)-token
    prompt arrives. The inter-token latency of those running decodes from the long prompt's
-   arrival until its first token: with chunking (budget `--budget` tokens a step) vs without (the
-   prefill runs whole in one step).
+   arrival until its first token (p99 per round): with chunking (budget `--budget` tokens a step)
+   vs without (the prefill runs whole in one step).
 
-Each scenario runs once unmeasured (compilation, with different random tokens) and then
+Both scenarios are the shared probes of `pijax.bench.probes` (`prefix_burst`,
+`long_arrival_probe`), which `scripts/bench.py` runs too. Each scenario runs once unmeasured (compilation, with different random tokens) and then
 `--repeats` times measured, alternating the two configurations so drift hits both alike. Tokens
 are random ids (no tokenizer needed). Writes `OUT.json` and `OUT.md`. On CPU the absolute times
 are not performance figures; the ratios are the point.
@@ -20,37 +21,60 @@ are not performance figures; the ratios are the point.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import platform
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 from absl import app, flags
 
+from pijax import flags as engine_flags
+from pijax.bench import probes
 from pijax.config import DEFAULT_PRESET, engine_config_from_overrides
 from pijax.engine import Engine
-from pijax.request import PromptSegment, SamplingParams, Scope, ScopeKind
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", DEFAULT_PRESET, "HF checkpoint dir, orbax dir or preset name.")
+# The scenarios size the pool and the step budgets themselves; the rest are engine flags.
+engine_flags.define_engine_flags(
+    exclude=[
+        "num_pages",
+        "memory_fraction",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "max_model_len",
+        "enable_prefix_reuse",
+        "enable_chunked_prefill",
+    ],
+    defaults={"model": DEFAULT_PRESET, "page_size": 16},
+)
 flags.DEFINE_string("out", "benchmarks/results/scheduler-cpu", "Output path without suffix.")
 flags.DEFINE_integer("repeats", 2, "Measured repetitions per configuration.")
-flags.DEFINE_integer("seed", 0, "Token seed.")
-flags.DEFINE_integer("page_size", 16, "KV page size.")
+flags.DEFINE_integer("token_seed", 0, "Seed of the random token ids.")
 flags.DEFINE_integer("num_requests", 30, "Reuse scenario: concurrent requests.")
 flags.DEFINE_integer("policy_tokens", 1024, "Reuse scenario: shared policy prefix length.")
 flags.DEFINE_integer("claim_tokens", 256, "Reuse scenario: private claim length.")
 flags.DEFINE_integer("output_tokens", 8, "Reuse scenario: tokens generated per request.")
 flags.DEFINE_integer("reuse_budget", 512, "Reuse scenario: tokens per step.")
 flags.DEFINE_integer("decoders", 8, "Chunking scenario: running decodes.")
+flags.DEFINE_integer("decode_context", 64, "Chunking scenario: the decodes' prompt length.")
 flags.DEFINE_integer("long_prompt", 4096, "Chunking scenario: the long prompt's length.")
 flags.DEFINE_integer("budget", 256, "Chunking scenario: tokens per step with chunking.")
 
-ZONE = "policy"
+SCENARIO_FLAGS = (
+    "repeats",
+    "token_seed",
+    "num_requests",
+    "policy_tokens",
+    "claim_tokens",
+    "output_tokens",
+    "reuse_budget",
+    "decoders",
+    "decode_context",
+    "long_prompt",
+    "budget",
+)
 
 
 def pct(xs, q) -> float:
@@ -68,111 +92,67 @@ def summary(xs) -> dict:
     }
 
 
-def run_until_done(engine: Engine, on_output=None) -> None:
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if on_output is not None:
-                on_output(out)
+def make_engine(model, mesh, **scenario) -> Engine:
+    return Engine(
+        model, engine_config_from_overrides(**engine_flags.engine_overrides(), **scenario), mesh
+    )
+
+
+def alternate(engines: dict[str, Engine], round_fn) -> dict[str, list[dict]]:
+    """Round 0 compiles (unmeasured); then `repeats` rounds, the configurations alternating so
+    drift hits both alike."""
+    results: dict[str, list[dict]] = {k: [] for k in engines}
+    for rep in range(FLAGS.repeats + 1):
+        for name, engine in engines.items():
+            r = round_fn(engine, f"{name}-{rep}")
+            logging.info(
+                "%s round %d: %s", name, rep, {k: r[k] for k in sorted(r) if k != "ttft_s"}
+            )
+            if rep:
+                results[name].append(r)
+    return results
 
 
 # --- scenario 1: prefix reuse ---------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class ReuseResult:
-    ttft: list[float]
-    cached_tokens: int
-    prompt_tokens: int
-    compilations: int
-    seconds: float
-
-
-def reuse_engine(model, mesh, enable: bool) -> Engine:
-    n = FLAGS.num_requests
-    per_request = FLAGS.policy_tokens + FLAGS.claim_tokens + FLAGS.output_tokens
-    pages = n * (-(-per_request // FLAGS.page_size)) + 2 * FLAGS.policy_tokens // FLAGS.page_size
-    cfg = engine_config_from_overrides(
-        page_size=FLAGS.page_size,
-        num_pages=pages + 8,
-        max_num_seqs=n,
-        max_num_batched_tokens=FLAGS.reuse_budget,
-        max_model_len=per_request + FLAGS.page_size,
-        enable_prefix_reuse=enable,
-    )
-    return Engine(model, cfg, mesh)
-
-
-def reuse_round(engine: Engine, policy: list[int], rng, tag: str) -> ReuseResult:
-    vocab = engine.model_config.vocab_size
-    params = SamplingParams(temperature=0.0, max_tokens=FLAGS.output_tokens, ignore_eos=True)
-    zones = frozenset({ZONE})
-    # A warm server: the policy has been prefilled by an earlier request.
-    engine.add_request(
-        f"{tag}-warm",
-        [
-            PromptSegment(tuple(policy), Scope(ScopeKind.SHARED, ZONE)),
-            PromptSegment(tuple(rng.integers(3, vocab, 16).tolist())),
-        ],
-        params,
-        permitted_zones=zones,
-    )
-    run_until_done(engine)
-    compiles = engine.compile_count
-    done = {}
-    start = time.perf_counter()
-    for i in range(FLAGS.num_requests):
-        claim = tuple(rng.integers(3, vocab, FLAGS.claim_tokens).tolist())
-        engine.add_request(
-            f"{tag}-{i}",
-            [PromptSegment(tuple(policy), Scope(ScopeKind.SHARED, ZONE)), PromptSegment(claim)],
-            params,
-            permitted_zones=zones,
-        )
-    run_until_done(engine, lambda o: done.__setitem__(o.request_id, o) if o.finished else None)
-    seconds = time.perf_counter() - start
-    outs = list(done.values())
-    return ReuseResult(
-        [o.timings.ttft for o in outs],
-        sum(o.num_cached_tokens for o in outs),
-        sum(o.num_prompt_tokens for o in outs),
-        engine.compile_count - compiles,
-        seconds,
-    )
-
-
 def scenario_reuse(model, mesh) -> dict:
-    rng = np.random.default_rng(FLAGS.seed)
+    rng = np.random.default_rng(FLAGS.token_seed)
     vocab = model.config.vocab_size
+    page = engine_flags.engine_config().cache.page_size
     policy = rng.integers(3, vocab, FLAGS.policy_tokens).tolist()
+    per_request = FLAGS.policy_tokens + FLAGS.claim_tokens + FLAGS.output_tokens
+    pages = FLAGS.num_requests * (-(-per_request // page)) + 2 * FLAGS.policy_tokens // page
+    sizing = dict(
+        num_pages=pages + 8,
+        max_num_seqs=FLAGS.num_requests,
+        max_num_batched_tokens=FLAGS.reuse_budget,
+        max_model_len=per_request + page,
+    )
     engines = {
-        "reuse": reuse_engine(model, mesh, True),
-        "no-reuse": reuse_engine(model, mesh, False),
+        "reuse": make_engine(model, mesh, enable_prefix_reuse=True, **sizing),
+        "no-reuse": make_engine(model, mesh, enable_prefix_reuse=False, **sizing),
     }
     for e in engines.values():
-        e.register_trusted_prefix(ZONE, policy)
-    results: dict[str, list[ReuseResult]] = {k: [] for k in engines}
-    for rep in range(FLAGS.repeats + 1):  # round 0 compiles
-        for name, e in engines.items():
-            r = reuse_round(e, policy, rng, f"{name}-{rep}")
-            logging.info(
-                "reuse scenario %s round %d: TTFT p50 %.3fs, %d/%d prompt tokens cached",
-                name,
-                rep,
-                pct(r.ttft, 50),
-                r.cached_tokens,
-                r.prompt_tokens,
-            )
-            if rep:
-                results[name].append(r)
+        e.register_trusted_prefix(probes.POLICY_ZONE, policy)
+
+    def round_fn(engine, tag):
+        claims = [
+            rng.integers(3, vocab, FLAGS.claim_tokens).tolist() for _ in range(FLAGS.num_requests)
+        ]
+        warm = rng.integers(3, vocab, 16).tolist()
+        return probes.prefix_burst(
+            engine, policy, claims, warm, output_tokens=FLAGS.output_tokens, tag=tag
+        )
+
     out = {}
-    for name, rs in results.items():
-        ttft = [t for r in rs for t in r.ttft]
+    for name, rs in alternate(engines, round_fn).items():
         out[name] = {
-            "ttft_s": summary(ttft),
-            "cached_prompt_share": sum(r.cached_tokens for r in rs)
-            / sum(r.prompt_tokens for r in rs),
-            "seconds_per_round": float(np.mean([r.seconds for r in rs])),
-            "compilations_after_warmup": sum(r.compilations for r in rs),
+            "ttft_s": summary([t for r in rs for t in r["ttft_s"]]),
+            "cached_prompt_share": sum(r["cached_tokens"] for r in rs)
+            / sum(r["prompt_tokens"] for r in rs),
+            "seconds_per_round": float(np.mean([r["seconds"] for r in rs])),
+            "compilations_after_warmup": sum(r["compilations"] for r in rs),
         }
     out["ratio_no_reuse_over_reuse"] = {
         k: out["no-reuse"]["ttft_s"][k] / out["reuse"]["ttft_s"][k] for k in ("mean", "p50", "p99")
@@ -183,108 +163,58 @@ def scenario_reuse(model, mesh) -> dict:
 # --- scenario 2: chunked prefill -----------------------------------------------------------------
 
 
-def chunk_engine(model, mesh, chunked: bool) -> Engine:
-    max_len = FLAGS.long_prompt + 2 * FLAGS.page_size
-    pages = (FLAGS.decoders + 1) * (max_len // FLAGS.page_size + 1) + 2
-    cfg = engine_config_from_overrides(
-        page_size=FLAGS.page_size,
-        num_pages=pages,
-        max_num_seqs=FLAGS.decoders + 1,
-        max_num_batched_tokens=FLAGS.budget if chunked else max_len + FLAGS.decoders,
-        max_model_len=max_len,
-        enable_chunked_prefill=chunked,
-    )
-    return Engine(model, cfg, mesh)
-
-
-def chunk_round(engine: Engine, rng, tag: str) -> dict:
-    vocab = engine.model_config.vocab_size
-    decode = SamplingParams(temperature=0.0, max_tokens=engine.max_model_len - 64, ignore_eos=True)
-    ids = [f"{tag}-d{i}" for i in range(FLAGS.decoders)]
-    for rid in ids:
-        engine.add_request(rid, rng.integers(3, vocab, 64).tolist(), decode)
-    times: dict[str, list[float]] = {rid: [] for rid in ids}
-    long_id = f"{tag}-long"
-    long_first: list[float] = []
-
-    def record(out):
-        now = time.perf_counter()
-        if out.request_id in times:
-            times[out.request_id].append(now)
-        elif out.request_id == long_id and not long_first:
-            long_first.append(now)
-
-    while min(len(t) for t in times.values()) < 4:  # all decoding, steady
-        for out in engine.step():
-            record(out)
-    steady = [b - a for t in times.values() for a, b in zip(t[-3:-1], t[-2:], strict=True)]
-    compiles = engine.compile_count
-    t0 = time.perf_counter()
-    engine.add_request(
-        long_id,
-        rng.integers(3, vocab, FLAGS.long_prompt).tolist(),
-        SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
-    )
-    steps = 0
-    while not long_first:
-        steps += 1
-        for out in engine.step():
-            record(out)
-    t1 = long_first[0]
-    itl = []
-    for t in times.values():
-        before = [x for x in t if x < t0]
-        during = [x for x in t if t0 <= x <= t1]
-        marks = before[-1:] + during
-        itl += [b - a for a, b in zip(marks, marks[1:], strict=False)]
-    for rid in ids:
-        engine.abort(rid)
-    return {
-        "itl": itl,
-        "steady": steady,
-        "window_s": t1 - t0,
-        "steps": steps,
-        "long_ttft_s": t1 - t0,
-        "compilations": engine.compile_count - compiles,
-    }
-
-
 def scenario_chunking(model, mesh) -> dict:
-    rng = np.random.default_rng(FLAGS.seed + 1)
+    page = engine_flags.engine_config().cache.page_size
+    max_len = FLAGS.long_prompt + 2 * page
+    sizing = dict(
+        num_pages=(FLAGS.decoders + 1) * (max_len // page + 1) + 2,
+        max_num_seqs=FLAGS.decoders + 1,
+        max_model_len=max_len,
+    )
     engines = {
-        "chunked": chunk_engine(model, mesh, True),
-        "unchunked": chunk_engine(model, mesh, False),
+        "chunked": make_engine(
+            model, mesh, enable_chunked_prefill=True, max_num_batched_tokens=FLAGS.budget, **sizing
+        ),
+        "unchunked": make_engine(
+            model,
+            mesh,
+            enable_chunked_prefill=False,
+            max_num_batched_tokens=max_len + FLAGS.decoders,
+            **sizing,
+        ),
     }
-    results: dict[str, list[dict]] = {k: [] for k in engines}
-    for rep in range(FLAGS.repeats + 1):
-        for name, e in engines.items():
-            r = chunk_round(e, rng, f"{name}-{rep}")
-            logging.info(
-                "chunking scenario %s round %d: %d steps, ITL p99 %.3fs, long TTFT %.3fs",
-                name,
-                rep,
-                r["steps"],
-                pct(r["itl"], 99),
-                r["long_ttft_s"],
-            )
-            if rep:
-                results[name].append(r)
+    seeds = iter(range(FLAGS.token_seed + 1, FLAGS.token_seed + 1 + 2 * (FLAGS.repeats + 1)))
+
+    def round_fn(engine, tag):
+        del tag
+        compiles = engine.compile_count
+        r = probes.long_arrival_probe(
+            engine,
+            decodes=FLAGS.decoders,
+            context=FLAGS.decode_context,
+            steady_steps=4,
+            long_prompt=FLAGS.long_prompt,
+            seed=next(seeds),
+        )
+        return {**r, "compilations": engine.compile_count - compiles}
+
     out = {}
-    for name, rs in results.items():
+    for name, rs in alternate(engines, round_fn).items():
+        mean = lambda key, rs=rs: float(np.mean([r[key] for r in rs]))  # noqa: E731
         out[name] = {
-            "itl_during_long_prefill_s": summary([x for r in rs for x in r["itl"]]),
-            "itl_steady_decode_s": summary([x for r in rs for x in r["steady"]]),
-            "long_prompt_ttft_s": float(np.mean([r["long_ttft_s"] for r in rs])),
-            "steps_to_prefill": float(np.mean([r["steps"] for r in rs])),
+            "itl_p99_during_long_prefill_s": mean("itl_p99_during_s"),
+            "itl_max_during_long_prefill_s": mean("itl_max_during_s"),
+            "itl_p99_steady_decode_s": mean("itl_p99_before_s"),
+            "long_prompt_ttft_s": mean("long_prompt_ttft_s"),
+            "steps_to_prefill": mean("steps_while_prefilling"),
             "compilations_after_warmup": sum(r["compilations"] for r in rs),
         }
-    d = {k: out[k]["itl_during_long_prefill_s"] for k in engines}
+    u, c = out["unchunked"], out["chunked"]
     out["ratio_unchunked_over_chunked"] = {
-        k: d["unchunked"][k] / d["chunked"][k] for k in ("p50", "p99", "max")
+        "itl_p99": u["itl_p99_during_long_prefill_s"] / c["itl_p99_during_long_prefill_s"],
+        "itl_max": u["itl_max_during_long_prefill_s"] / c["itl_max_during_long_prefill_s"],
+        "long_prompt_ttft": u["long_prompt_ttft_s"] / c["long_prompt_ttft_s"],
     }
-    out["ratio_unchunked_over_chunked"]["long_prompt_ttft"] = (
-        out["unchunked"]["long_prompt_ttft_s"] / out["chunked"]["long_prompt_ttft_s"]
-    )
     return out
 
 
@@ -323,21 +253,22 @@ def markdown(res: dict) -> str:
         f"{FLAGS.long_prompt}-token prompt is prefilled (budget {FLAGS.budget} tokens/step "
         "with chunking)",
         "",
-        "| engine | ITL during prefill p50 ms | p99 ms | max ms | steady ITL p50 ms | "
+        "| engine | ITL p99 during prefill ms | max ms | steady ITL p99 ms | "
         "steps to prefill | long prompt TTFT ms | compilations after warm-up |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for k in ("chunked", "unchunked"):
-        d, s = c[k]["itl_during_long_prefill_s"], c[k]["itl_steady_decode_s"]
+        e = c[k]
         lines.append(
-            f"| {k} | {ms(d['p50'])} | {ms(d['p99'])} | {ms(d['max'])} | "
-            f"{ms(s['p50'])} | {c[k]['steps_to_prefill']:.0f} | "
-            f"{ms(c[k]['long_prompt_ttft_s'])} | {c[k]['compilations_after_warmup']} |"
+            f"| {k} | {ms(e['itl_p99_during_long_prefill_s'])} | "
+            f"{ms(e['itl_max_during_long_prefill_s'])} | {ms(e['itl_p99_steady_decode_s'])} | "
+            f"{e['steps_to_prefill']:.0f} | {ms(e['long_prompt_ttft_s'])} | "
+            f"{e['compilations_after_warmup']} |"
         )
     q = c["ratio_unchunked_over_chunked"]
     lines += [
         "",
-        f"Decode ITL without chunking / with: p99 {q['p99']:.2f}x, max {q['max']:.2f}x; "
+        f"Decode ITL without chunking / with: p99 {q['itl_p99']:.2f}x, max {q['itl_max']:.2f}x; "
         f"the long prompt's own TTFT without / with: {q['long_prompt_ttft']:.2f}x.",
         "",
     ]
@@ -350,37 +281,24 @@ def main(argv):
     from pijax.model.loader import load_model
     from pijax.sharding import make_mesh
 
-    mesh = make_mesh((1, 1))
-    model = load_model(FLAGS.model, dtype="float32", mesh=mesh)
+    base = engine_flags.engine_config()
+    mesh = make_mesh(base.mesh_shape)
+    model = load_model(engine_flags.model_source(), dtype=base.dtype.value, mesh=mesh)
     dev = jax.devices()[0]
     device = f"{dev.platform}: {getattr(dev, 'device_kind', dev.platform)}"
     if dev.platform == "cpu":
         device += f", {platform.machine()}, {len(jax.devices())} device, host CPU"
     res = {
         "device": device,
-        "model": FLAGS.model,
+        "model": engine_flags.model_source(),
         "note": "Same process, same weights, configurations alternated per round. "
         + (
             "CPU run: absolute times are not performance figures; compare the ratios."
             if dev.platform == "cpu"
             else ""
         ),
-        "flags": {
-            k: FLAGS[k].value
-            for k in (
-                "repeats",
-                "seed",
-                "page_size",
-                "num_requests",
-                "policy_tokens",
-                "claim_tokens",
-                "output_tokens",
-                "reuse_budget",
-                "decoders",
-                "long_prompt",
-                "budget",
-            )
-        },
+        "flags": {k: FLAGS[k].value for k in SCENARIO_FLAGS},
+        "engine_overrides": {k: str(v) for k, v in engine_flags.engine_overrides().items()},
     }
     res["prefix_reuse"] = scenario_reuse(model, mesh)
     res["chunked_prefill"] = scenario_chunking(model, mesh)

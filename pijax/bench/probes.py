@@ -8,6 +8,8 @@
   before the arrival and while the long prompt is prefilled (chunked or not).
 * `unloaded_ttft`: one request at a time (scaffold + a claim), so TTFT is pure prefill time,
   with or without the scaffold's KV reused.
+* `prefix_burst`: many scaffold + claim requests arriving together on a warm engine (the
+  scaffold prefilled once before), so TTFT includes queueing behind the others' prefills.
 * `decode_roofline`: floor = max(bytes moved / bandwidth, FLOPs / matmul rate) for a decode
   step of D sequences at their context lengths; bytes moved = weights read once + KV read.
 """
@@ -253,4 +255,47 @@ def unloaded_ttft(engine: Engine, workload: Workload, n: int) -> dict:
         "requests": n,
         "ttft_p50_s": float(np.median(ttfts)),
         "ttft_mean_s": float(np.mean(ttfts)),
+    }
+
+
+# --- a burst on a shared prefix ------------------------------------------------------------------
+
+
+def prefix_burst(
+    engine: Engine,
+    policy: list[int],
+    claims: list[list[int]],
+    warmup_claim: list[int],
+    *,
+    output_tokens: int,
+    tag: str,
+    zone: str = POLICY_ZONE,
+) -> dict:
+    """One request per claim, each `shared:zone` policy + private claim, all added before the
+    first step. A warm-up request (`warmup_claim` after the policy) prefills the policy first (a
+    warm server), so with prefix reuse on, every burst request finds it cached. Leaves the engine empty."""
+    params = SamplingParams(temperature=0.0, max_tokens=output_tokens, ignore_eos=True)
+    shared = PromptSegment(tuple(policy), Scope.parse(f"shared:{zone}"))
+    zones = frozenset({zone})
+
+    def run(requests: dict[str, list[int]]) -> dict:
+        for rid, claim in requests.items():
+            engine.add_request(
+                rid, [shared, PromptSegment(tuple(claim))], params, permitted_zones=zones
+            )
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update((o.request_id, o) for o in engine.step() if o.finished)
+        return done
+
+    run({f"{tag}-warm": warmup_claim})
+    compiles = engine.compile_count
+    start = time.perf_counter()
+    outs = list(run({f"{tag}-{i}": c for i, c in enumerate(claims)}).values())
+    return {
+        "ttft_s": [o.timings.ttft for o in outs],
+        "cached_tokens": sum(o.num_cached_tokens for o in outs),
+        "prompt_tokens": sum(o.num_prompt_tokens for o in outs),
+        "compilations": engine.compile_count - compiles,
+        "seconds": time.perf_counter() - start,
     }

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_bench_scheduler_smoke(tmp_path):
     out = tmp_path / "sched"
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")

@@ -1,4 +1,6 @@
-"""Serve pijax over gRPC (`pijax.v1.Inference`, health, reflection) with Prometheus metrics.
+"""Serve pijax over gRPC (`pijax.v1.Inference`, health, reflection) and an OpenAI-compatible
+HTTP API (`--http_port`, default 8000; 0 disables it), with Prometheus metrics. One process, one
+engine: both front ends share authentication, validation, metrics and the engine loop.
 
     python scripts/serve.py --insecure_dev_mode                    # local demo, default model
     python scripts/serve.py --model path/to/hf_checkpoint --api_keys keys.json \
@@ -42,6 +44,22 @@ flags.DEFINE_bool(
     False,
     "No authentication: every caller is tenant 'dev' "
     "with every zone and admin rights. Local demos only.",
+)
+flags.DEFINE_integer(
+    "http_port", 8000, "OpenAI-compatible HTTP API port (/v1/..., /health, /metrics); 0 = off."
+)
+flags.DEFINE_string("http_host", None, "Address for the HTTP API (default: --host).")
+flags.DEFINE_string(
+    "chat_template",
+    None,
+    "Jinja chat template file for /v1/chat/completions "
+    "(default: the model's chat_template.jinja or tokenizer_config.json chat_template).",
+)
+flags.DEFINE_multi_string(
+    "http_default_scope",
+    [],
+    "TENANT=SCOPE: the cache scope of plain HTTP requests of TENANT ('*' = every tenant); "
+    "SCOPE is private (the default) or tenant (repeatable).",
 )
 flags.DEFINE_integer("metrics_port", 9400, "Prometheus /metrics port (0 = any free, -1 = off).")
 flags.DEFINE_string("metrics_host", "127.0.0.1", "Address for the metrics endpoint.")
@@ -102,7 +120,32 @@ def trusted_prefixes() -> list[tuple[str, str]]:
     return out
 
 
-async def serve(engine: Engine, config: ServerConfig, prefixes: list[tuple[str, str]]) -> None:
+def chat_template(model: str):
+    from pijax.model.chat_template import ChatTemplate
+
+    if FLAGS.chat_template:
+        specials = ChatTemplate.from_dir(model) if Path(model).is_dir() else None
+        return ChatTemplate.from_file(
+            FLAGS.chat_template, specials.special_tokens if specials else None
+        )
+    return ChatTemplate.from_dir(model) if Path(model).is_dir() else None
+
+
+def http_default_scopes() -> dict[str, str]:
+    out = {}
+    for spec in FLAGS.http_default_scope:
+        tenant, sep, scope = spec.partition("=")
+        if not sep or not tenant or scope not in ("private", "tenant"):
+            raise app.UsageError(
+                f"--http_default_scope must be TENANT=private or TENANT=tenant; got {spec!r}"
+            )
+        out[tenant] = scope
+    return out
+
+
+async def serve(
+    engine: Engine, config: ServerConfig, prefixes: list[tuple[str, str]], http=None
+) -> None:
     server = InferenceServer(engine, config)
     for zone, text in prefixes:  # before the loop starts, this thread may touch the engine
         ids = engine.tokenizer.encode(text)
@@ -112,10 +155,21 @@ async def serve(engine: Engine, config: ServerConfig, prefixes: list[tuple[str, 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda s=sig: _on_signal(server, s))
+    api = None
+    if http is not None:  # listening before warm-up: /health answers 503 meanwhile
+        from pijax.serving.http_api import HttpApi
+
+        host, port, template, scopes = http
+        api = HttpApi(server, chat_template=template, default_scopes=scopes)
+        await api.start(host, port)
     await server.start()
     if server.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", config.metrics_host, server.metrics_port)
+    if api is not None:
+        log.info("OpenAI-compatible API ready on http://%s:%d/v1", http[0], api.port)
     await server.wait_for_termination()
+    if api is not None:
+        await api.stop()
 
 
 def _on_signal(server: InferenceServer, sig: signal.Signals) -> None:
@@ -159,8 +213,14 @@ def main(argv):
     except GateError as e:
         raise app.UsageError(str(e)) from None
     prefixes = trusted_prefixes()
+    scopes = http_default_scopes()
     engine = Engine.from_source(model, engine_config)
-    asyncio.run(serve(engine, config, prefixes))
+    http = None
+    if FLAGS.http_port:
+        if not 0 < FLAGS.http_port < 65536:
+            raise app.UsageError(f"--http_port must be in [0, 65535]; got {FLAGS.http_port}")
+        http = (FLAGS.http_host or FLAGS.host, FLAGS.http_port, chat_template(model), scopes)
+    asyncio.run(serve(engine, config, prefixes, http))
 
 
 if __name__ == "__main__":

@@ -109,6 +109,8 @@ def test_serve_script_becomes_ready_and_drains_on_sigterm(tmp_path):
         "0",
         "--metrics_port",
         "-1",
+        "--http_port",
+        "0",
         "--api_keys",
         str(keys),
         "--warmup=off",

@@ -58,6 +58,7 @@ def smoke_run(tmp_path_factory):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_json_is_complete(smoke_run):
     out, _ = smoke_run
     results = json.loads((out / "results.json").read_text())
@@ -93,6 +94,7 @@ def test_json_is_complete(smoke_run):
     assert goals["compilations after warm-up (all engine runs)"]["met"] is True
 
 
+@pytest.mark.slow
 def test_table_and_plots(smoke_run):
     out, stdout = smoke_run
     md = (out / "results.md").read_text()

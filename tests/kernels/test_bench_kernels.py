@@ -9,9 +9,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = pathlib.Path(__file__).parents[2] / "scripts" / "bench_kernels.py"
 
 
+@pytest.mark.slow
 def test_bench_small_shape_writes_checked_report(tmp_path):
     proc = subprocess.run(
         [

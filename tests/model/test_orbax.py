@@ -166,6 +166,7 @@ def test_bad_native_checkpoint(tmp_path, native_dir, mesh1, edit, match):
         load_model(path, dtype="float32", mesh=mesh1)
 
 
+@pytest.mark.slow
 def test_cli(tmp_path, hf_dir):
     script = str(REPO / "scripts" / "convert_checkpoint.py")
     out = tmp_path / "cli"
@@ -241,6 +242,7 @@ _MESH_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_restore_on_4_device_mesh(tmp_path, hf_dir, native_dir):
     env = dict(os.environ)
     env["XLA_FLAGS"] = (

@@ -198,6 +198,7 @@ def run_script(*args: str) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_gate_script_passes_int8_and_fails_impossible_thresholds(tmp_path):
     impossible = tmp_path / "impossible.json"
     impossible.write_text(json.dumps({"max_mean_kl": 0.0, "max_attention_rel_error": 0.0}))
@@ -223,6 +224,7 @@ def test_gate_script_passes_int8_and_fails_impossible_thresholds(tmp_path):
     assert read_report(bad_report).figures.mean_kl == bad["figures"]["mean_kl"] > 0
 
 
+@pytest.mark.slow
 def test_serve_refuses_int8_without_a_gate_report_and_names_the_way_out(tmp_path):
     """`serve.py --kv_cache_dtype=int8` stops before loading anything unless given a passing
     report (a failing one is refused too) or --skip_kv_quant_gate."""

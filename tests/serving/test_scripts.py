@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pijax.serving.proto.pijax.v1 import inference_pb2 as pb
@@ -97,6 +98,7 @@ def test_fake_tools_are_labelled_and_use_the_findings():
     assert "policy_lookup(DUPLICATE_BILLING) -> PI-DUP-01" in output
 
 
+@pytest.mark.slow
 def test_serve_script_becomes_ready_and_drains_on_sigterm(tmp_path):
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"key-ops": {"tenant": "ops", "zones": ["*"], "admin": True}}))

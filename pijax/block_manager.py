@@ -2,16 +2,15 @@
 
 The KV pool on device is an array of `num_pages` pages of `page_size` token slots each
 (`kv_pool.py`). This module decides which sequence owns which page; it never touches device
-memory. When two owners must stop sharing a page it returns a `CopyOnWrite` record and the engine
-copies the page on device.
+memory, and it never needs a page copied: pages are shared only when full.
 
 Page 0 is the null page: padded block-table entries point at it and padded tokens write into it,
 so it is never handed out, never owned and never on the free list.
 
 Sharing. A page may have several owners: sequences (through their block tables) and external
 holders (the prefix cache, sessions) that took a reference with `incref`. Sequences share only
-*full* pages: `fork` and `attach` copy a trailing partial page instead of sharing it, so a
-sequence only ever writes new tokens into a page that no other sequence reads.
+*full* pages (`attach` takes nothing else), so a sequence only ever writes new tokens into a
+page that no other sequence reads.
 
 Release. When a page's refcount reaches zero it goes back to the free list, unless the optional
 `on_release` hook claims it (the prefix cache keeps such pages as evictable, LRU). A claimed page
@@ -26,7 +25,6 @@ prefix cache and the scheduler, which build on the page-level API here.
 from __future__ import annotations
 
 import collections
-import dataclasses
 from collections.abc import Callable, Sequence
 
 NULL_PAGE = 0
@@ -34,14 +32,6 @@ NULL_PAGE = 0
 
 class NoFreePagesError(RuntimeError):
     """Not enough free pages for the request; the manager's state is unchanged."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CopyOnWrite:
-    """Copy every slot of page `src` into page `dst` on device before `dst` is read or written."""
-
-    src: int
-    dst: int
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -59,7 +49,7 @@ class BlockManager:
       removed until `free`. The batch builder may cache a prefix of a table.
     - A sequence holds exactly `cdiv(num_tokens, page_size)` pages and owns each at most once.
     - `refcount(p)` == number of block tables containing `p` + external references to `p`
-      (taken with `incref` or `allocate_page`, dropped with `decref`).
+      (taken with `incref`, dropped with `decref`).
     - Every usable page is in exactly one state: *used* (refcount > 0), *free* (refcount 0, on
       the free list, once) or *held* (refcount 0, claimed by the `on_release` hook). Hence
       free + used + held == num_usable_pages.
@@ -130,7 +120,7 @@ class BlockManager:
         return list(self._table(seq_id))
 
     def num_tokens(self, seq_id: str) -> int:
-        """Tokens the seq's pages were sized for by `ensure_capacity` / `fork` / `attach`."""
+        """Tokens the seq's pages were sized for by `ensure_capacity` / `attach`."""
         self._table(seq_id)
         return self._num_tokens[seq_id]
 
@@ -188,24 +178,7 @@ class BlockManager:
         for page in reversed(table):
             self._decref(page)
 
-    def fork(self, parent_id: str, child_id: str) -> CopyOnWrite | None:
-        """Start `child_id` as a copy of `parent_id`: full pages shared, partial page copied.
-
-        Returns the device copy the engine must do before the child's next step, or None when
-        the parent ends on a page boundary. Raises `NoFreePagesError` with nothing changed if
-        the copy has no page to go to.
-        """
-        parent_table = self._table(parent_id)
-        return self._start_seq(child_id, parent_table, self._num_tokens[parent_id])
-
     # ---- page-level API (prefix cache, sessions) ----------------------------------------------
-
-    def allocate_page(self) -> int:
-        """Take one free page; the caller holds it as an external reference (refcount 1)."""
-        (page,) = self._take_free_pages(1)
-        self._refcounts[page] = 1
-        self._external_refs[page] = 1
-        return page
 
     def incref(self, page: int) -> None:
         """Take an external reference to a used page, or revive a held one (a cache hit)."""
@@ -222,25 +195,12 @@ class BlockManager:
         self._external_refs[page] -= 1
         return self._decref(page)
 
-    def attach(
-        self, seq_id: str, pages: Sequence[int], num_tokens: int | None = None
-    ) -> CopyOnWrite | None:
-        """Start a new seq whose table begins with already-owned (or held) pages, incref'd.
-
-        `num_tokens` defaults to all slots of `pages` (full cached pages: returns None, and held
-        pages are revived: a prefix-cache hit). A smaller count leaves a trailing partial page,
-        which is copied like in `fork` so the new seq can append into it; the copy is returned
-        for the engine to do on device. That copy allocates a page, which may evict held pages,
-        so a partial attach takes used pages only (refcount > 0, e.g. a session's).
-        """
-        if num_tokens is None:
-            num_tokens = len(pages) * self.page_size
-        if num_tokens < 0 or _cdiv(num_tokens, self.page_size) != len(pages):
-            raise ValueError(
-                f"num_tokens={num_tokens} needs {_cdiv(num_tokens, self.page_size)} pages of "
-                f"{self.page_size} slots; got {len(pages)} pages"
-            )
-        needs_copy = num_tokens % self.page_size != 0
+    def attach(self, seq_id: str, pages: Sequence[int]) -> None:
+        """Start a new seq whose table begins with `pages`: full pages already used (e.g. a
+        session's) or held (a prefix-cache hit: revived), each incref'd. The seq then holds
+        `len(pages) * page_size` tokens and grows with `ensure_capacity`."""
+        if seq_id in self._block_tables:
+            raise ValueError(f"seq {seq_id!r} already exists")
         if len(set(pages)) != len(pages):
             raise ValueError(f"pages must be distinct; got {list(pages)}")
         for page in pages:
@@ -251,9 +211,11 @@ class BlockManager:
                 continue
             if page not in self._held_pages:
                 raise ValueError(f"page {page} is free; only used or held pages can be attached")
-            if needs_copy:
-                raise ValueError(f"page {page} is held; a partial attach takes used pages only")
-        return self._start_seq(seq_id, list(pages), num_tokens)
+        for page in pages:
+            self._revive(page)
+            self._refcounts[page] += 1
+        self._block_tables[seq_id] = list(pages)
+        self._num_tokens[seq_id] = len(pages) * self.page_size
 
     def refcount(self, page: int) -> int:
         self._check_page(page, allow_null=True)
@@ -371,22 +333,3 @@ class BlockManager:
         else:
             self._free_pages.append(page)
         return True
-
-    def _start_seq(self, seq_id: str, pages: list[int], num_tokens: int) -> CopyOnWrite | None:
-        """New seq sharing the full pages of `pages`; a trailing partial page is copied."""
-        if seq_id in self._block_tables:
-            raise ValueError(f"seq {seq_id!r} already exists")
-        num_full = num_tokens // self.page_size
-        shared = pages[:num_full]
-        copy = None
-        if num_full < len(pages):
-            (dst,) = self._take_free_pages(1)
-            self._refcounts[dst] = 1
-            copy = CopyOnWrite(src=pages[num_full], dst=dst)
-            self._open_pages.add(dst)
-        for page in shared:
-            self._revive(page)
-            self._refcounts[page] += 1
-        self._block_tables[seq_id] = shared + ([copy.dst] if copy else [])
-        self._num_tokens[seq_id] = num_tokens
-        return copy

@@ -231,16 +231,13 @@ class PrefixCache:
         session_id: str | None,
         permitted_zones: Collection[str],
         extra_tokens: Sequence[int] = (),
-        prefix: Sequence[BlockInfo | None] = (),
     ) -> list[BlockInfo | None]:
         """One entry per full block of (segment tokens..., extra_tokens); None = private.
 
         `extra_tokens` (generated output so far) inherit the scope of the last prompt token, or
         are private if that is shared.
-        Once an entry is None every later one is too. `prefix`, optional, is an earlier result
-        for the same segments, tenant and session (e.g. before more output was generated): its
-        blocks are reused instead of re-hashed. Raises InvalidRequestError naming "scope" when a
-        `session:<id>` segment names another session than `session_id`.
+        Once an entry is None every later one is too. Raises InvalidRequestError naming "scope"
+        when a `session:<id>` segment names another session than `session_id`.
         """
         parts, ends, scopes = self._scope_runs(
             segments, session_id=session_id, permitted_zones=permitted_zones
@@ -258,8 +255,6 @@ class PrefixCache:
             scopes.append(tail)
         num_tokens = ends[-1] if ends else 0
         num_blocks = num_tokens // self.page_size
-        if len(prefix) > num_blocks:
-            raise ValueError(f"prefix has {len(prefix)} blocks; the request has {num_blocks}")
 
         infos: list[BlockInfo | None] = []
         token_bytes = b""
@@ -269,16 +264,8 @@ class PrefixCache:
             run = bisect.bisect_right(ends, (i + 1) * self.page_size - 1)
             scope = scopes[run]  # the scope of the block's last token: the strictest in it
             if scope is None:
-                if any(p is not None for p in prefix[i:]):
-                    raise ValueError(f"prefix block {i} is cached but the request's is private")
                 infos.extend([None] * (num_blocks - i))
                 break
-            if i < len(prefix):
-                known = prefix[i]
-                if known is None or known.scope != scope:
-                    raise ValueError(f"prefix block {i} does not match these segments")
-                infos.append(known)
-                continue
             if not token_bytes:
                 token_bytes = np.concatenate(parts).astype("<i8", copy=False).tobytes()
             key = run_keys[run]
@@ -368,18 +355,6 @@ class PrefixCache:
                 num_tokens=num_tokens,
                 block_hashes=[info.hash for info in hits],
             )
-        return pages
-
-    def peek(self, infos: Sequence[BlockInfo | None]) -> list[int]:
-        """What `match` would return, without counting or auditing anything (for admission:
-        a request needs `cdiv(num_tokens, page_size) - len(peek(infos))` new pages, and held
-        pages among these are revived by the attach, so they are not evictable for it)."""
-        pages = []
-        for info in infos:
-            page = None if info is None else self._page_of.get(info.hash)
-            if page is None:
-                break
-            pages.append(page)
         return pages
 
     def insert(self, info: BlockInfo, page: int) -> None:

@@ -23,7 +23,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from pijax.block_manager import NULL_PAGE, BlockManager, CopyOnWrite, NoFreePagesError
+from pijax.block_manager import NULL_PAGE, BlockManager, NoFreePagesError
 
 
 def snapshot(bm: BlockManager, seq_ids: list[str]) -> tuple:
@@ -80,12 +80,12 @@ def test_ensure_capacity_returns_only_new_pages_and_never_shrinks():
 
 def test_null_page_never_allocated():
     bm = BlockManager(num_pages=9, page_size=4)
-    pages = bm.ensure_capacity("a", 4 * 5) + [bm.allocate_page() for _ in range(3)]
+    pages = bm.ensure_capacity("a", 4 * 5) + bm.ensure_capacity("b", 4 * 3)
     assert sorted(pages) == list(range(1, 9))
     assert NULL_PAGE not in pages
     assert bm.num_free_pages() == 0
     with pytest.raises(NoFreePagesError):
-        bm.allocate_page()
+        bm.ensure_capacity("c", 1)
     with pytest.raises(ValueError):
         bm.incref(NULL_PAGE)
     assert bm.refcount(NULL_PAGE) == 0
@@ -125,64 +125,38 @@ def test_no_free_pages_leaves_state_unchanged():
     bm.ensure_capacity("c", 8)  # takes the last page
     before = snapshot(bm, ["a", "c"])
     with pytest.raises(NoFreePagesError):
-        bm.fork("a", "a2")  # needs a page for the partial copy
-    with pytest.raises(NoFreePagesError):
-        bm.allocate_page()
+        bm.ensure_capacity("a2", 1)
     assert snapshot(bm, ["a", "c"]) == before
     assert not bm.has_seq("a2")
     bm.check_invariants()
 
 
-def test_fork_shares_full_pages_and_copies_the_partial_one():
-    bm = BlockManager(num_pages=10, page_size=16)
-    parent = bm.ensure_capacity("p", 40)  # two full pages and one with 8 tokens
-    copy = bm.fork("p", "c")
-    assert isinstance(copy, CopyOnWrite)
-    assert copy.src == parent[2]
-    assert copy.dst not in parent and copy.dst != NULL_PAGE
-    assert bm.block_table("c") == parent[:2] + [copy.dst]
-    assert bm.num_tokens("c") == 40
-    assert [bm.refcount(page) for page in parent] == [2, 2, 1]
-    assert bm.refcount(copy.dst) == 1
+def test_attach_shares_full_pages_and_each_seq_appends_into_its_own():
+    bm = BlockManager(num_pages=10, page_size=8)
+    parent = bm.ensure_capacity("p", 24)
+    free_before = bm.num_free_pages()
+    bm.attach("c", parent)
+    assert bm.block_table("c") == parent
+    assert bm.num_tokens("c") == 24
+    assert bm.num_free_pages() == free_before
+    assert all(bm.refcount(page) == 2 for page in parent)
+    # Appending to either side allocates a private page: the full pages stay read-only.
+    assert bm.ensure_capacity("c", 25) != bm.ensure_capacity("p", 25)
+    with pytest.raises(ValueError, match="already exists"):
+        bm.attach("c", parent[:1])
     bm.check_invariants()
-
-    # Both append into their own partial page, then each gets fresh pages.
-    assert bm.ensure_capacity("p", 48) == []
-    assert bm.ensure_capacity("c", 48) == []
-    p_new = bm.ensure_capacity("p", 49)
-    c_new = bm.ensure_capacity("c", 49)
-    assert set(p_new).isdisjoint(c_new)
-    bm.check_invariants()
-
     bm.free("p")
-    assert [bm.refcount(page) for page in parent] == [1, 1, 0]
+    assert [bm.refcount(page) for page in parent] == [1, 1, 1]
     bm.free("c")
     assert bm.num_free_pages() == bm.num_usable_pages
     bm.check_invariants()
 
 
-def test_fork_on_a_page_boundary_copies_nothing():
-    bm = BlockManager(num_pages=10, page_size=8)
-    parent = bm.ensure_capacity("p", 24)
-    free_before = bm.num_free_pages()
-    assert bm.fork("p", "c") is None
-    assert bm.block_table("c") == parent
-    assert bm.num_free_pages() == free_before
-    assert all(bm.refcount(page) == 2 for page in parent)
-    # Appending to either side allocates a private page: the full pages stay read-only.
-    assert bm.ensure_capacity("c", 25) != bm.ensure_capacity("p", 25)
-    with pytest.raises(ValueError):
-        bm.fork("p", "c")  # child exists
-    with pytest.raises(KeyError):
-        bm.fork("missing", "x")
-    bm.check_invariants()
-
-
-def test_fork_of_a_fork_counts_every_owner():
+def test_attach_of_an_attach_counts_every_owner():
     bm = BlockManager(num_pages=12, page_size=4)
     pages = bm.ensure_capacity("a", 9)
-    bm.fork("a", "b")
-    bm.fork("b", "c")
+    bm.attach("b", pages[:2])
+    bm.attach("c", bm.block_table("b"))
     assert [bm.refcount(page) for page in pages[:2]] == [3, 3]
     assert bm.refcount(pages[2]) == 1
     for seq in ["b", "a"]:
@@ -193,7 +167,9 @@ def test_fork_of_a_fork_counts_every_owner():
 
 def test_external_references():
     bm = BlockManager(num_pages=6, page_size=4)
-    page = bm.allocate_page()
+    (page,) = bm.ensure_capacity("z", 4)
+    bm.incref(page)
+    bm.free("z")  # the external reference keeps the page
     assert bm.refcount(page) == 1
     bm.incref(page)
     assert bm.refcount(page) == 2
@@ -227,30 +203,25 @@ def test_append_into_a_shared_partial_page_is_refused():
     bm.ensure_capacity("a", 4)
 
 
-def test_attach_full_and_partial_pages():
+def test_attach_full_pages_only():
     bm = BlockManager(num_pages=10, page_size=4)
     pages = bm.ensure_capacity("a", 12)
     assert bm.attach("b", pages[:2]) is None
     assert bm.block_table("b") == pages[:2]
     assert bm.num_tokens("b") == 8
     assert [bm.refcount(page) for page in pages] == [2, 2, 1]
-    # A partial attach copies its last page.
-    copy = bm.attach("c", pages, num_tokens=10)
-    assert copy == CopyOnWrite(src=pages[2], dst=bm.block_table("c")[2])
-    assert bm.block_table("c")[:2] == pages[:2]
     bm.check_invariants()
-    with pytest.raises(ValueError):
-        bm.attach("d", pages, num_tokens=4)  # 3 pages cannot hold exactly 4 tokens
-    with pytest.raises(ValueError):
+    partial = bm.ensure_capacity("c", 10)[-1]
+    with pytest.raises(ValueError, match="distinct"):
         bm.attach("d", [pages[0], pages[0]])
-    with pytest.raises(ValueError):
-        bm.attach("d", [bm.block_table("c")[2]])  # c's partial page: never shared
-    free_page = bm.allocate_page()
-    bm.decref(free_page)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="partial page"):
+        bm.attach("d", [partial])  # c's partial page: never shared
+    (free_page,) = bm.ensure_capacity("e", 1)
+    bm.free("e")
+    with pytest.raises(ValueError, match="free"):
         bm.attach("d", [free_page])
-    with pytest.raises(ValueError):
-        bm.attach("a", pages[:1])  # seq exists
+    with pytest.raises(ValueError, match="already exists"):
+        bm.attach("a", pages[:1])
     assert not bm.has_seq("d")
     bm.check_invariants()
 
@@ -325,7 +296,7 @@ def test_constructor_validates():
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
-    """Random ensure_capacity / append / fork / attach / free / external refs / cache eviction."""
+    """Random ensure_capacity / append / attach / free / external refs / cache eviction."""
 
     @initialize(
         num_pages=st.integers(2, 24),
@@ -455,81 +426,33 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.tables)
     @rule(data=st.data())
-    def fork(self, data):
-        parent = data.draw(st.sampled_from(sorted(self.tables)))
-        child = f"s{next(self.ids)}"
-        num_tokens = len(self.history[parent])
-        num_full = num_tokens // self.page_size
-        partial = num_full < len(self.tables[parent])
-        if partial and self._available() < 1:
-            self._expect_no_pages(lambda: self.bm.fork(parent, child), list(self.tables))
-            return
-        copy = self.bm.fork(parent, child)
-        shared = self.tables[parent][:num_full]
-        if partial:
-            assert copy is not None and copy.src == self.tables[parent][-1]
-            event("fork copies a partial page")
-            self._assert_fresh([copy.dst])
-            self.device[copy.dst] = list(self.device[copy.src])  # the engine's device copy
-            self.tables[child] = shared + [copy.dst]
-        else:
-            assert copy is None
-            self.tables[child] = list(shared)
-        self.history[child] = list(self.history[parent])
-
-    @precondition(lambda self: self.tables)
-    @rule(data=st.data())
     def free(self, data):
         seq = data.draw(st.sampled_from(sorted(self.tables)))
         self.bm.free(seq)
         del self.tables[seq], self.history[seq]
         assert not self.bm.has_seq(seq)
 
-    @rule(data=st.data(), num_pages=st.integers(1, 3), partial=st.booleans())
-    def attach(self, data, num_pages, partial):
-        """A cache hit (held or used full pages) or a session resume (used pages, partial)."""
-        candidates = sorted(self._used_pages() - self._open_pages())
-        if not partial:
-            candidates = sorted(set(candidates) | set(self.cache))
+    @rule(data=st.data(), num_pages=st.integers(1, 3))
+    def attach(self, data, num_pages):
+        """A cache hit or a session resume: full pages, used or held."""
+        candidates = sorted((self._used_pages() - self._open_pages()) | set(self.cache))
         if len(candidates) < num_pages:
             return
         pages = data.draw(st.permutations(candidates))[:num_pages]
         seq = f"s{next(self.ids)}"
-        num_tokens = num_pages * self.page_size
-        if partial:
-            num_tokens -= data.draw(st.integers(0, self.page_size - 1))
-        if num_tokens % self.page_size and self._available() < 1:
-            self._expect_no_pages(lambda: self.bm.attach(seq, pages, num_tokens), list(self.tables))
-            return
-        copy = self.bm.attach(seq, pages, num_tokens)
+        assert self.bm.attach(seq, pages) is None
         if set(pages) & set(self.cache):
             event("attach revives held pages")
         for page in pages:
             self.cache.pop(page, None)  # a hit takes the page out of the cache's LRU
-        table = list(pages)
-        if num_tokens % self.page_size:
-            assert copy is not None and copy.src == pages[-1]
-            event("attach copies a partial page")
-            self._assert_fresh([copy.dst])
-            self.device[copy.dst] = list(self.device[copy.src])
-            table[-1] = copy.dst
-        else:
-            assert copy is None
-        self.tables[seq] = table
-        self.history[seq] = self._read(table, num_tokens)
+        self.tables[seq] = list(pages)
+        self.history[seq] = self._read(pages, num_pages * self.page_size)
 
+    @precondition(lambda self: self._used_pages())
     @rule(data=st.data())
     def take_external_ref(self, data):
-        used = sorted(self._used_pages())
-        if data.draw(st.booleans()) or not used:
-            if self._available() < 1:
-                self._expect_no_pages(self.bm.allocate_page, list(self.tables))
-                return
-            page = self.bm.allocate_page()
-            self._assert_fresh([page])
-        else:
-            page = data.draw(st.sampled_from(used))
-            self.bm.incref(page)
+        page = data.draw(st.sampled_from(sorted(self._used_pages())))
+        self.bm.incref(page)
         self.external[page] += 1
 
     @precondition(lambda self: +self.external)

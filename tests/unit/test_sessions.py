@@ -228,7 +228,7 @@ def test_next_turn_resumes_from_the_prefix_cache_and_unpinned_pages_become_evict
             blocks.attach(seq, pages)
         blocks.ensure_capacity(seq, len(tokens) + len(output))
         table = blocks.block_table(seq)
-        infos = cache.resolve_blocks(segments, extra_tokens=output, prefix=infos, **kw)
+        infos = cache.resolve_blocks(segments, extra_tokens=output, **kw)
         for info, page in zip(infos, table, strict=False):
             cache.insert(info, page)
         store.retain("A", "s", table[: len(infos)], len(infos) * P)

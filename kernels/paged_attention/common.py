@@ -36,6 +36,26 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def load_pages(ref, pages, width: int, *, interpret: bool):
+    """K or V of `pages` as `[len(pages), page_size, width]`, where `width >= head_dim` (the
+    stored width, `ref.shape[-1]`) is the kernel's power-of-two tile width: columns past
+    `head_dim` read as zeros, so they add nothing to `q @ k.T` and produce output columns that
+    the wrapper drops. The pool keeps its stored layout; on Triton the padding is a masked load
+    (no bytes read past each row), in interpret mode a pad of the loaded value."""
+    head_dim = ref.shape[-1]
+    if width == head_dim:
+        return ref[pages]
+    if interpret:
+        return jnp.pad(ref[pages], ((0, 0), (0, 0), (0, width - head_dim)))
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    col = lax.broadcasted_iota(jnp.int32, (pages.shape[0], ref.shape[1], width), 2)
+    # `other` as a typed array: Triton's lowering cannot splat an int constant into fp8.
+    zero = jnp.zeros(col.shape, ref.dtype)
+    return plgpu.load(ref.at[pages, :, pl.ds(0, width)], mask=col < head_dim, other=zero)
+
+
 def validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, k_scales, v_scales):
     if q.ndim != 3 or k_pages.ndim != 4:
         raise ValueError(
@@ -93,15 +113,25 @@ def tile_map(kv_lens, cu_q_lens, num_seqs, *, num_tokens: int, tokens_per_tile: 
     )
 
 
-def gather_query_tiles(q, tm: TileMap, *, num_kv_heads: int, tokens_per_tile: int, group_pad: int):
-    """[T, H, D] -> [K, NT, tokens_per_tile * group_pad, D] (rows of dead tokens are copies)."""
+def gather_query_tiles(
+    q,
+    tm: TileMap,
+    *,
+    num_kv_heads: int,
+    tokens_per_tile: int,
+    group_pad: int,
+    head_dim_pad: int | None = None,
+):
+    """[T, H, D] -> [K, NT, tokens_per_tile * group_pad, head_dim_pad] (rows of dead tokens are
+    copies; columns past D are zeros)."""
     num_tokens, num_heads, head_dim = q.shape
     group = num_heads // num_kv_heads
     tok = jnp.minimum(tm.first_token[:, None] + jnp.arange(tokens_per_tile), num_tokens - 1)
     qt = q[tok].reshape(-1, tokens_per_tile, num_kv_heads, group, head_dim)
-    qt = jnp.pad(qt, ((0, 0), (0, 0), (0, 0), (0, group_pad - group), (0, 0)))
+    extra = (head_dim_pad or head_dim) - head_dim
+    qt = jnp.pad(qt, ((0, 0), (0, 0), (0, 0), (0, group_pad - group), (0, extra)))
     qt = qt.transpose(2, 0, 1, 3, 4)
-    return qt.reshape(num_kv_heads, -1, tokens_per_tile * group_pad, head_dim)
+    return qt.reshape(num_kv_heads, -1, tokens_per_tile * group_pad, head_dim + extra)
 
 
 def scatter_output_tiles(
@@ -113,9 +143,12 @@ def scatter_output_tiles(
     num_heads: int,
     num_tokens: int,
     tokens_per_tile: int,
+    head_dim: int | None = None,
 ):
-    """Inverse of `gather_query_tiles`: [K, NT, rows, D] -> [T, H, D]; padded rows are zero."""
-    num_kv_heads, num_tiles, _, head_dim = out_tiles.shape
+    """Inverse of `gather_query_tiles`: [K, NT, rows, Dp] -> [T, H, D]; padded rows are zero."""
+    head_dim = head_dim or out_tiles.shape[-1]
+    out_tiles = out_tiles[..., :head_dim]
+    num_kv_heads, num_tiles = out_tiles.shape[:2]
     group = num_heads // num_kv_heads
     o = out_tiles.reshape(num_kv_heads, num_tiles, tokens_per_tile, -1, head_dim)[..., :group, :]
     o = o.transpose(1, 2, 0, 3, 4).reshape(num_tiles * tokens_per_tile, num_heads, head_dim)

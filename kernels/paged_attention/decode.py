@@ -44,13 +44,14 @@ def _kernel(
     soft_cap,
     sliding_window,
     quantized: bool,
+    interpret: bool,
 ):
     if quantized:
         ks_ref, vs_ref, o_ref, lse_ref = rest
     else:
         (o_ref, lse_ref), ks_ref, vs_ref = rest, None, None
     seq, split = pl.program_id(1), pl.program_id(2)
-    rows, head_dim = q_ref.shape
+    rows, width = q_ref.shape  # width: head_dim padded to a power of two (see ragged.py)
     block_keys = pages_per_block * k_ref.shape[1]
     kv_len = kv_lens_ref[seq]
     pos = kv_len - 1  # the one new token; kv_len == 0 (padded sequence) leaves nothing to do
@@ -63,8 +64,8 @@ def _kernel(
 
     def body(blk, carry):
         pages = bt_ref[seq, pl.ds(blk * pages_per_block, pages_per_block)]
-        k = k_ref[pages].reshape(block_keys, head_dim)
-        v = v_ref[pages].reshape(block_keys, head_dim)
+        k = common.load_pages(k_ref, pages, width, interpret=interpret).reshape(block_keys, width)
+        v = common.load_pages(v_ref, pages, width, interpret=interpret).reshape(block_keys, width)
         k_scale = v_scale = None
         if quantized:
             k_scale = ks_ref[pages].reshape(1, block_keys)
@@ -85,7 +86,7 @@ def _kernel(
             sliding_window=sliding_window,
         )
 
-    o, m, denom = lax.fori_loop(start, stop, body, common.init_carry(rows, head_dim))
+    o, m, denom = lax.fori_loop(start, stop, body, common.init_carry(rows, width))
     o_ref[...] = common.normalize(o, denom)
     lse_ref[...] = common.log_sum_exp(m, denom)
 
@@ -143,7 +144,7 @@ def paged_decode_attention(
     )
     num_tokens, num_heads, head_dim = q.shape
     group = num_heads // k_pages.shape[2]
-    o = common.combine_splits(out_parts, lse_parts)[:, :, :group]  # [K, S, G, D]
+    o = common.combine_splits(out_parts, lse_parts)[:, :, :group, :head_dim]  # [K, S, G, D]
     o = o.transpose(1, 0, 2, 3).reshape(-1, num_heads, head_dim).astype(q.dtype)
     dest = jnp.where(live, cu_q_lens[:-1], num_tokens)  # padded sequences scatter nowhere
     return jnp.zeros_like(q).at[dest].set(o, mode="drop")
@@ -167,7 +168,8 @@ def decode_partials(
     num_splits,
     interpret,
 ):
-    """Per-partition outputs `[P, K, S, rows, D]` and log-sum-exps `[P, K, S, rows, 1]` (every
+    """Per-partition outputs `[P, K, S, rows, Dp]` (Dp: head_dim padded to a power of two; the
+    padded columns are zeros) and log-sum-exps `[P, K, S, rows, 1]` (every
     element written), and the live-sequence mask; tests inspect them directly."""
     common.validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, k_scales, v_scales)
     sizes = tuning.block_sizes("interpret" if interpret else "gpu")
@@ -177,6 +179,7 @@ def decode_partials(
     max_seqs = block_tables.shape[0]
     group = num_heads // num_kv_heads
     rows = max(_MIN_DOT_ROWS, common.next_pow2(group))
+    dim_pad = common.next_pow2(head_dim)
     num_splits = num_splits or tuning.splits(num_kv_heads * max_seqs, sizes)
 
     live = jnp.arange(max_seqs) < num_seqs
@@ -184,7 +187,7 @@ def decode_partials(
     kv_lens = jnp.where(live, kv_lens, 0)  # a padded sequence reads nothing
     tok = jnp.minimum(cu_q_lens[:-1], num_tokens - 1)
     qs = q[tok].reshape(max_seqs, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
-    qs = jnp.pad(qs, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    qs = jnp.pad(qs, ((0, 0), (0, 0), (0, rows - group), (0, dim_pad - head_dim)))
     width = pl.cdiv(block_tables.shape[1], pages_per_block) * pages_per_block
     block_tables = jnp.pad(block_tables, ((0, 0), (0, width - block_tables.shape[1])))
 
@@ -195,7 +198,7 @@ def decode_partials(
     in_specs = [
         whole(kv_lens.shape),
         whole(block_tables.shape),
-        pl.BlockSpec((None, None, rows, head_dim), lambda h, s, p: (h, s, 0, 0)),
+        pl.BlockSpec((None, None, rows, dim_pad), lambda h, s, p: (h, s, 0, 0)),
         page_spec,
         page_spec,
     ]
@@ -215,6 +218,7 @@ def decode_partials(
         soft_cap=soft_cap,
         sliding_window=sliding_window,
         quantized=quantized,
+        interpret=interpret,
     )
     compiler_params = None
     if not interpret:
@@ -228,11 +232,11 @@ def decode_partials(
         grid=(num_kv_heads, max_seqs, num_splits),
         in_specs=in_specs,
         out_specs=[
-            pl.BlockSpec((None, None, None, rows, head_dim), lambda h, s, p: (p, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, rows, dim_pad), lambda h, s, p: (p, h, s, 0, 0)),
             pl.BlockSpec((None, None, None, rows, 1), lambda h, s, p: (p, h, s, 0, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((*part, dim_pad), jnp.float32),
             jax.ShapeDtypeStruct((*part, 1), jnp.float32),
         ],
         compiler_params=compiler_params,

@@ -15,6 +15,12 @@ stride of `num_kv_heads * head_dim` between keys: each key row is a contiguous `
 read fewer bytes. It would make each page one contiguous run, which helps TPU DMAs more than
 GPU loads (see `tpu.py`).
 
+Head dims that are not powers of two (48, 80, 96: Triton tiles must be powers of two). The
+kernel works at `width = next_pow2(head_dim)`: query tiles are zero-padded to it in the wrapper
+(queries are small), K/V columns past `head_dim` are masked loads that read as zero (no byte is
+read past a stored row, and the pool keeps its layout), and the padded output columns, zeros
+times anything, are dropped by `scatter_output_tiles`. The cost is tile compute, not bandwidth.
+
 Split-K. With `num_splits > 1` the grid gains a third axis: each program walks one partition
 of its tile's K/V range and writes a normalized partial output with its log-sum-exp; a combine
 pass (`common.combine_splits`, a few fused XLA ops) merges them. The split count is static and
@@ -57,13 +63,14 @@ def _kernel(
     soft_cap,
     sliding_window,
     quantized: bool,
+    interpret: bool,
 ):
     ks_ref, vs_ref = rest[:2] if quantized else (None, None)
     outs = rest[2:] if quantized else rest
     o_ref, lse_ref = outs if num_splits > 1 else (outs[0], None)
     tile = pl.program_id(1)
     seq, count, first_pos = seq_ref[tile], count_ref[tile], pos_ref[tile]
-    rows, head_dim = q_ref.shape
+    rows, width = q_ref.shape  # width: head_dim padded to a power of two
     page_size = k_ref.shape[1]
     block_keys = pages_per_block * page_size
 
@@ -75,8 +82,8 @@ def _kernel(
 
     def body(blk, carry):
         pages = bt_ref[seq, pl.ds(blk * pages_per_block, pages_per_block)]
-        k = k_ref[pages].reshape(block_keys, head_dim)
-        v = v_ref[pages].reshape(block_keys, head_dim)
+        k = common.load_pages(k_ref, pages, width, interpret=interpret).reshape(block_keys, width)
+        v = common.load_pages(v_ref, pages, width, interpret=interpret).reshape(block_keys, width)
         k_scale = v_scale = None
         if quantized:
             k_scale = ks_ref[pages].reshape(1, block_keys)
@@ -99,7 +106,7 @@ def _kernel(
 
     split = pl.program_id(2) if num_splits > 1 else 0
     start, stop = common.split_blocks(lo, hi, block_keys, split, num_splits)
-    o, m, denom = lax.fori_loop(start, stop, body, common.init_carry(rows, head_dim))
+    o, m, denom = lax.fori_loop(start, stop, body, common.init_carry(rows, width))
     o_ref[...] = common.normalize(o, denom).astype(o_ref.dtype)
     if lse_ref is not None:
         lse_ref[...] = common.log_sum_exp(m, denom)
@@ -166,6 +173,7 @@ def ragged_paged_attention(
         num_heads=q.shape[1],
         num_tokens=q.shape[0],
         tokens_per_tile=tokens_per_tile,
+        head_dim=q.shape[2],
     )
 
 
@@ -192,7 +200,8 @@ def ragged_output_tiles(
 
     Outputs: `[splits, K, tiles, rows, D]` partials and `[splits, K, tiles, rows, 1]`
     log-sum-exps when split, else the final `[1, K, tiles, rows, D]` in q's dtype and None.
-    Tests inspect them directly."""
+    `D` here is the head dim padded to a power of two (Triton tiles); columns past the real
+    head dim are zeros. Tests inspect them directly."""
     common.validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, k_scales, v_scales)
     sizes = tuning.block_sizes("interpret" if interpret else "gpu")
     block_rows = block_rows or sizes.block_rows
@@ -200,6 +209,7 @@ def ragged_output_tiles(
     num_tokens, num_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = k_pages.shape
     group_pad = common.next_pow2(num_heads // num_kv_heads)
+    dim_pad = common.next_pow2(head_dim)
     tokens_per_tile = max(1, block_rows // group_pad)
     rows = tokens_per_tile * group_pad
 
@@ -207,7 +217,12 @@ def ragged_output_tiles(
         kv_lens, cu_q_lens, num_seqs, num_tokens=num_tokens, tokens_per_tile=tokens_per_tile
     )
     q_tiles = common.gather_query_tiles(
-        q, tm, num_kv_heads=num_kv_heads, tokens_per_tile=tokens_per_tile, group_pad=group_pad
+        q,
+        tm,
+        num_kv_heads=num_kv_heads,
+        tokens_per_tile=tokens_per_tile,
+        group_pad=group_pad,
+        head_dim_pad=dim_pad,
     )
     num_tiles = q_tiles.shape[1]
     num_splits = num_splits or tuning.splits(num_kv_heads * num_tiles, sizes)
@@ -222,7 +237,7 @@ def ragged_output_tiles(
     in_specs = [whole((num_tiles,))] * 3 + [
         whole(kv_lens.shape),
         whole(block_tables.shape),
-        pl.BlockSpec((None, None, rows, head_dim), lambda h, t, *_: (h, t, 0, 0)),
+        pl.BlockSpec((None, None, rows, dim_pad), lambda h, t, *_: (h, t, 0, 0)),
         page_spec,
         page_spec,
     ]
@@ -242,6 +257,7 @@ def ragged_output_tiles(
         soft_cap=soft_cap,
         sliding_window=sliding_window,
         quantized=quantized,
+        interpret=interpret,
     )
     compiler_params = None
     if not interpret:
@@ -253,16 +269,16 @@ def ragged_output_tiles(
     part = (num_splits, num_kv_heads, num_tiles, rows)
     if num_splits == 1:  # final output straight from the kernel, in q's dtype
         grid = (num_kv_heads, num_tiles)
-        out_specs = [pl.BlockSpec((None, None, None, rows, head_dim), lambda h, t: (0, h, t, 0, 0))]
-        out_shape = [jax.ShapeDtypeStruct((*part, head_dim), q.dtype)]
+        out_specs = [pl.BlockSpec((None, None, None, rows, dim_pad), lambda h, t: (0, h, t, 0, 0))]
+        out_shape = [jax.ShapeDtypeStruct((*part, dim_pad), q.dtype)]
     else:
         grid = (num_kv_heads, num_tiles, num_splits)
         out_specs = [
-            pl.BlockSpec((None, None, None, rows, head_dim), lambda h, t, p: (p, h, t, 0, 0)),
+            pl.BlockSpec((None, None, None, rows, dim_pad), lambda h, t, p: (p, h, t, 0, 0)),
             pl.BlockSpec((None, None, None, rows, 1), lambda h, t, p: (p, h, t, 0, 0)),
         ]
         out_shape = [
-            jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((*part, dim_pad), jnp.float32),
             jax.ShapeDtypeStruct((*part, 1), jnp.float32),
         ]
     outs = pl.pallas_call(

@@ -96,6 +96,7 @@ def check_ragged(case, dtype=jnp.float32, soft_cap=None, sliding_window=None, nu
             num_heads=case.q.shape[1],
             num_tokens=case.q.shape[0],
             tokens_per_tile=per_tile,
+            head_dim=case.q.shape[2],
         )
         return parts, lse, out
 

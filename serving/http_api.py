@@ -745,7 +745,7 @@ class HttpApi:
         run = _Choices(self.servicer, self._context(request), jobs, fields)
         stream = _bool(body, "stream", False)
         try:
-            first = await run.first_event()
+            first = await _unless_disconnected(request, run.first_event())
         except BaseException:
             await run.cancel()
             raise
@@ -759,7 +759,7 @@ class HttpApi:
             chunks = self._stream(kind, meta, run, first, echoes, n, include_usage)
             return _SseResponse(chunks, media_type="text/event-stream", headers=_SSE_HEADERS)
         try:
-            outcome = await run.collect(first)
+            outcome = await _unless_disconnected(request, run.collect(first))
         finally:
             await run.cancel()
         return JSONResponse(self._response(kind, meta, outcome, echoes, n))
@@ -976,6 +976,30 @@ class _Choices:
 
 
 # --- helpers --------------------------------------------------------------------------------------
+
+
+async def _unless_disconnected(request: Request, coro):
+    """`await coro`, unless the client goes away first (then `HttpError(499)`, which nobody
+    reads, and `coro` is cancelled). The body has been read, so `receive()` now waits for the
+    disconnect."""
+    work = asyncio.ensure_future(coro)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(BaseException):
+                await work
+    if work.cancelled():
+        raise HttpError(499, "client disconnected")
+    return work.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _sse(obj) -> bytes:

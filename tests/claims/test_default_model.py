@@ -23,7 +23,8 @@ DEFAULT_MODEL = Path(pijax.__path__[0]) / "data" / "default_model"
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
+
     return tokenizers.Tokenizer.from_file(str(DEFAULT_MODEL / "tokenizer.json"))
 
 
@@ -112,7 +113,7 @@ def test_engine_greedy_matches_reference_decoder(llm):
 
 @pytest.mark.slow
 def test_constrained_output_validates_for_20_heldout_claims(llm, heldout):
-    structured = pytest.importorskip("pijax.structured")
+    from pijax import structured
     from pijax.claims.evaluate import evaluate_constrained
     from pijax.claims.schema import findings_schema
 

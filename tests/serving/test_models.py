@@ -33,8 +33,9 @@ def model(request, tmp_path_factory):
     from pijax import LLM
 
     if request.param == "default-model":
-        if not (DEFAULT_MODEL / "model.safetensors").is_file():
-            pytest.skip(f"no shipped default model at {DEFAULT_MODEL} yet (issue 8)")
+        assert (DEFAULT_MODEL / "model.safetensors").is_file(), (
+            f"no default model at {DEFAULT_MODEL}"
+        )
         source = str(DEFAULT_MODEL)
     else:
         source = random_bpe_checkpoint(tmp_path_factory)

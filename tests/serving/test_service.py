@@ -395,8 +395,6 @@ POLICY = (
 
 
 def test_shared_policy_prefix_is_reused_and_audited(server, llm):
-    if not callable(getattr(llm.engine, "register_trusted_prefix", None)):
-        pytest.skip("engine has no register_trusted_prefix yet (scheduler issue)")
     r = server.stub.RegisterTrustedPrefix(
         pb.RegisterTrustedPrefixRequest(zone="policy", text=POLICY),
         metadata=auth("key-admin"),

@@ -38,10 +38,10 @@ NULL_PAGE = 0
 class LayerKV:
     """One layer's pages. Scales are None unless the pool is quantized."""
 
-    k: Array  # [num_pages, page_size, num_kv_heads, head_dim]
+    k: Array  # [P PS K D] (shape letters: `pijax.model.metadata`)
     v: Array
-    k_scale: Float[Array, "P S K"] | None = None
-    v_scale: Float[Array, "P S K"] | None = None
+    k_scale: Float[Array, "P PS K"] | None = None
+    v_scale: Float[Array, "P PS K"] | None = None
 
 
 KVPool = tuple[LayerKV, ...]

@@ -23,10 +23,10 @@ class SamplingInput:
     top_p: Float[Array, "S"]  # 1 = off
     seed: Int[Array, "S"]  # uint32 bits carried as int32
     position: Int[Array, "S"]  # absolute position of the token being sampled
-    token_bitmask: Int[Array, "S W"]  # bit t of word t // 32 set = token t allowed
+    token_bitmask: Int[Array, "S VW"]  # bit t of word t // 32 set = token t allowed
 
 
-def unpack_bitmask(bitmask: Int[Array, "S W"], vocab_size: int) -> Bool[Array, "S V"]:
+def unpack_bitmask(bitmask: Int[Array, "S VW"], vocab_size: int) -> Bool[Array, "S V"]:
     bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
     return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].astype(bool)
 

@@ -128,7 +128,7 @@ class Attention(nnx.Module):
         return self.o_proj(out), LayerKV(kp, vp, ks, vs)
 
     def forward_dense(
-        self, x: Float[Array, "B L E"], positions, inv_freq, past: tuple[Array, Array] | None = None
+        self, x: Float[Array, "B T E"], positions, inv_freq, past: tuple[Array, Array] | None = None
     ) -> tuple[Array, tuple[Array, Array]]:
         """Causal attention over `x`; with `past` (keys, values of shape [1, P, kv heads, D], one
         prefix that every row continues), each row also sees all P prefix positions first.
@@ -233,8 +233,8 @@ class LlamaModel(nnx.Module):
         return self._logits(x[logits_indices]), tuple(new_pool)
 
     def forward_dense(
-        self, tokens: Int[Array, "B L"], prefix: Int[Array, "P"] | None = None
-    ) -> Float[Array, "B L V"]:
+        self, tokens: Int[Array, "B T"], prefix: Int[Array, "Tp"] | None = None
+    ) -> Float[Array, "B T V"]:
         """Logits at every position of `tokens`. With `prefix`, each row continues the same
         prefix tokens: the logits equal those of `concatenate([prefix, row])` at the row's
         positions, but the prefix runs once (batch 1) instead of once per row, which is most of

@@ -1,4 +1,19 @@
-"""The attention metadata of one ragged step (device pytree; built on the host by `batch.py`)."""
+"""The attention metadata of one ragged step (device pytree; built on the host by `batch.py`).
+
+Shape letters of the jaxtyping annotations, one meaning each, across the engine (`batch`,
+`metadata`, `kv_pool`, `sampling`, `step`, `model`, `kernels`):
+
+  T   tokens of a step (the flattened ragged token axis; per row in the dense path)
+  S   sequences of a step                   W   block-table width (pages per sequence)
+  P   pages of the KV pool                  PS  slots per page (the page size)
+  H   query heads                           K   kv heads
+  D   head dim                              E   hidden (embedding) size
+  V   vocabulary                            VW  bitmask words per vocabulary (cdiv(V, 32))
+  L   layers                                B   rows of a dense batch
+  Tp  tokens of a shared dense prefix
+
+`S+1` is one more than S (the offsets `cu_q_lens`).
+"""
 
 from __future__ import annotations
 

@@ -205,8 +205,8 @@ class Engine:
         `prompt` is text, token ids, or scoped `PromptSegment`s. `tenant` is the authenticated
         tenant (the caller vouches for it); `constraint` masks tokens (structured output): when
         None, the one `params` asks for (`json_schema`, `regex`, `grammar`) is compiled here.
-        Scopes, tenants and sessions drive prefix reuse (scheduler issue); until that lands every
-        segment is computed privately.
+        Segment scopes, the tenant and the session decide which blocks prefix reuse may share
+        (`prefix_cache`).
         """
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):

@@ -250,7 +250,7 @@ def header(results: dict) -> list[str]:
 
 
 def kv_dtype_table(results: dict) -> str:
-    """The full engine per KV cache dtype at one byte budget (issue 7)."""
+    """The full engine per KV cache dtype at one byte budget."""
     rows = [
         "| configuration | KV dtype | bytes/token | pages | tokens of context | peak conc. "
         "| mean conc. | output tok/s | claims/h | preempt. | TTFT p50 | × paged: tok/s | "
@@ -302,7 +302,7 @@ def markdown(results: dict) -> str:
     if results.get("probes"):
         parts += ["## Probes", "", probes_section(results["probes"]), ""]
     if results.get("goals"):
-        parts += ["## Goals (issue 6), measured", "", goals_table(results["goals"]), ""]
+        parts += ["## Goals, measured", "", goals_table(results["goals"]), ""]
     if results.get("sweep"):
         parts += [
             "## Rate sweep (`paged`, Poisson arrivals)",

@@ -65,7 +65,7 @@ class SuiteOptions:
     note: str = ""  # appended to the caveat written into the results (e.g. "machine shared")
     engine_overrides: dict = dataclasses.field(default_factory=dict)  # every configuration
     # Further KV cache dtypes for the full engine, each a configuration `paged-kv-<dtype>` at the
-    # same byte budget (issue 7): e.g. ("int8",) beside the default "auto".
+    # same byte budget: e.g. ("int8",) beside the default "auto".
     kv_cache_dtypes: tuple[str, ...] = ()
 
 

@@ -108,7 +108,7 @@ def test_table_and_plots(smoke_run):
         "## KV cache dtype at one memory budget",
         f"| {INT8} | int8 |",
         "## Probes",
-        "## Goals (issue 6), measured",
+        "## Goals, measured",
         "## Rate sweep",
         "CPU figures, not performance",
     ):

@@ -1,5 +1,6 @@
 """Train pijax's embedded default claim-review model on the synthetic corpus, on CPU.
 
+    pip install -e ".[train]"     # optax
     python scripts/train_default_model.py --out_dir pijax/data/default_model
 
 Generates the synthetic payment-integrity corpus (`pijax.claims`; no real patient data), trains a
@@ -131,10 +132,8 @@ def run_eval(out: Path, seed: int, num_claims: int, max_new_tokens: int, constra
 
 
 def _constraint_factory(llm):
-    try:
-        from pijax.structured import SchemaCompiler
-    except ImportError as e:
-        return None, f"structured output unavailable: {e}"
+    from pijax.structured import SchemaCompiler
+
     engine = llm.engine
     compiler = SchemaCompiler.for_tokenizer(
         llm.tokenizer,

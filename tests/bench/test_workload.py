@@ -49,16 +49,19 @@ def test_token_source_changes_content_not_shape():
     cfg = WorkloadConfig(num_conversations=30, seed=5)
     a = generate_workload(cfg)
     b = generate_workload(cfg, tokens=text_tokens(lambda text: [len(w) for w in text.split()]))
-    shape = lambda w: [
-        (
-            c.kind,
-            c.tenant,
-            c.session_id,
-            c.unit_gap,  # noqa: E731
-            [(len(t.new_tokens), t.output_len) for t in c.turns],
-        )
-        for c in w.conversations
-    ]
+
+    def shape(w):
+        return [
+            (
+                c.kind,
+                c.tenant,
+                c.session_id,
+                c.unit_gap,
+                [(len(t.new_tokens), t.output_len) for t in c.turns],
+            )
+            for c in w.conversations
+        ]
+
     assert shape(a) == shape(b)
     assert a.policy != b.policy
 

@@ -61,9 +61,7 @@ def test_engine_modules_do_not_import_the_leaf_packages():
     assert "pijax.serving.server" in imported
     assert not imported & set(LEAVES)
     forbidden = [
-        m
-        for m in got["loaded"]
-        if m.startswith(LEAVES) or m.split(".")[0] in LEAF_DEPENDENCIES
+        m for m in got["loaded"] if m.startswith(LEAVES) or m.split(".")[0] in LEAF_DEPENDENCIES
     ]
     assert not forbidden, f"engine modules import leaf packages: {forbidden}"
 

@@ -1,9 +1,23 @@
 """SchedulePlan -> StepInput: fixed-shape numpy arrays, padded to buckets. The one host->device hop.
 
-Shapes are padded to powers of two — tokens (T), sequences (S) and block-table width (W) — so the
-step compiles a bounded number of times: at most |T buckets| x |S buckets| x |W buckets|, and in
-practice far fewer. Padding is harmless by construction: padded tokens write into the null page
-and belong to no sequence; padded sequences have no query rows and zero context.
+Every distinct (tokens T, sequences S, block-table width W) shape is one compilation, so the
+buckets are few and chosen by what a step's cost depends on:
+
+- T, the token axis, runs through every matmul: powers of two from `MIN_TOKENS` up to the token
+  budget, so padding costs at most 2x on the smallest steps and nothing near the budget.
+- S follows T: `S = min(T, max_seqs)`. A step never has more sequences than tokens, and what S
+  sizes (one logits row per sequence, the sampler, the block tables) is small beside the T-row
+  matmuls, so a separate S ladder would multiply compilations for no measurable gain.
+- W, the block-table width, matters only to attention that reads the whole padded table (the
+  pure-JAX reference): it keeps a power-of-two ladder (`width_ladder=True`). The tiled CPU path
+  and the kernels loop over the context each sequence owns, so for them W is one bucket, the
+  maximum.
+
+Default limits (256 tokens, 32 sequences, 2,048-token context, 16-token pages): 5 shapes with a
+single width (was 114 with independent T, S and W ladders), 30 with the width ladder.
+
+Padding is harmless by construction: padded tokens write into the null page and belong to no
+sequence; padded sequences have no query rows and zero context.
 """
 
 from __future__ import annotations
@@ -34,24 +48,34 @@ class Buckets:
     max_tokens: int
     max_seqs: int
     max_width: int
+    width_ladder: bool = True  # False: every batch uses max_width (see the module docstring)
 
     @classmethod
     def for_limits(
-        cls, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int, page_size: int
+        cls,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        page_size: int,
+        width_ladder: bool = True,
     ) -> Buckets:
         max_width = -(-max_model_len // page_size)
         return cls(
             next_pow2(max_num_batched_tokens, MIN_TOKENS),
             next_pow2(max_num_seqs, MIN_SEQS),
             next_pow2(max_width, MIN_WIDTH),
+            width_ladder,
         )
 
     def pick(self, num_tokens: int, num_seqs: int, width: int) -> tuple[int, int, int]:
-        return (
-            min(next_pow2(num_tokens, MIN_TOKENS), self.max_tokens),
-            min(next_pow2(num_seqs, MIN_SEQS), self.max_seqs),
-            min(next_pow2(width, MIN_WIDTH), self.max_width),
-        )
+        if num_seqs > num_tokens:
+            raise ValueError(f"num_seqs ({num_seqs}) must be <= num_tokens ({num_tokens})")
+        T = min(next_pow2(num_tokens, MIN_TOKENS), self.max_tokens)
+        W = min(next_pow2(width, MIN_WIDTH), self.max_width) if self.width_ladder else None
+        return T, self._seqs(T), W or self.max_width
+
+    def _seqs(self, T: int) -> int:
+        return max(MIN_SEQS, min(T, self.max_seqs))
 
     def grid(self):
         """Every (T, S, W) shape the batch builder can produce."""
@@ -63,11 +87,10 @@ class Buckets:
                 v *= 2
             yield hi
 
+        widths = list(pows(MIN_WIDTH, self.max_width)) if self.width_ladder else [self.max_width]
         for t in pows(MIN_TOKENS, self.max_tokens):
-            for s in pows(MIN_SEQS, self.max_seqs):
-                if s <= max(t, MIN_SEQS):
-                    for w in pows(MIN_WIDTH, self.max_width):
-                        yield t, s, w
+            for w in widths:
+                yield t, self._seqs(t), w
 
 
 @jax.tree_util.register_dataclass

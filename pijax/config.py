@@ -321,6 +321,7 @@ class EngineConfig:
     dtype: DType = DType.FLOAT32
     mesh_shape: tuple[int, int] = (1, 1)  # (data, model)
     attention_impl: AttentionImpl = AttentionImpl.AUTO
+    # None: the default location (see `resolve_compilation_cache_dir`); "off" disables the cache.
     compilation_cache_dir: str | None = None
     seed: int = 0
 
@@ -335,6 +336,29 @@ class EngineConfig:
             self.mesh_shape,
         )
         object.__setattr__(self, "mesh_shape", ms)
+
+
+COMPILATION_CACHE_ENV = "PIJAX_COMPILATION_CACHE"  # a directory, or "off"
+_CACHE_OFF = ("", "off", "none", "false", "0")
+
+
+def resolve_compilation_cache_dir(value: str | None) -> str | None:
+    """The persistent compilation cache directory for a config value, or None when it is off.
+
+    On by default for every entry point (`LLM`, the scripts, the server), so a shape compiled
+    once is not compiled again by the next process: `value` None means `$PIJAX_COMPILATION_CACHE`
+    if set, else `$XDG_CACHE_HOME/pijax/jax` (`~/.cache/pijax/jax`). "off" (or "") turns it off.
+    """
+    import os
+
+    if value is None:
+        value = os.environ.get(COMPILATION_CACHE_ENV)
+    if value is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.path.join(base, "pijax", "jax")
+    if value.strip().lower() in _CACHE_OFF:
+        return None
+    return os.path.expanduser(value)
 
 
 def parse_mesh(text: str) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -26,7 +26,9 @@ import numpy as np
 from pijax.audit import AuditLog
 from pijax.batch import Buckets, build_step_input
 from pijax.block_manager import BlockManager
-from pijax.config import EngineConfig
+from pijax.config import EngineConfig, resolve_compilation_cache_dir
+from pijax.kernels import dispatch
+from pijax.kernels.impl import AttentionImpl
 from pijax.kv_cache_manager import KVCacheManager
 from pijax.kv_pool import allocate_pool, num_pages_for_budget, pool_sharding, scale_sharding
 from pijax.model.loader import LoadedModel, load_model
@@ -34,6 +36,7 @@ from pijax.model.tokenizer import IncrementalDetokenizer
 from pijax.request import (
     FinishReason,
     InvalidRequestError,
+    OutputText,
     OverloadedError,
     PromptSegment,
     Request,
@@ -105,6 +108,8 @@ class Engine:
             config.scheduler.max_num_seqs,
             self.max_model_len,
             cache.page_size,
+            # Only the reference attention's cost grows with the padded table width.
+            width_ladder=dispatch.resolve(config.attention_impl) is not AttentionImpl.TILED,
         )
         quantized = self.kv_pool[0].k_scale is not None
         layer_sh = type(self.kv_pool[0])(
@@ -116,13 +121,13 @@ class Engine:
         self._step = StepFunction(model.graphdef, mesh, tuple(layer_sh for _ in self.kv_pool))
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._emitted_chars: dict[str, int] = {}
+        self._texts: dict[str, OutputText] = {}  # output text, for stop strings and deltas
         self._arrivals = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)
-        log.info(
         self._compiler_lock = threading.Lock()
         self._schema_compiler: SchemaCompiler | None = None
         self._no_structured: str | None = None  # why structured output is unavailable
+        log.info(
             "engine ready: %d pages of %d tokens, max_model_len=%d, mesh=%s",
             num_pages,
             cache.page_size,
@@ -134,8 +139,7 @@ class Engine:
     def from_source(cls, source: str, config: EngineConfig | None = None) -> Engine:
         """Build from an HF checkpoint dir, a converted orbax checkpoint dir, or a preset name."""
         config = config or EngineConfig()
-        if config.compilation_cache_dir:
-            jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+        use_compilation_cache(resolve_compilation_cache_dir(config.compilation_cache_dir))
         mesh = make_mesh(config.mesh_shape)
         model = load_model(
             source,
@@ -217,17 +221,7 @@ class Engine:
             )
         segments = self.prompt_segments(prompt, session_id)
         ids = [t for seg, _ in segments for t in seg]
-        total = len(ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt tokens ({len(ids)}) + max_tokens ({params.max_tokens}) must be <= "
-                f"max_model_len={self.max_model_len}; got {total}"
-            )
-        if self.blocks.pages_needed("", total) > self.blocks.num_usable_pages:
-            raise InvalidRequestError(
-                f"prompt + max_tokens = {total} tokens exceeds the KV pool "
-                f"({self.blocks.num_usable_pages * self.blocks.page_size} tokens)"
-            )
+        self.check_fits(len(ids), params)
         if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
             raise OverloadedError(
                 f"waiting queue is full ({self.config.scheduler.max_waiting} requests)"
@@ -250,10 +244,9 @@ class Engine:
         self.kv.register(req, segments, frozenset(permitted_zones))  # may refuse a bad scope
         self._requests[request_id] = req
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer)
-        self._emitted_chars[request_id] = 0
+        self._texts[request_id] = OutputText(req.params.stop)
         self.scheduler.add(req)
 
-    def abort(self, request_id: str) -> RequestOutput | None:
     @property
     def schema_compiler(self) -> SchemaCompiler | None:
         """The structured-output compiler for this model's tokenizer (thread-safe, with a cache
@@ -285,14 +278,30 @@ class Engine:
         field, text = spec
         compiler = self.schema_compiler
         if compiler is None:
+            why = self._no_structured
             raise InvalidRequestError(
-                f"{field}: structured output is not available for this model ({self._no_structured})"
+                f"{field}: structured output is not available for this model ({why})"
             )
         try:
             return compiler.compile_grammar(GrammarKind(field), text).new_constraint()
         except SchemaError as e:
             raise InvalidRequestError(f"{field} {e}") from None
 
+    def check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Raise `InvalidRequestError` unless prompt + max_tokens fits the context and the pool."""
+        total = num_prompt_tokens + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt tokens ({num_prompt_tokens}) + max_tokens ({params.max_tokens}) must be "
+                f"<= max_model_len={self.max_model_len}; got {total}"
+            )
+        if self.blocks.pages_needed("", total) > self.blocks.num_usable_pages:
+            raise InvalidRequestError(
+                f"prompt + max_tokens = {total} tokens exceeds the KV pool "
+                f"({self.blocks.num_usable_pages * self.blocks.page_size} tokens)"
+            )
+
+    def abort(self, request_id: str) -> RequestOutput | None:
         """Free everything the request holds, at any stage. Unknown ids are ignored."""
         req = self._requests.get(request_id)
         if req is None:
@@ -317,10 +326,11 @@ class Engine:
         sampled = StepFunction.unpack(np.asarray(packed), len(plan.seqs))
         return [self._emit(req) for req in self.scheduler.update(plan, sampled)]
 
-    def warmup(self) -> int:
+    def warmup(self, on_shape: Callable[[int, int, int], None] | None = None) -> int:
         """Compile the step for every bucket shape the batch builder can produce, so serving
         never compiles. Returns the number of shapes. The warm-up batches are all padding: they
-        write only into the null page."""
+        write only into the null page. `on_shape(T, S, W)` is called after each shape (progress
+        bars)."""
         from pijax.batch import empty_step_input
 
         words = -(-self.model_config.vocab_size // 32)
@@ -330,6 +340,8 @@ class Engine:
             packed, self.kv_pool = self._step(
                 self.model.params, self.kv_pool, empty_step_input(T, S, W, words)
             )
+            if on_shape is not None:
+                on_shape(T, S, W)  # compilation happens at dispatch, so this tracks it
         jax.block_until_ready(packed)
         log.info("warm-up compiled %d step shapes", len(shapes))
         return len(shapes)
@@ -355,29 +367,25 @@ class Engine:
         if req.constraint is not None:
             req.constraint.accept(token)
         is_eos = token in req.eos_token_ids and not p.ignore_eos
+        text = self._texts[req.request_id]
         reason = cut = None
         if is_eos or token in p.stop_token_ids:
             reason = FinishReason.STOP
         else:
-            req.output_text += self._detok[req.request_id].step(token)
-            cut = _find_stop(req.output_text, p.stop)
-            if cut is not None:
-                req.output_text = req.output_text[:cut]
+            # The stop-string search looks at the pending window only (see OutputText).
+            cut = text.add(self._detok[req.request_id].step(token)) or None
+            if cut:
                 reason = FinishReason.STOP
             elif req.constraint is not None and req.constraint.is_stopped():
                 reason = FinishReason.STOP
             elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
                 reason = FinishReason.LENGTH
+        if reason is not None and cut is None:
+            text.add(self._detok[req.request_id].flush(), check_stops=False)
+        new_text = text.take(final=reason is not None)  # holds back a possible stop prefix
         if reason is not None:
-            if cut is None:
-                req.output_text += self._detok[req.request_id].flush()
             self._finish(req, reason)
-        # Hold back a possible stop-string prefix until it is decided.
-        hold = 0 if req.is_finished else max((len(s) - 1 for s in p.stop), default=0)
-        start = self._emitted_chars[req.request_id]
-        end = max(start, len(req.output_text) - hold)
-        self._emitted_chars[req.request_id] = end
-        return self._output(req, [token], req.output_text[start:end])
+        return self._output(req, [token], new_text)
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         if req.is_finished:
@@ -388,21 +396,28 @@ class Engine:
         req.timings.finish = time.monotonic()
         del self._requests[req.request_id]
         self._detok.pop(req.request_id, None)
+        text = self._texts.pop(req.request_id, None)
+        if text is not None:
+            req.output_text = text.text  # the whole text, once, for the final output
 
     def _output(self, req: Request, new_ids: list[int], new_text: str) -> RequestOutput:
-        if req.is_finished:
-            self._emitted_chars.pop(req.request_id, None)
+        """A delta carries only what is new; the final output everything (see RequestOutput)."""
+        done = req.is_finished
+        logprobs = None
+        if req.params.logprobs:
+            lp = req.output_logprobs
+            logprobs = list(lp) if done else lp[len(lp) - len(new_ids) :]
         return RequestOutput(
             request_id=req.request_id,
             new_token_ids=new_ids,
             new_text=new_text,
-            token_ids=list(req.output_token_ids),
-            text=req.output_text,
+            token_ids=list(req.output_token_ids) if done else [],
+            text=req.output_text if done else "",
             finished=req.is_finished,
             finish_reason=req.finish_reason,
             num_prompt_tokens=len(req.prompt_token_ids),
             num_cached_tokens=req.num_cached_prompt_tokens,
-            logprobs=list(req.output_logprobs) if req.params.logprobs else None,
+            logprobs=logprobs,
             timings=req.timings,
         )
 
@@ -465,9 +480,20 @@ class Engine:
         return 0.0 if allocated == 0 else (allocated - written) / allocated
 
 
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+def use_compilation_cache(path: str | None) -> None:
+    """Point JAX's persistent compilation cache at `path` (None: leave JAX's setting alone).
+
+    JAX decides whether a process uses the cache at its first compilation, so this must run
+    before anything is jitted; `Engine.from_source` calls it first. JAX caches only compilations
+    slower than a second by default; a small model's step compiles faster than that on CPU and
+    is still worth keeping, so the threshold drops to 0.2 s unless someone has set it.
+    """
+    if not path:
+        return
+    if jax.config.jax_compilation_cache_dir != path:
+        jax.config.update("jax_compilation_cache_dir", path)
+    if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:  # JAX's default
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 @dataclasses.dataclass
@@ -486,10 +512,19 @@ class LLM:
     `source` is an HF checkpoint directory, a converted orbax checkpoint, or a preset name
     (`None` = the embedded default). Keyword overrides: page_size, num_pages, memory_fraction,
     kv_cache_dtype, max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill,
-    mesh_shape, dtype, attention_impl, seed, compilation_cache_dir.
+    mesh_shape, dtype, attention_impl, seed, compilation_cache_dir ("off" disables the persistent
+    cache, on by default). `warmup=True` compiles every step shape before returning (a progress
+    bar on a terminal; `use_tqdm` as in `generate`), so no call to `generate` compiles.
     """
 
-    def __init__(self, source: str | None = None, **overrides):
+    def __init__(
+        self,
+        source: str | None = None,
+        *,
+        warmup: bool = False,
+        use_tqdm: bool | None = None,
+        **overrides,
+    ):
         from pijax.config import DEFAULT_MODEL, engine_config_from_overrides
 
         self.engine = Engine.from_source(
@@ -497,13 +532,28 @@ class LLM:
         )
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+        self.warmup_seconds: float | None = None
+        if warmup:
+            t0 = time.perf_counter()
+            with progress_bar(use_tqdm, len(list(self.engine.buckets.grid())), "warm-up") as bar:
+                self.engine.warmup(on_shape=lambda *_: bar.update(1))
+            self.warmup_seconds = time.perf_counter() - t0
 
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool | None = None,
     ) -> list[CompletionOutput]:
-        """Runs all prompts concurrently; returns one output per prompt, in order."""
+        """Runs the prompts, any number of them; returns one output per prompt, in input order.
+
+        Prompts are fed to the engine as its queue drains (the waiting queue stays short, so its
+        bound never refuses an offline batch). Every prompt is encoded and checked against the
+        context and pool limits before any is queued; a request that still fails (a schema that
+        does not compile) aborts the ones already queued and raises. `use_tqdm`: a progress bar
+        of finished prompts (None: only when stderr is a terminal; none if tqdm is missing).
+        """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
         params_list = (
@@ -517,20 +567,36 @@ class LLM:
                 f"got {len(params_list)}"
             )
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
-        # Validate every prompt before queueing any, so a bad one leaves nothing half-queued.
         encoded = [self.engine.encode_prompt(p) for p in prompts]
-        try:
-            for rid, p, sp in zip(ids, encoded, params_list, strict=True):
-                self.engine.add_request(rid, p, sp)
-        except (ValueError, OverloadedError):
-            for rid in ids:
-                self.engine.abort(rid)
-            raise
+        for p, sp in zip(encoded, params_list, strict=True):
+            if not isinstance(sp, SamplingParams):
+                raise InvalidRequestError(f"params must be SamplingParams; got {type(sp).__name__}")
+            self.engine.check_fits(len(p), sp)
+        sched = self.engine.config.scheduler
+        backlog = min(sched.max_waiting, max(64, 2 * sched.max_num_seqs))
+        pending = iter(zip(ids, encoded, params_list, strict=True))
+        queued: list[str] = []
         final: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished:
-                    final[out.request_id] = out
+        with progress_bar(use_tqdm, len(prompts), "generate") as bar:
+            try:
+                while True:
+                    while len(self.engine.scheduler.waiting) < backlog:
+                        nxt = next(pending, None)
+                        if nxt is None:
+                            break
+                        self.engine.add_request(*nxt)
+                        queued.append(nxt[0])
+                    if not self.engine.has_unfinished_requests():
+                        break
+                    for out in self.engine.step():
+                        if out.finished:
+                            final[out.request_id] = out
+                            bar.update(1)
+            except BaseException:
+                for rid in queued:
+                    if rid not in final:
+                        self.engine.abort(rid)
+                raise
         return [
             CompletionOutput(
                 rid,
@@ -542,3 +608,30 @@ class LLM:
             )
             for rid, p in zip(ids, encoded, strict=True)
         ]
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def progress_bar(use_tqdm: bool | None, total: int, desc: str):
+    """A tqdm bar when asked for (None: when stderr is a terminal) and tqdm is installed; else a
+    no-op with the same `update`. tqdm is imported only here, when a bar is wanted."""
+    import sys
+
+    if use_tqdm is None:
+        use_tqdm = sys.stderr.isatty()
+    if not use_tqdm:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True)

@@ -89,7 +89,12 @@ ENGINE_FLAGS: tuple[_Flag, ...] = (
         "Append the prefix-reuse audit log to this file.",
         "audit_log_path",
     ),
-    _Flag("compilation_cache_dir", flags.DEFINE_string, "Persistent JAX compilation cache."),
+    _Flag(
+        "compilation_cache_dir",
+        flags.DEFINE_string,
+        "Persistent JAX compilation cache directory (default: $PIJAX_COMPILATION_CACHE, else "
+        "~/.cache/pijax/jax under $XDG_CACHE_HOME); 'off' disables it.",
+    ),
     _Flag("seed", flags.DEFINE_integer, "Engine seed (random presets, unseeded sampling)."),
 )
 _BY_NAME = {f.name: f for f in ENGINE_FLAGS}

@@ -253,9 +253,23 @@ class Request:
         default_factory=lambda: RequestTimings(arrival=time.monotonic())
     )
 
+    _all_token_ids: list[int] = dataclasses.field(default_factory=list, init=False, repr=False)
+
     @property
     def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+        """Prompt then output ids, as one list the caller must not modify.
+
+        Invariant: `prompt_token_ids` and `output_token_ids` are append-only, so this list is
+        extended with what is new since the last read instead of concatenated: O(new tokens)
+        per step, not O(length).
+        """
+        ids = self._all_token_ids
+        if not ids:
+            ids.extend(self.prompt_token_ids)
+        done = len(ids) - len(self.prompt_token_ids)
+        if done < len(self.output_token_ids):
+            ids.extend(self.output_token_ids[done:])
+        return ids
 
     @property
     def num_tokens(self) -> int:
@@ -272,7 +286,13 @@ class Request:
 
 @dataclasses.dataclass
 class RequestOutput:
-    """One streamed delta. `token_ids`/`text` hold everything so far; `new_*` only this step's."""
+    """One streamed delta: `new_token_ids`/`new_text` are this step's.
+
+    A delta carries only what is new, so streaming costs O(1) per token: until the request
+    finishes, `token_ids` is empty, `text` is "" and `logprobs` (when requested) holds this
+    step's log-probs. The final output (`finished`) has everything: all output ids, the whole
+    text and all log-probs.
+    """
 
     request_id: str
     new_token_ids: list[int]
@@ -285,3 +305,45 @@ class RequestOutput:
     num_cached_tokens: int
     logprobs: list[float] | None = None
     timings: RequestTimings | None = None
+
+
+class OutputText:
+    """A request's output text, built delta by delta in O(delta + longest stop string) per token.
+
+    Text is either emitted (final, in `_parts`) or pending (`_pending`: the newest characters).
+    Invariant: between tokens, at most `hold = max(len(stop)) - 1` characters are pending, so a
+    stop string that ends in the next delta starts inside `_pending + delta`: searching that
+    window finds every occurrence the whole text would, and an earlier one would already have
+    stopped the request.
+    """
+
+    def __init__(self, stops: tuple[str, ...]):
+        self._stops = stops
+        self._hold = max((len(s) - 1 for s in stops), default=0)
+        self._parts: list[str] = []
+        self._pending = ""
+
+    def add(self, delta: str, check_stops: bool = True) -> bool:
+        """Append `delta`; True if a stop string now occurs (the text is cut where it starts)."""
+        self._pending += delta
+        if not (check_stops and self._stops and delta):
+            return False
+        hits = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
+        if not hits:
+            return False
+        self._pending = self._pending[: min(hits)]
+        return True
+
+    def take(self, final: bool) -> str:
+        """The text that can be streamed now: all of it when `final`, else all but the last
+        `hold` characters (a possible stop-string prefix, held until it is decided)."""
+        n = len(self._pending) if final else max(0, len(self._pending) - self._hold)
+        out, self._pending = self._pending[:n], self._pending[n:]
+        if out:
+            self._parts.append(out)
+        return out
+
+    @property
+    def text(self) -> str:
+        """Everything so far, emitted and pending (O(length): for the final output only)."""
+        return "".join(self._parts) + self._pending

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Tests never depend on what earlier runs compiled: the persistent compilation cache (on by
+# default for users) is off unless the developer points PIJAX_COMPILATION_CACHE at a directory.
+os.environ.setdefault("PIJAX_COMPILATION_CACHE", "off")
 
 
 @pytest.fixture(scope="session")

@@ -19,18 +19,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import jax
 import numpy as np
 
 from pijax.audit import AuditLog
-from pijax.batch import Buckets, build_step_input
+from pijax.batch import Buckets, StepInput, build_step_input
 from pijax.block_manager import BlockManager
 from pijax.config import EngineConfig, resolve_compilation_cache_dir
 from pijax.kernels import dispatch
 from pijax.kernels.impl import AttentionImpl
 from pijax.kv_cache_manager import KVCacheManager
-from pijax.kv_pool import allocate_pool, num_pages_for_budget, pool_sharding, scale_sharding
+from pijax.kv_pool import KVPool, allocate_pool, num_pages_for_budget, pool_sharding, scale_sharding
 from pijax.model.loader import LoadedModel, load_model
 from pijax.model.tokenizer import IncrementalDetokenizer
 from pijax.request import (
@@ -47,7 +48,7 @@ from pijax.request import (
     ScopeKind,
     TokenConstraint,
 )
-from pijax.scheduler import Scheduler
+from pijax.scheduler import SchedulePlan, Scheduler
 from pijax.sharding import make_mesh
 from pijax.step import StepFunction
 from pijax.structured import (
@@ -60,6 +61,15 @@ from pijax.structured import (
 log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
+
+
+class StepProbe(Protocol):
+    """Runs one step through a variant of `StepFunction` (e.g. `compare_pools`) and records
+    what it measures; returns what the plain step returns: (packed results, new pool)."""
+
+    def __call__(
+        self, step: StepFunction, plan: SchedulePlan, params, kv_pool: KVPool, batch: StepInput
+    ) -> tuple[jax.Array, KVPool]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,7 +324,10 @@ class Engine:
 
     # --- the loop -------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, probe: StepProbe | None = None) -> list[RequestOutput]:
+        """One step. A `probe` runs it through a variant of the step function (e.g. the
+        quantization gate's pool comparison) and sees the plan and the batch; tokens and
+        everything else are as without it."""
         self.kv.housekeeping()
         plan = self.scheduler.schedule()
         if plan.is_empty:
@@ -322,7 +335,10 @@ class Engine:
         batch = build_step_input(
             plan, self.blocks, self.buckets, self.model_config.vocab_size, self._bitmasks(plan)
         )
-        packed, self.kv_pool = self._step(self.model.params, self.kv_pool, batch)
+        if probe is None:
+            packed, self.kv_pool = self._step(self.model.params, self.kv_pool, batch)
+        else:
+            packed, self.kv_pool = probe(self._step, plan, self.model.params, self.kv_pool, batch)
         sampled = StepFunction.unpack(np.asarray(packed), len(plan.seqs))
         return [self._emit(req) for req in self.scheduler.update(plan, sampled)]
 

@@ -24,17 +24,20 @@ settings, the figures and the failed thresholds. `enforce_gate` is what `scripts
 before building an engine with a quantized cache: no passing report for the same model and dtype,
 no start (unless the gate is skipped explicitly, which is logged as a warning).
 
-The harness runs `LlamaModel`'s own paged forward over pools of its own (sequence `s` of a batch
-owns a fixed run of pages), through the same `pijax.kernels.dispatch` calls the engine makes, so
-the candidate is quantized on write exactly as in serving. It knows nothing of the scheduler: the
-engine's tests check that an int8 pool behaves the same under prefix reuse and preemption.
+Everything runs through the engine, the one thing that runs the model over the paged pool: two
+`Engine`s over the same loaded model (full-precision and candidate cache; prefix reuse off, so
+every token is computed) for the greedy runs, and the candidate engine's step in its probe
+variant (`StepFunction.compare_pools`: the same batch builder, the model's own `probed` forward)
+for the teacher-forced figures. So the candidate is quantized on write exactly as in serving,
+and a change to the model changes what is gated with it. The engine's tests check that an int8
+pool behaves the same under prefix reuse and preemption.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
-import functools
 import hashlib
 import json
 import logging
@@ -46,14 +49,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
-from pijax.batch import MIN_SEQS, MIN_TOKENS, MIN_WIDTH, next_pow2
-from pijax.config import CacheConfig, DType, KVCacheDType, load_preset, preset_names
-from pijax.kv_pool import NULL_PAGE, KVPool, allocate_pool, check_kv_cache_dtype
-from pijax.model.llama import rope_inv_freq
-from pijax.model.metadata import AttentionMetadata
+from pijax.config import KVCacheDType, engine_config_from_overrides, load_preset, preset_names
+from pijax.engine import Engine
+from pijax.kv_pool import KVPool, LayerKV, check_kv_cache_dtype
+from pijax.request import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -223,244 +224,7 @@ def summarize(prompts: Sequence[PromptFigures], err2: np.ndarray, ref2: np.ndarr
     )
 
 
-# --- the paged harness --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Rows:
-    """One packed ragged batch on the host, and where each of its rows came from."""
-
-    tokens: np.ndarray
-    positions: np.ndarray
-    meta: AttentionMetadata
-    seq: np.ndarray  # harness sequence of each row; -1 for padding
-    last_rows: np.ndarray  # [S] row of each metadata sequence's last new token (0 if none)
-    order: list[int]  # harness sequence of each metadata sequence
-
-
-class PagedHarness:
-    """Runs a model's paged forward over pools of its own, `batch_size` sequences at a time.
-
-    Sequence `s` owns pages `1 + s*P ... (s+1)*P`; page 0 is the null page padded rows write
-    into. Shapes are padded like the engine's batches (powers of two, at least the engine's
-    minimum buckets), so the Pallas kernels see shapes they are tuned for; a harness compiles
-    one prefill and one decode shape per pool dtype, and one teacher-forced shape.
-    """
-
-    def __init__(
-        self,
-        graphdef: nnx.GraphDef,
-        params: nnx.State,
-        model_config,
-        model_dtype,
-        candidate: KVCacheDType,
-        *,
-        mesh: Mesh,
-        batch_size: int,
-        max_len: int,
-        page_size: int = 16,
-        prefill_chunk: int = 128,
-    ):
-        if candidate is KVCacheDType.AUTO:
-            raise GateError(
-                "the candidate kv_cache_dtype must be quantized (int8 or fp8_e4m3); got auto"
-            )
-        self.graphdef, self.params, self.cfg = graphdef, params, model_config
-        self.batch_size, self.page_size, self.chunk = batch_size, page_size, prefill_chunk
-        self.pages_per_seq = -(-max_len // page_size)
-        self.max_len = max_len
-        self.width = next_pow2(self.pages_per_seq, MIN_WIDTH)
-        self.seqs_bucket = next_pow2(batch_size, MIN_SEQS)
-        self.prefill_rows = next_pow2(batch_size * prefill_chunk, MIN_TOKENS)
-        self.decode_rows = next_pow2(batch_size, MIN_TOKENS)
-        num_pages = 1 + batch_size * self.pages_per_seq
-
-        def pool(dtype):
-            cache = CacheConfig(page_size=page_size, num_pages=num_pages, kv_cache_dtype=dtype)
-            return allocate_pool(model_config, cache, num_pages, model_dtype, mesh)
-
-        # ref: full precision; cand: the candidate's own run; probe: the candidate's pages
-        # written from the full-precision residual stream (per-layer errors).
-        self.pools = {
-            "ref": pool(KVCacheDType.AUTO),
-            "cand": pool(candidate),
-            "probe": pool(candidate),
-        }
-        self.tables = np.zeros((batch_size, self.width), np.int32)
-        self.tables[:, : self.pages_per_seq] = 1 + np.arange(
-            batch_size * self.pages_per_seq, dtype=np.int32
-        ).reshape(batch_size, -1)
-
-    # -- packing --
-
-    def _pack(self, pieces: dict[int, tuple[Sequence[int], int]], rows: int) -> _Rows:
-        """`pieces[s] = (new token ids, position of the first)`: sequences back to back."""
-        S, ps = self.seqs_bucket, self.page_size
-        tokens = np.zeros(rows, np.int32)
-        positions = np.zeros(rows, np.int32)
-        slots = np.arange(rows, dtype=np.int32) % ps  # padding rows -> the null page
-        seq = np.full(rows, -1, np.int32)
-        kv_lens = np.zeros(S, np.int32)
-        tables = np.full((S, self.width), NULL_PAGE, np.int32)
-        cu = np.zeros(S + 1, np.int32)
-        last = np.zeros(S, np.int32)
-        order = sorted(pieces)
-        t = 0
-        for i, s in enumerate(order):
-            ids, start = pieces[s]
-            n = len(ids)
-            pos = np.arange(start, start + n, dtype=np.int32)
-            tokens[t : t + n] = ids
-            positions[t : t + n] = pos
-            slots[t : t + n] = self.tables[s, pos // ps] * ps + pos % ps
-            seq[t : t + n] = s
-            kv_lens[i], tables[i] = start + n, self.tables[s]
-            t += n
-            cu[i + 1], last[i] = t, t - 1
-        cu[len(order) + 1 :] = t
-        meta = AttentionMetadata(
-            slot_mapping=slots,
-            kv_lens=kv_lens,
-            block_tables=tables,
-            cu_q_lens=cu,
-            num_seqs=np.asarray(len(order), np.int32),
-        )
-        return _Rows(tokens, positions, meta, seq, last, order)
-
-    def _prefill_steps(self, seqs: Sequence[Sequence[int]]):
-        """Lockstep chunked prefill: each step packs the next chunk of every unfinished one."""
-        done = [0] * len(seqs)
-        while any(d < len(s) for d, s in zip(done, seqs, strict=True)):
-            pieces = {}
-            for s, toks in enumerate(seqs):
-                if done[s] < len(toks):
-                    n = min(self.chunk, len(toks) - done[s])
-                    pieces[s] = (toks[done[s] : done[s] + n], done[s])
-                    done[s] += n
-            yield self._pack(pieces, self.prefill_rows), pieces
-
-    # -- runs --
-
-    def _greedy_step(self, pool: KVPool, rows: _Rows):
-        return _greedy_fn(
-            self.graphdef, self.params, pool, rows.tokens, rows.positions, rows.meta, rows.last_rows
-        )
-
-    def greedy(
-        self, pool_name: str, prompts: Sequence[Sequence[int]], max_new: int
-    ) -> list[list[int]]:
-        """Up to `max_new` greedy tokens per prompt (no stopping: callers cut at stop tokens)."""
-        self._check(prompts, max_new)
-        pool = self.pools[pool_name]
-        nxt: dict[int, int] = {}
-        for rows, pieces in self._prefill_steps(prompts):
-            out, pool = self._greedy_step(pool, rows)
-            out = np.asarray(out)
-            for i, s in enumerate(rows.order):
-                ids, start = pieces[s]
-                if start + len(ids) == len(prompts[s]):
-                    nxt[s] = int(out[i])
-        gen = [[nxt[s]] for s in range(len(prompts))]
-        for k in range(1, max_new):
-            pieces = {s: ([g[-1]], len(prompts[s]) + k - 1) for s, g in enumerate(gen)}
-            rows = self._pack(pieces, self.decode_rows)
-            out, pool = self._greedy_step(pool, rows)
-            out = np.asarray(out)
-            for i, s in enumerate(rows.order):
-                gen[s].append(int(out[i]))
-        self.pools[pool_name] = pool
-        return gen
-
-    def teacher_forced(
-        self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
-    ):
-        """Feed `prompt + continuation[:-1]` through all three pools.
-
-        Returns, per sequence, KL(ref || cand) and top-1 agreement at the positions predicting
-        each continuation token, and per-layer squared attention error and reference norm over
-        all of its positions.
-        """
-        seqs = [list(p) + list(c[:-1]) for p, c in zip(prompts, continuations, strict=True)]
-        self._check(prompts, max(len(c) for c in continuations))
-        n_layers = self.cfg.num_layers
-        kl = [np.zeros(len(c)) for c in continuations]
-        agree = [np.zeros(len(c), bool) for c in continuations]
-        err2 = np.zeros((len(seqs), n_layers))
-        ref2 = np.zeros((len(seqs), n_layers))
-        p = self.pools
-        for rows, _ in self._prefill_steps(seqs):
-            out = _teacher_fn(
-                self.graphdef,
-                self.params,
-                p["ref"],
-                p["cand"],
-                p["probe"],
-                rows.tokens,
-                rows.positions,
-                rows.meta,
-                rows.seq,
-            )
-            (row_kl, row_agree, e2, r2), (p["ref"], p["cand"], p["probe"]) = out
-            row_kl, row_agree = np.asarray(row_kl), np.asarray(row_agree)
-            err2 += np.asarray(e2)[: len(seqs)]
-            ref2 += np.asarray(r2)[: len(seqs)]
-            for r in np.flatnonzero(rows.seq >= 0):
-                s = rows.seq[r]
-                j = rows.positions[r] - (len(prompts[s]) - 1)  # continuation token predicted
-                if 0 <= j < len(continuations[s]):
-                    kl[s][j], agree[s][j] = row_kl[r], row_agree[r]
-        return kl, agree, err2, ref2
-
-    def _check(self, prompts, max_new):
-        if len(prompts) > self.batch_size:
-            raise ValueError(f"{len(prompts)} sequences > batch_size={self.batch_size}")
-        longest = max(len(p) for p in prompts) + max_new
-        if min(len(p) for p in prompts) < 1 or longest > self.max_len:
-            raise ValueError(f"prompt + new tokens must be in [2, {self.max_len}]; got {longest}")
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _greedy_fn(graphdef, params, pool: KVPool, tokens, positions, meta, logits_indices):
-    logits, pool = nnx.merge(graphdef, params)(tokens, positions, pool, meta, logits_indices)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32), pool
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 3, 4))
-def _teacher_fn(
-    graphdef, params, ref: KVPool, cand: KVPool, probe: KVPool, tokens, positions, meta, row_seq
-):
-    model = nnx.merge(graphdef, params)
-    rows = jnp.arange(tokens.shape[0])
-    ref_logits, new_ref = model(tokens, positions, ref, meta, rows)
-    cand_logits, new_cand = model(tokens, positions, cand, meta, rows)
-    lp_ref = jax.nn.log_softmax(ref_logits, axis=-1)
-    lp_cand = jax.nn.log_softmax(cand_logits, axis=-1)
-    kl = jnp.sum(jnp.exp(lp_ref) * (lp_ref - lp_cand), axis=-1)
-    agree = jnp.argmax(ref_logits, axis=-1) == jnp.argmax(cand_logits, axis=-1)
-
-    # Per-layer probe: the full-precision stream's normalized input attends over the reference
-    # pool (as written by the model call above, same values) and over the probe pool.
-    inv_freq = rope_inv_freq(model.config)
-    x = model.embed_tokens(tokens)
-    valid = (row_seq >= 0)[:, None]
-    segments = jnp.where(row_seq >= 0, row_seq, meta.kv_lens.shape[0])
-    err2, ref2, new_probe = [], [], []
-    for layer, c_ref, c_probe in zip(model.layers, ref, probe, strict=True):
-        h = layer.input_layernorm(x)
-        a_ref, _ = layer.self_attn(h, positions, inv_freq, c_ref, meta)
-        a_q, c_probe = layer.self_attn(h, positions, inv_freq, c_probe, meta)
-        new_probe.append(c_probe)
-        d = jnp.where(valid, (a_q - a_ref).astype(jnp.float32), 0.0)
-        a = jnp.where(valid, a_ref.astype(jnp.float32), 0.0)
-        num = meta.kv_lens.shape[0] + 1
-        err2.append(jax.ops.segment_sum(jnp.sum(d * d, -1), segments, num)[:-1])
-        ref2.append(jax.ops.segment_sum(jnp.sum(a * a, -1), segments, num)[:-1])
-        x, _ = layer(x, positions, inv_freq, c_ref, meta)
-    figures = (kl, agree, jnp.stack(err2, -1), jnp.stack(ref2, -1))
-    return figures, (new_ref, new_cand, tuple(new_probe))
-
-
-# --- evaluation ---------------------------------------------------------------------------------
+# --- measuring through the engine ---------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -469,52 +233,138 @@ class GatePrompt:
     token_ids: tuple[int, ...]
 
 
+def _pool_like(pool: KVPool, dtype=None) -> KVPool:
+    """Fresh pages with `pool`'s shapes and shardings: of `dtype` and unquantized when given,
+    else of `pool`'s own dtype (with unit scales if it is quantized)."""
+
+    def zeros(x, dt=None):
+        return jnp.zeros(x.shape, dt or x.dtype, device=x.sharding)
+
+    def ones(x):
+        return None if x is None else jnp.ones(x.shape, x.dtype, device=x.sharding)
+
+    if dtype is not None:
+        return tuple(LayerKV(zeros(lk.k, dtype), zeros(lk.v, dtype)) for lk in pool)
+    return tuple(
+        LayerKV(zeros(lk.k), zeros(lk.v), ones(lk.k_scale), ones(lk.v_scale)) for lk in pool
+    )
+
+
+class PoolComparisonProbe:
+    """A `StepProbe` for the engine: each step runs through `StepFunction.compare_pools`
+    against a reference pool (`ref_dtype`, unquantized) and a probe pool (the engine's dtype),
+    both laid out page for page like the engine's own, and each token's figures are kept by
+    (request id, position). A token computed again (after a preemption) overwrites its figures."""
+
+    def __init__(self, engine, ref_dtype):
+        self.ref_pool = _pool_like(engine.kv_pool, ref_dtype)
+        self.probe_pool = _pool_like(engine.kv_pool)
+        self.tokens: dict[str, dict[int, tuple]] = collections.defaultdict(dict)
+
+    def __call__(self, step, plan, params, kv_pool, batch):
+        packed, cmp, kv_pool, self.ref_pool, self.probe_pool = step.compare_pools(
+            params, kv_pool, self.ref_pool, self.probe_pool, batch
+        )
+        kl, agree, err2, ref2 = (
+            np.asarray(x) for x in (cmp.kl, cmp.top1_agree, cmp.attn_err2, cmp.attn_ref2)
+        )
+        cu = batch.meta.cu_q_lens
+        for i, s in enumerate(plan.seqs):
+            seen = self.tokens[s.request.request_id]
+            for r in range(int(cu[i]), int(cu[i + 1])):
+                seen[int(batch.positions[r])] = (float(kl[r]), bool(agree[r]), err2[r], ref2[r])
+        return packed, kv_pool
+
+
+def _run(engine, tag: str, prompts: Sequence[Sequence[int]], params, probe=None) -> list[list[int]]:
+    """All prompts through `engine` (continuous batching); each one's output tokens."""
+    ids = [f"gate-{tag}-{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts, strict=True):
+        engine.add_request(rid, list(p), params)
+    done: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step(probe):
+            if out.finished:
+                done[out.request_id] = list(out.token_ids)
+    return [done[rid] for rid in ids]
+
+
 def evaluate(
-    harness: PagedHarness,
-    prompts: Sequence[GatePrompt],
-    max_new_tokens: int,
-    stop_ids: Sequence[int] = (),
+    ref: Engine, cand: Engine, prompts: Sequence[GatePrompt], max_new_tokens: int
 ) -> tuple[Figures, list[PromptFigures]]:
-    """All figures for `prompts`, `harness.batch_size` at a time."""
+    """All figures for `prompts`. `ref` and `cand` are engines over the same model, with a
+    full-precision and the candidate cache, and prefix reuse off (every token computed).
+
+    Greedy agreement: each engine decodes up to `max_new_tokens` greedily, stopping at the
+    model's EOS (kept, and compared). Teacher forcing: `cand` runs every prompt plus the
+    full-precision continuation (less its last token) through `PoolComparisonProbe`."""
+    ids = [list(p.token_ids) for p in prompts]
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+    ref_gen = _run(ref, "ref", ids, greedy)
+    log.info("gate: full-precision greedy done (%d prompts)", len(ids))
+    cand_gen = _run(cand, "cand", ids, greedy)
+    log.info("gate: candidate greedy done")
+    probe = PoolComparisonProbe(cand, ref.kv_pool[0].k.dtype)
+    forced = [p + g[:-1] for p, g in zip(ids, ref_gen, strict=True)]
+    _run(cand, "forced", forced, dataclasses.replace(greedy, max_tokens=1), probe)
+    log.info("gate: teacher forcing done")
+
     per_prompt: list[PromptFigures] = []
-    err2 = np.zeros(harness.cfg.num_layers)
-    ref2 = np.zeros(harness.cfg.num_layers)
-    stops = set(stop_ids)
-    for b in range(0, len(prompts), harness.batch_size):
-        batch = prompts[b : b + harness.batch_size]
-        ids = [list(p.token_ids) for p in batch]
-        ref_gen = [_cut_at_stop(g, stops) for g in harness.greedy("ref", ids, max_new_tokens)]
-        cand_gen = harness.greedy("cand", ids, max_new_tokens)
-        kl, agree, e2, r2 = harness.teacher_forced(ids, ref_gen)
-        err2 += e2.sum(0)
-        ref2 += r2.sum(0)
-        for i, p in enumerate(batch):
-            n = len(ref_gen[i])
-            div = next((j for j in range(n) if cand_gen[i][j] != ref_gen[i][j]), None)
-            per_prompt.append(
-                PromptFigures(
-                    name=p.name,
-                    num_prompt_tokens=len(p.token_ids),
-                    num_generated=n,
-                    greedy_agreement=(n if div is None else div) / n,
-                    first_divergence=div,
-                    top1_agreement=float(agree[i].mean()),
-                    mean_kl=float(kl[i].mean()),
-                    max_kl=float(kl[i].max()),
-                    attention_rel_error=tuple(
-                        float(x) for x in np.sqrt(e2[i] / np.maximum(r2[i], 1e-30))
-                    ),
-                )
+    num_layers = len(cand.kv_pool)
+    err2, ref2 = np.zeros(num_layers), np.zeros(num_layers)
+    for i, p in enumerate(prompts):
+        seen = probe.tokens[f"gate-forced-{i}"]
+        n, start = len(ref_gen[i]), len(ids[i]) - 1  # position `start + j` predicts token j
+        kl = np.array([seen[start + j][0] for j in range(n)])
+        agree = np.array([seen[start + j][1] for j in range(n)])
+        e2 = np.sum([seen[q][2] for q in range(len(forced[i]))], axis=0)
+        r2 = np.sum([seen[q][3] for q in range(len(forced[i]))], axis=0)
+        err2 += e2
+        ref2 += r2
+        cand_i = cand_gen[i]
+        div = next((j for j in range(n) if j >= len(cand_i) or cand_i[j] != ref_gen[i][j]), None)
+        per_prompt.append(
+            PromptFigures(
+                name=p.name,
+                num_prompt_tokens=len(p.token_ids),
+                num_generated=n,
+                greedy_agreement=(n if div is None else div) / n,
+                first_divergence=div,
+                top1_agreement=float(agree.mean()),
+                mean_kl=float(kl.mean()),
+                max_kl=float(kl.max()),
+                attention_rel_error=tuple(float(x) for x in np.sqrt(e2 / np.maximum(r2, 1e-30))),
             )
-        log.info("gate: %d/%d prompts evaluated", len(per_prompt), len(prompts))
+        )
     return summarize(per_prompt, err2, ref2), per_prompt
 
 
-def _cut_at_stop(tokens: list[int], stops: set[int]) -> list[int]:
-    for j, t in enumerate(tokens):
-        if t in stops:
-            return tokens[: j + 1]
-    return tokens
+def gate_engines(
+    model, mesh: Mesh, s: GateSettings, max_len: int, num_prompts: int
+) -> tuple[Engine, Engine]:
+    """(full-precision engine, candidate engine) over one loaded model: `batch_size` sequences
+    at a time, a step budget of `batch_size * prefill_chunk` tokens, pages for every sequence
+    at its full length (no preemption), prefix reuse off."""
+    if s.kv_cache_dtype is KVCacheDType.AUTO:
+        raise GateError(
+            "the candidate kv_cache_dtype must be quantized (int8 or fp8_e4m3); got auto"
+        )
+    batch = min(s.batch_size, num_prompts)
+    opts = dict(
+        page_size=s.page_size,
+        num_pages=1 + batch * -(-max_len // s.page_size),
+        max_num_seqs=batch,
+        max_num_batched_tokens=batch * s.prefill_chunk,
+        max_model_len=max_len,
+        enable_prefix_reuse=False,
+        dtype=s.dtype,
+        attention_impl=s.attention_impl,
+        mesh_shape=tuple(mesh.devices.shape),
+    )
+    return tuple(
+        Engine(model, engine_config_from_overrides(**opts, kv_cache_dtype=dt), mesh)
+        for dt in (KVCacheDType.AUTO, s.kv_cache_dtype)
+    )
 
 
 # --- prompts ------------------------------------------------------------------------------------
@@ -902,18 +752,7 @@ def run_gate(
     source, prompts = gate_prompts(s, model.tokenizer, model.config.vocab_size, stop_ids)
     prompts = prompts[: s.num_prompts]
     max_len = max(len(p.token_ids) for p in prompts) + s.max_new_tokens
-    harness = PagedHarness(
-        model.graphdef,
-        model.params,
-        model.config,
-        DType.parse(s.dtype).jnp,
-        s.kv_cache_dtype,
-        mesh=mesh,
-        batch_size=min(s.batch_size, len(prompts)),
-        max_len=max_len,
-        page_size=s.page_size,
-        prefill_chunk=s.prefill_chunk,
-    )
+    ref, cand = gate_engines(model, mesh, s, max_len, len(prompts))
     log.info(
         "gate: %s vs auto on %d %s prompts (%d-%d tokens), %d new tokens each",
         s.kv_cache_dtype.value,
@@ -923,7 +762,7 @@ def run_gate(
         max(len(p.token_ids) for p in prompts),
         s.max_new_tokens,
     )
-    figures, per_prompt = evaluate(harness, prompts, s.max_new_tokens, stop_ids)
+    figures, per_prompt = evaluate(ref, cand, prompts, s.max_new_tokens)
     settings = {
         k: (v.value if isinstance(v, KVCacheDType) else v) for k, v in dataclasses.asdict(s).items()
     }

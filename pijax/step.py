@@ -4,10 +4,16 @@ A pure function of arrays: the model's graph definition is closed over (static),
 argument, and nothing outside the returned values changes. Results come back packed in one
 `int32[2, S]` array (token ids; log-probs bit-cast) so the host pays one device->host copy per
 step.
+
+`StepFunction.compare_pools` is the one documented variant: the same step (same batch builder,
+same model methods, same sampled tokens) that also runs a reference-precision pool and an
+attention probe and returns per-token comparisons; it is compiled only when something (the
+quantization gate) asks for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -15,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import Array, Bool, Float
 
 from pijax.batch import StepInput
 from pijax.kv_pool import KVPool
@@ -67,6 +74,7 @@ class StepFunction:
         self._params = None  # the params object last flattened, and its leaves
         self._leaves: list = []
         self._jitted = None
+        self._probes: dict = {}  # probe variants (`compare_pools`), compiled on demand
 
     def _bind(self, params) -> None:
         leaves, params_def = jax.tree_util.tree_flatten(params)
@@ -84,7 +92,7 @@ class StepFunction:
                 out_shardings=(self._replicated, self._pool_shardings),
             )
         self._jitted = _JITTED[key]
-        self._params, self._leaves = params, leaves
+        self._params, self._leaves, self._params_def = params, leaves, params_def
 
     def __call__(self, params, kv_pool: KVPool, batch: StepInput):
         """Dispatches asynchronously; returns (device result, new pool)."""
@@ -96,8 +104,79 @@ class StepFunction:
         self.compile_count += _TRACE_COUNT - before
         return out
 
+    def compare_pools(
+        self, params, kv_pool: KVPool, ref_pool: KVPool, probe_pool: KVPool, batch: StepInput
+    ) -> tuple[jax.Array, PoolComparison, KVPool, KVPool, KVPool]:
+        """The step's probe variant (compiled on first use, per shape): the same step over
+        `kv_pool` (same sampled tokens), plus a run over `ref_pool` (the same pages in reference
+        precision) and `probe_pool` (pages in `kv_pool`'s dtype written from the reference run's
+        residual stream), compared at every token row. Returns (packed results, comparison,
+        kv_pool, ref_pool, probe_pool); all three pools are donated. What the quantization
+        gate's teacher forcing measures (`pijax.quant_gate`)."""
+        if params is not self._params:
+            self._bind(params)
+        shardings = lambda pool: jax.tree_util.tree_map(lambda x: x.sharding, pool)  # noqa: E731
+        key = (
+            self._params_def,
+            jax.tree_util.tree_structure(ref_pool),
+            tuple(jax.tree_util.tree_leaves(shardings(ref_pool))),
+            jax.tree_util.tree_structure(probe_pool),
+            tuple(jax.tree_util.tree_leaves(shardings(probe_pool))),
+        )
+        if key not in self._probes:
+            self._probes[key] = jax.jit(
+                functools.partial(_compare_impl, self._graphdef, self._params_def),
+                donate_argnums=(1, 2, 3),
+                out_shardings=(
+                    self._replicated,
+                    self._replicated,
+                    self._pool_shardings,
+                    shardings(ref_pool),
+                    shardings(probe_pool),
+                ),
+            )
+        batch = jax.device_put(batch, self._replicated)
+        before = _TRACE_COUNT
+        out = self._probes[key](self._leaves, kv_pool, ref_pool, probe_pool, batch)
+        self.compile_count += _TRACE_COUNT - before
+        return out
+
     @staticmethod
     def unpack(packed: np.ndarray, num_seqs: int) -> list[tuple[int, float]]:
         tokens = packed[0, :num_seqs]
         logprobs = packed[1, :num_seqs].view(np.float32)
         return list(zip(tokens.tolist(), logprobs.tolist(), strict=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PoolComparison:
+    """Per token row of a `compare_pools` step: the step's pool against the reference pool."""
+
+    kl: Float[Array, "T"]  # KL(reference || step pool) of the next-token distributions
+    top1_agree: Bool[Array, "T"]  # their argmaxes agree
+    attn_err2: Float[Array, "T L"]  # per layer: squared error of the probe pool's attention
+    attn_ref2: Float[Array, "T L"]  # per layer: squared norm of the reference attention
+
+
+def _compare_impl(
+    graphdef, params_def, param_leaves, kv_pool, ref_pool, probe_pool, batch: StepInput
+):
+    global _TRACE_COUNT
+    _TRACE_COUNT += 1
+    model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def, param_leaves))
+    rows = jnp.arange(batch.tokens.shape[0])
+    logits, kv_pool = model(batch.tokens, batch.positions, kv_pool, batch.meta, rows)
+    ref_logits, ref_pool, (err2, ref2, probe_pool) = model.probed(
+        batch.tokens, batch.positions, ref_pool, batch.meta, rows, probe_pool
+    )
+    lp, lp_ref = jax.nn.log_softmax(logits, -1), jax.nn.log_softmax(ref_logits, -1)
+    comparison = PoolComparison(
+        kl=jnp.sum(jnp.exp(lp_ref) * (lp_ref - lp), -1),
+        top1_agree=jnp.argmax(ref_logits, -1) == jnp.argmax(logits, -1),
+        attn_err2=err2,
+        attn_ref2=ref2,
+    )
+    tokens, logprobs = sample(logits[batch.logits_indices], batch.sampling)
+    packed = jnp.stack([tokens, jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
+    return packed, comparison, kv_pool, ref_pool, probe_pool

@@ -13,7 +13,8 @@ synthetic random tokens (`--prompt_source=random`; says nothing about claims).
 Writes the JSON report (`--report`) whether the gate passes or not, prints the figures, and exits
 1 naming each failed threshold when the candidate is not acceptable. `scripts/serve.py
 --kv_cache_dtype=int8 --kv_quant_gate_report=PATH` starts only with a passing report for the same
-model and dtype. See `pijax/quant_gate.py` for what each figure measures.
+model and dtype. See `pijax/quant_gate.py` for what each figure measures. Both runs go through
+the engine (two `Engine`s, and the step's `compare_pools` probe variant for teacher forcing).
 """
 
 from __future__ import annotations
@@ -72,8 +73,12 @@ flags.DEFINE_enum(
     "Attention path (as the server would use it).",
 )
 flags.DEFINE_integer("page_size", 16, "KV page size in tokens.")
-flags.DEFINE_integer("prefill_chunk", 128, "Prefill tokens per sequence per step.")
-flags.DEFINE_integer("batch_size", 8, "Prompts run together.")
+flags.DEFINE_integer(
+    "prefill_chunk",
+    128,
+    "Step token budget per sequence (the engines' max_num_batched_tokens = batch_size x this).",
+)
+flags.DEFINE_integer("batch_size", 8, "Prompts run together (the engines' max_num_seqs).")
 flags.DEFINE_integer("model_seed", 0, "Initialization seed of random presets.")
 flags.DEFINE_string("mesh", "1,1", "Device mesh 'DATA,MODEL'.")
 

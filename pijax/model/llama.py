@@ -168,9 +168,24 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype, rngs)
 
     def __call__(self, x, positions, inv_freq, cache, meta):
-        h, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, cache, meta)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        x, cache, _ = self.probed(x, positions, inv_freq, cache, meta, None)
+        return x, cache
+
+    def probed(self, x, positions, inv_freq, cache, meta, probe: LayerKV | None):
+        """`__call__`; with `probe` (another pool's layer) the attention block also runs over it
+        from the same normalized input, and the third result is (per-token squared error of
+        that output against this one, per-token squared norm of this one, the new probe layer),
+        float32 [T] each. The residual stream continues from `cache`'s run only."""
+        h = self.input_layernorm(x)
+        a, cache = self.self_attn(h, positions, inv_freq, cache, meta)
+        extra = None
+        if probe is not None:
+            a_probe, probe = self.self_attn(h, positions, inv_freq, probe, meta)
+            d = (a_probe - a).astype(jnp.float32)
+            af = a.astype(jnp.float32)
+            extra = (jnp.sum(d * d, -1), jnp.sum(af * af, -1), probe)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), cache, extra
 
     def forward_dense(self, x, positions, inv_freq, past=None):
         h, kv = self.self_attn.forward_dense(self.input_layernorm(x), positions, inv_freq, past)
@@ -224,13 +239,38 @@ class LlamaModel(nnx.Module):
         logits_indices: Int[Array, "S"],
     ) -> tuple[Float[Array, "S V"], KVPool]:
         """Ragged paged forward: logits only at `logits_indices` (each sequence's last token)."""
+        logits, kv_pool, _ = self.probed(tokens, positions, kv_pool, meta, logits_indices, None)
+        return logits, kv_pool
+
+    def probed(
+        self,
+        tokens: Int[Array, "T"],
+        positions: Int[Array, "T"],
+        kv_pool: KVPool,
+        meta: AttentionMetadata,
+        logits_indices: Int[Array, "S"],
+        probe_pool: KVPool | None,
+    ) -> tuple[Float[Array, "S V"], KVPool, tuple[Array, Array, KVPool] | None]:
+        """`__call__` with an attention probe. With `probe_pool`, every layer's attention block
+        also runs over `probe_pool` (written from the same input: this run's residual stream), and
+        the third result is (squared error [T L], squared reference norm [T L], new probe pool):
+        each layer's own error from reading another pool (e.g. a quantized one), not the error
+        carried up from the layers below. Without it, exactly `__call__`."""
         inv_freq = rope_inv_freq(self.config)
         x = self.embed_tokens(tokens)
-        new_pool = []
-        for layer, cache in zip(self.layers, kv_pool, strict=True):
-            x, cache = layer(x, positions, inv_freq, cache, meta)
+        new_pool, err2, ref2, new_probe = [], [], [], []
+        probes = probe_pool if probe_pool is not None else (None,) * len(kv_pool)
+        for layer, cache, probe in zip(self.layers, kv_pool, probes, strict=True):
+            x, cache, extra = layer.probed(x, positions, inv_freq, cache, meta, probe)
             new_pool.append(cache)
-        return self._logits(x[logits_indices]), tuple(new_pool)
+            if extra is not None:
+                err2.append(extra[0])
+                ref2.append(extra[1])
+                new_probe.append(extra[2])
+        probe_out = None
+        if probe_pool is not None:
+            probe_out = (jnp.stack(err2, -1), jnp.stack(ref2, -1), tuple(new_probe))
+        return self._logits(x[logits_indices]), tuple(new_pool), probe_out
 
     def forward_dense(
         self, tokens: Int[Array, "B T"], prefix: Int[Array, "Tp"] | None = None

@@ -22,7 +22,7 @@ import pytest
 from pijax.config import engine_config_from_overrides
 from pijax.engine import Engine
 from pijax.model.loader import load_model
-from pijax.quant_gate import PagedHarness
+from pijax.quant_gate import GatePrompt, PoolComparisonProbe, evaluate
 from pijax.request import PromptSegment, SamplingParams, Scope
 from pijax.sharding import make_mesh
 
@@ -97,22 +97,54 @@ def test_int8_teacher_forced_top1_agreement_with_full_precision(runs):
     assert np.mean(np.exp(ref_lp)) > 0.1  # the peaked distributions the docstring promises
 
 
-def test_gate_harness_decodes_like_the_engine(sharp, runs):
-    model, mesh = sharp
-    h = PagedHarness(
-        model.graphdef,
-        model.params,
-        model.config,
-        np.float32,
-        runs["q"].config.cache.kv_cache_dtype,
-        mesh=mesh,
-        batch_size=8,
-        max_len=64,
-        page_size=16,
-        prefill_chunk=2,
-    )  # prefill and decode: 16 rows
-    assert h.greedy("ref", PROMPTS, N) == [r.token_ids for r in runs["ref"]]
-    assert h.greedy("cand", PROMPTS, N) == [r.token_ids for r in runs["free"]]
+def test_pool_comparison_of_a_pool_with_itself_is_exact(sharp):
+    """The step's probe variant against a reference pool of the engine's own dtype: the same
+    computation, so KL 0, every argmax agrees, attention error exactly 0; and the tokens are
+    those of the plain step."""
+    eng = engine(sharp)
+    probe = PoolComparisonProbe(eng, eng.kv_pool[0].k.dtype)
+    forced = [p + [7, 8, 9] for p in PROMPTS[:3]]
+    plain = greedy(engine(sharp), forced, max_tokens=4)
+    ids = [f"r{i}" for i in range(len(forced))]
+    for rid, p in zip(ids, forced, strict=True):
+        eng.add_request(rid, p, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    done = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step(probe):
+            if out.finished:
+                done[out.request_id] = out.token_ids
+    assert [done[r] for r in ids] == [o.token_ids for o in plain]
+    for rid, p in zip(ids, forced, strict=True):
+        seen = probe.tokens[rid]
+        assert sorted(seen) == list(range(len(p) + 3))  # every computed position, once
+        kl, agree, err2, ref2 = (np.array([seen[q][k] for q in sorted(seen)]) for k in range(4))
+        assert np.abs(kl).max() < 1e-6 and agree.all()
+        assert (err2 == 0).all() and (ref2 > 0).all()
+
+
+def test_gate_figures_through_the_engine(sharp, runs):
+    """`quant_gate.evaluate` over a full-precision and an int8 engine: its greedy tokens are the
+    engines' own, and its teacher-forced top-1 agreement is the one measured above with
+    single-token requests (same model, same trajectories)."""
+    fp, q = (
+        engine(sharp, enable_prefix_reuse=False),
+        engine(sharp, kv_cache_dtype="int8", enable_prefix_reuse=False),
+    )
+    prompts = [GatePrompt(f"p{i}", tuple(p)) for i, p in enumerate(PROMPTS)]
+    figures, per_prompt = evaluate(fp, q, prompts, N)
+    eos = set(sharp[0].eos_token_ids)
+    ref = [r.token_ids for r in runs["ref"]]
+    free = [r.token_ids for r in runs["free"]]
+    forced = np.reshape([o.token_ids[0] for o in runs["forced"]], (len(PROMPTS), N))
+    agree = []
+    for i, (pf, r, f) in enumerate(zip(per_prompt, ref, free, strict=True)):
+        n = next((j + 1 for j, t in enumerate(r) if t in eos), N)  # the gate stops at EOS
+        assert pf.num_generated == n
+        assert pf.first_divergence == next((j for j in range(n) if f[j] != r[j]), None)
+        agree += list(np.equal(forced[i, :n], r[:n]))
+    assert figures.top1_agreement == pytest.approx(np.mean(agree))
+    assert 0 < figures.mean_kl < 0.05
+    assert len(figures.attention_rel_error) == 4 and 0 < figures.max_attention_rel_error < 0.05
 
 
 POLICY = rng.integers(1, 256, 2 * 16).tolist()  # a 32-token "policy scaffold", 2 pages

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import enum
 import json
 import re
 import statistics
@@ -96,9 +97,15 @@ class Case:
     truth: dict | None = None  # rule-derived findings, when the corpus generator made the claim
 
 
+class CallKind(enum.StrEnum):
+    REVIEW = "review"  # the schema-constrained findings
+    TOOL_CALL = "tool_call"  # session turn one: the model asks for lookups
+    NARRATIVE = "narrative"  # session turn two: the investigator's narrative
+
+
 @dataclasses.dataclass
 class CallStats:
-    kind: str  # review / tool_call / narrative
+    kind: CallKind
     client_ttft_s: float
     client_total_s: float
     server_ttft_s: float
@@ -167,7 +174,7 @@ def load_schema(path: str | None) -> tuple[str, dict] | None:
 # --- the client -----------------------------------------------------------------------------------
 
 
-def call_stats(kind: str, c: Completion) -> CallStats:
+def call_stats(kind: CallKind, c: Completion) -> CallStats:
     return CallStats(
         kind=kind,
         client_ttft_s=c.ttft_s,
@@ -241,7 +248,7 @@ def _findings(client, case, scope, schema, opts, index, res: Result) -> None:
         json_schema=schema[0] if schema else "",
     )
     c = client.generate(request)
-    res.calls.append(call_stats("review", c))
+    res.calls.append(call_stats(CallKind.REVIEW, c))
     res.findings_text = c.text
     try:
         res.findings = json.loads(c.text)
@@ -276,7 +283,7 @@ def _investigate(client, case, scope, opts, index, res: Result) -> None:
         sampling=sampling(opts, index),
     )
     c = client.generate(turn1)
-    res.calls.append(call_stats("tool_call", c))
+    res.calls.append(call_stats(CallKind.TOOL_CALL, c))
     res.session_id = c.last.session_id
     res.tool_output = fake_tools(case, res.findings)
     history = [
@@ -297,7 +304,7 @@ def _investigate(client, case, scope, opts, index, res: Result) -> None:
     try:
         c = client.generate(turn2)
         res.narrative = c.text
-        res.calls.append(call_stats("narrative", c))
+        res.calls.append(call_stats(CallKind.NARRATIVE, c))
     finally:
         client.end_session(res.session_id)
 
@@ -334,7 +341,7 @@ def print_result(res: Result, n: int, total: int, out) -> None:
     print(f"\n=== claim {case.claim_id} ({n}/{total}) ===", file=out)
     if res.error:
         print(f"error: {res.error}", file=out)
-    review = next((c for c in res.calls if c.kind == "review"), None)
+    review = next((c for c in res.calls if c.kind is CallKind.REVIEW), None)
     if review is not None:
         state = {
             True: "valid against the schema",
@@ -369,8 +376,8 @@ def print_result(res: Result, n: int, total: int, out) -> None:
 def summary(results: Sequence[Result], wall_s: float) -> str:
     calls = [c for r in results for c in r.calls]
     out = [f"\n--- latency: {len(results)} claims, {len(calls)} calls in {wall_s:.2f}s ---"]
-    for kind in ("review", "tool_call", "narrative"):
-        cs = [c for c in calls if c.kind == kind]
+    for kind in CallKind:
+        cs = [c for c in calls if c.kind is kind]
         if not cs:
             continue
         toks = sum(c.completion_tokens for c in cs)

@@ -28,6 +28,7 @@ from pijax.audit import AuditLog
 from pijax.batch import Buckets, StepInput, build_step_input
 from pijax.block_manager import BlockManager
 from pijax.config import EngineConfig, resolve_compilation_cache_dir
+from pijax.distributed import wrap_step
 from pijax.kernels import dispatch
 from pijax.kernels.impl import AttentionImpl
 from pijax.kv_cache_manager import KVCacheManager
@@ -128,7 +129,9 @@ class Engine:
             scale_sharding(mesh) if quantized else None,
             scale_sharding(mesh) if quantized else None,
         )
-        self._step = StepFunction(model.graphdef, mesh, tuple(layer_sh for _ in self.kv_pool))
+        self._step = wrap_step(  # multi-host: the leader sends each step's input to the workers
+            StepFunction(model.graphdef, mesh, tuple(layer_sh for _ in self.kv_pool))
+        )
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._texts: dict[str, OutputText] = {}  # output text, for stop strings and deltas

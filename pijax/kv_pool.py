@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float
 
 from pijax.config import CacheConfig, ConfigError, KVCacheDType, ModelConfig
+from pijax.distributed import agree_min
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,8 @@ def num_pages_for_budget(
         return cache.num_pages
     budget = kv_budget_bytes(cache, free_bytes) * kv_shards
     cap = pool_capacity(model, cache, model_dtype, budget)
+    # Multi-host: every process must allocate the same global pool; take the tightest budget.
+    cap = dataclasses.replace(cap, num_pages=agree_min(cap.num_pages))
     if cap.num_pages < 2:
         raise ConfigError(
             f"a KV budget of {cap.budget_bytes} bytes holds {cap.num_pages} pages of "

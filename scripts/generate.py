@@ -20,7 +20,7 @@ import time
 
 from absl import app, flags
 
-from pijax import LLM, SamplingParams
+from pijax import LLM, SamplingParams, distributed
 from pijax import flags as engine_flags
 from pijax.claims import evaluate
 from pijax.claims.prompt import answer_text, policy_scaffold, render_claim, render_prompt
@@ -30,6 +30,7 @@ from pijax.structured import SchemaCompiler
 
 FLAGS = flags.FLAGS
 engine_flags.define_engine_flags(exclude=["seed"])  # --seed here is the sampling seed
+distributed.define_flags()  # multi-host: --coordinator_address, --num_processes, --process_id
 flags.DEFINE_multi_string(
     "prompt", None, "Prompt text (repeatable). Default: review a sample claim."
 )
@@ -133,7 +134,14 @@ def complete_prompts(llm: LLM, prompts: list[str]) -> None:
 def main(argv):
     del argv
     logging.getLogger().setLevel(logging.WARNING)
+    try:  # before anything touches a device
+        cluster = distributed.initialize_from_flags()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     llm = LLM(engine_flags.model_source(), **engine_flags.engine_overrides())
+    if cluster is not None and not cluster.is_leader:  # run process 0's steps, print nothing
+        distributed.run_worker(llm.engine)
+        return
     if FLAGS.prompt:
         complete_prompts(llm, FLAGS.prompt)
     else:

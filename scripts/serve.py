@@ -25,17 +25,20 @@ import signal
 from pathlib import Path
 
 from absl import app, flags
+from grpc_health.v1 import health_pb2
 
+from pijax import distributed
 from pijax import flags as engine_flags
 from pijax.claims.prompt import policy_scaffold, render_policy_segment
 from pijax.config import ConfigError
 from pijax.engine import Engine
 from pijax.quant_gate import GateError, enforce_gate
 from pijax.serving.auth import KeyStore
-from pijax.serving.server import InferenceServer, ServerConfig, ServerConfigError
+from pijax.serving.server import SERVICE_NAME, InferenceServer, ServerConfig, ServerConfigError
 
 FLAGS = flags.FLAGS
 engine_flags.define_engine_flags()
+distributed.define_flags()  # multi-host: --coordinator_address, --num_processes, --process_id
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 or [::] for all).")
 flags.DEFINE_integer("port", 50051, "gRPC port (0 = any free port).")
 flags.DEFINE_string("api_keys", None, "API-key file (JSON: key -> tenant, zones, admin).")
@@ -155,6 +158,9 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda s=sig: _on_signal(server, s))
+    cluster = distributed.cluster()
+    if cluster is not None:  # a worker died: stop admitting, NOT_SERVING; the process then exits
+        cluster.on_failure(lambda reason: loop.call_soon_threadsafe(_stop_admitting, server))
     api = None
     if http is not None:  # listening before warm-up: /health answers 503 meanwhile
         from pijax.serving.http_api import HttpApi
@@ -170,6 +176,18 @@ async def serve(
     await server.wait_for_termination()
     if api is not None:
         await api.stop()
+    if cluster is not None:
+        cluster.stop_workers()
+
+
+def _stop_admitting(server: InferenceServer) -> None:
+    """Multi-host failure: refuse new requests and report NOT_SERVING until the process exits
+    (`distributed.FAILURE_EXIT_CODE`); nothing waits on a step that can no longer finish."""
+    server.state.draining = True
+    for service in ("", SERVICE_NAME):
+        asyncio.ensure_future(
+            server.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
 
 
 def _on_signal(server: InferenceServer, sig: signal.Signals) -> None:
@@ -181,6 +199,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
+    try:  # before anything touches a device
+        distributed.initialize_from_flags()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     model = engine_flags.model_source()
     try:
         engine_config = engine_flags.engine_config()
@@ -215,6 +237,9 @@ def main(argv):
     prefixes = trusted_prefixes()
     scopes = http_default_scopes()
     engine = Engine.from_source(model, engine_config)
+    if distributed.is_worker():  # process 0 serves; the others run its steps on their devices
+        distributed.run_worker(engine)
+        return
     http = None
     if FLAGS.http_port:
         if not 0 < FLAGS.http_port < 65536:

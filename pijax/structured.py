@@ -18,6 +18,11 @@ int32 row: no torch, no copy) and `accept` with each sampled token. Once the val
 the matcher is stopped and the engine finishes the request with `STOP`, so a finished completion
 always parses and validates. A completion cut by `max_tokens` does not.
 
+Hostile schemas are bounded before and during compilation (`pijax.structured_limits`): size,
+nesting depth, node and `$ref` counts and finiteness before compiling, then a first compile in a
+killable worker process with a time and memory budget; `compile(..., cancel=event)` kills it
+when the caller goes away.
+
 JSON is compiled without flexible whitespace by default (a random or weak model would otherwise
 fill the budget with blanks); a schema may opt back in with `"x-guidance": {"whitespace_flexible":
 true}`.
@@ -34,6 +39,15 @@ from collections.abc import Sequence
 import jsonschema
 import llguidance
 import numpy as np
+
+from pijax.structured_limits import (
+    CompileSandbox,
+    SchemaLimitError,
+    SchemaLimits,
+    check_schema_text,
+    check_schema_tree,
+    tokenizer_spec,
+)
 
 DEFAULT_COMPILE_OPTIONS = {"whitespace_flexible": False}
 
@@ -97,9 +111,13 @@ class SchemaCompiler:
         *,
         max_schema_bytes: int = 65536,
         cache_size: int = 64,
+        limits: SchemaLimits | None = None,
+        sandbox: CompileSandbox | None = None,
     ):
         self.ll_tokenizer = ll_tokenizer
         self.max_schema_bytes = max_schema_bytes
+        self.limits = limits or SchemaLimits(max_schema_bytes=max_schema_bytes)
+        self.sandbox = sandbox
         self._cache: collections.OrderedDict[tuple[GrammarKind, str], CompiledSchema] = (
             collections.OrderedDict()
         )
@@ -110,27 +128,44 @@ class SchemaCompiler:
     def for_tokenizer(
         cls, tokenizer, *, vocab_size: int, eos_token_ids: Sequence[int], **kwargs
     ) -> SchemaCompiler:
-        return cls(ll_tokenizer_for(tokenizer, vocab_size, eos_token_ids), **kwargs)
+        """With a `CompileSandbox` unless `sandbox=None` is passed explicitly."""
+        ll_tokenizer = ll_tokenizer_for(tokenizer, vocab_size, eos_token_ids)
+        if "sandbox" not in kwargs:
+            spec = tokenizer_spec(tokenizer, vocab_size, eos_token_ids)
+            limits = kwargs.get("limits") or SchemaLimits(
+                max_schema_bytes=kwargs.get("max_schema_bytes", 65536)
+            )
+            kwargs["limits"] = limits
+            kwargs["sandbox"] = None if spec is None else CompileSandbox(spec, limits)
+        return cls(ll_tokenizer, **kwargs)
 
-    def compile(self, schema_text: str) -> CompiledSchema:
-        """A JSON schema's constraint template (cached)."""
-        return self.compile_grammar(GrammarKind.JSON_SCHEMA, schema_text)
+    def compile(self, schema_text: str, cancel: threading.Event | None = None) -> CompiledSchema:
+        """A JSON schema's constraint template (cached). Setting `cancel` abandons the
+        compilation (`CompileCancelled`)."""
+        return self.compile_grammar(GrammarKind.JSON_SCHEMA, schema_text, cancel=cancel)
 
-    def compile_grammar(self, kind: GrammarKind, text: str) -> CompiledSchema:
+    def compile_grammar(
+        self, kind: GrammarKind, text: str, cancel: threading.Event | None = None
+    ) -> CompiledSchema:
         key = (kind, text)
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
                 return hit
-        compiled = self._compile(kind, text)
+        try:
+            compiled = self._compile(kind, text, cancel)
+        except SchemaLimitError as e:
+            raise SchemaError(str(e)) from None
+        except RecursionError:
+            raise SchemaError("nests too deeply to compile") from None
         with self._lock:
             self._cache[key] = compiled
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return compiled
 
-    def _compile(self, kind: GrammarKind, text: str) -> CompiledSchema:
+    def _compile(self, kind: GrammarKind, text: str, cancel=None) -> CompiledSchema:
         size = len(text.encode("utf-8"))
         if size > self.max_schema_bytes:
             what = "of JSON" if kind is GrammarKind.JSON_SCHEMA else "of text"
@@ -138,7 +173,9 @@ class SchemaCompiler:
         schema = None
         try:
             if kind is GrammarKind.JSON_SCHEMA:
+                check_schema_text(text, self.limits)
                 schema = _checked_schema(text)
+                check_schema_tree(schema, self.limits)
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(
                     schema, defaults=DEFAULT_COMPILE_OPTIONS
                 )
@@ -150,6 +187,10 @@ class SchemaCompiler:
             if isinstance(e, SchemaError):
                 raise
             raise SchemaError(f"cannot be compiled: {e}") from None
+        if self.sandbox is not None:  # first where a runaway compile can be killed
+            error = self.sandbox.check(grammar, cancel)
+            if error:
+                raise SchemaError(f"is not supported for structured output: {error}")
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
             grammar, self.ll_tokenizer
         )

@@ -221,4 +221,7 @@ def _schema_compiler(engine, config: ServerConfig) -> SchemaCompiler | None:
         log.warning("structured output disabled: %s", engine.structured_unavailable_reason)
     else:
         compiler.max_schema_bytes = config.limits.max_schema_bytes
+        compiler.limits = dataclasses.replace(
+            compiler.limits, max_schema_bytes=config.limits.max_schema_bytes
+        )
     return compiler

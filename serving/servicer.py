@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import secrets
+import threading
 
 import grpc
 
@@ -54,6 +55,7 @@ from pijax.serving.validation import (
     validate_zone,
 )
 from pijax.structured import SchemaCompiler, SchemaError
+from pijax.structured_limits import CompileCancelled
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,11 @@ MAX_AUDIT_LIMIT = 10000
 TOKENIZE_THREADS = 2
 TOKENIZE_PER_TENANT = 1
 TOKENIZE_MAX_WAITING = 16
+# Schema compilations: each tenant at most one at a time with a few queued behind it; the
+# compiler's worker processes bound them globally (pijax.structured_limits).
+COMPILE_THREADS = 8
+COMPILE_PER_TENANT = 1
+COMPILE_MAX_WAITING = 4
 # Server-made request ids: 128 random bits behind a character client ids cannot contain.
 SERVER_ID_PREFIX = "~"
 
@@ -224,6 +231,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             TOKENIZE_THREADS, thread_name_prefix="pijax-tokenize"
         )
         self._tokenize_gate = TenantGate("tokenizing", TOKENIZE_PER_TENANT, TOKENIZE_MAX_WAITING)
+        self._compile_pool = concurrent.futures.ThreadPoolExecutor(
+            COMPILE_THREADS, thread_name_prefix="pijax-compile"
+        )
+        self._compile_gate = TenantGate(
+            "schema compilation", COMPILE_PER_TENANT, COMPILE_MAX_WAITING
+        )
 
     # --- shared ---------------------------------------------------------------------------------
 
@@ -272,6 +285,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     def close(self) -> None:
         self._prep_pool.shutdown(wait=False, cancel_futures=True)
+        self._compile_pool.shutdown(wait=False, cancel_futures=True)
+        sandbox = getattr(self.compiler, "sandbox", None)
+        if sandbox is not None:
+            sandbox.close()  # compilations still running die with the server
 
     def cancel_inflight(self) -> int:
         """Drain's last step: end every stream still running with UNAVAILABLE."""
@@ -301,7 +318,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.info.limits,
             self.limits,
         )
-        constraint = await self._constraint(v)
+        constraint = await self._constraint(principal.tenant, v)
         request_id = v.request_id or SERVER_ID_PREFIX + secrets.token_hex(16)
         engine_id = f"{principal.tenant}/{request_id}"
         if engine_id in self._inflight:
@@ -345,7 +362,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if not finished:
                 self.loop.abort(engine_id)
 
-    async def _constraint(self, v: ValidGenerate):
+    async def _constraint(self, tenant: str, v: ValidGenerate):
         if not v.json_schema:
             return None
         if self.compiler is None:
@@ -353,10 +370,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 grpc.StatusCode.UNIMPLEMENTED,
                 "structured output is not available for this model's tokenizer",
             )
+        cancel = threading.Event()  # the client went away: kill the compilation
         try:
-            compiled = await asyncio.to_thread(self.compiler.compile, v.json_schema)
+            async with self._compile_gate.slot(tenant):
+                loop = asyncio.get_running_loop()
+                compiled = await loop.run_in_executor(
+                    self._compile_pool, self.compiler.compile, v.json_schema, cancel
+                )
         except SchemaError as e:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"json_schema {e}") from None
+        except CompileCancelled:
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE, "json_schema compilation was cancelled"
+            ) from None
+        except BaseException:
+            cancel.set()
+            raise
         return compiled.new_constraint()
 
     def _session(self, principal: Principal, v: ValidGenerate) -> tuple[str, bool]:

@@ -8,8 +8,10 @@ covers the same classes under load.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
+import time
 
 import grpc
 import pytest
@@ -266,3 +268,70 @@ def test_limits_are_finite():
     m = ModelLimits(vocab_size=100, max_model_len=4096, max_token_bytes=16)
     assert max_message_bytes(m, RequestLimits()) < 1 << 20
     assert math.isfinite(m.max_text_bytes)
+
+
+# --- structured output admission ------------------------------------------------------------------
+
+
+def deep_schema(depth: int) -> str:
+    inner = '{"type": "string"}'
+    for _ in range(depth):
+        inner = '{"type": "object", "properties": {"a": ' + inner + "}}"
+    return inner
+
+
+@pytest.mark.parametrize(
+    "schema, needle",
+    [
+        (deep_schema(1000), "json_schema must nest at most"),
+        ('{"$ref": "#"}', "json_schema admits no finite JSON value"),
+        (
+            '{"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}',
+            "json_schema admits no finite JSON value",
+        ),
+        ("[" * 5000 + "]" * 5000, "json_schema must nest at most"),
+    ],
+    ids=["deep properties", "self ref", "required self", "raw nesting"],
+)
+def test_hostile_schemas_are_invalid_argument_naming_the_field(server, schema, needle):
+    request = text_request("x", json_schema=schema)
+    err = rpc_error(server.stub.Generate, request, metadata=auth(), timeout=RPC_TIMEOUT_S)
+    assert err.code() == INVALID, err.details()
+    assert err.details().startswith(needle)
+
+
+def regex_bomb(tag: str, n: int = 50) -> str:
+    return json.dumps({"type": "string", "allOf": [{"pattern": f"{tag}{{{i}}}"} for i in range(n)]})
+
+
+@pytest.mark.slow
+def test_runaway_schema_is_bounded_and_others_keep_their_cached_schema(server):
+    good = json.dumps(
+        {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    )
+    generate(server.stub, text_request("warm", max_tokens=12, json_schema=good), key="key-beta")
+    err = rpc_error(
+        server.stub.Generate,
+        text_request("x", json_schema=regex_bomb("q")),
+        metadata=auth(),
+        timeout=RPC_TIMEOUT_S,
+    )
+    assert err.code() == INVALID and "compile" in err.details() and "budget" in err.details()
+    out = generate(
+        server.stub, text_request("again", max_tokens=12, json_schema=good), key="key-beta"
+    )
+    assert out[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+
+
+@pytest.mark.slow
+def test_abandoned_compilation_is_killed(server):
+    sandbox = server.server.servicer.compiler.sandbox
+    killed = sandbox.num_killed
+    with pytest.raises(grpc.RpcError) as e:
+        generate(server.stub, text_request("x", json_schema=regex_bomb("w")), timeout=1.5)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(200):  # bounded wait for the kill (no timing assertion)
+        if sandbox.num_killed > killed:
+            break
+        time.sleep(0.05)
+    assert sandbox.num_killed > killed

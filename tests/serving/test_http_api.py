@@ -444,6 +444,58 @@ def test_permitted_shared_zone_is_reused(server, base_url, llm):
     assert plain.usage.prompt_tokens_details.cached_tokens == 0
 
 
+def test_chat_message_scopes_reuse_a_shared_zone(server, base_url, http, llm):
+    if not callable(getattr(llm.engine, "register_trusted_prefix", None)):
+        pytest.skip("engine has no register_trusted_prefix (scheduler issue)")
+    system = {"role": "system", "content": POLICY + "Chat edition."}
+    # The operator registers the system message's rendered text (the template writes no BOS).
+    span = http.chat_template.render([system], add_generation_prompt=False)
+    ids = llm.tokenizer.encode(span, add_bos=False)
+    server.stub.RegisterTrustedPrefix(
+        pb.RegisterTrustedPrefixRequest(zone="policy", token_ids=pb.TokenIds(ids=ids)),
+        metadata=auth("key-admin"),
+        timeout=HTTP_TIMEOUT_S,
+    )
+    page = llm.engine.config.cache.page_size
+
+    def review(claim: str, key: str = "key-acme", scopes=("shared:policy",)):
+        return client(base_url, key).chat.completions.create(
+            model=MODEL,
+            messages=[system, {"role": "user", "content": [{"type": "text", "text": claim}]}],
+            max_tokens=2,
+            temperature=0.0,
+            extra_body={"pijax": {"message_scopes": list(scopes)}},
+        )
+
+    review("C7001")
+    second = review("C7002")
+    assert second.usage.prompt_tokens_details.cached_tokens >= page * (len(ids) // page) > 0
+    assert review("C7003", scopes=()).usage.prompt_tokens_details.cached_tokens == 0
+    with pytest.raises(openai.PermissionDeniedError):
+        review("C7004", key="key-beta")
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}], "pijax": {"message_scopes": ["private", "private"]}}, "pijax.message_scopes"),
+        ({"messages": [{"role": "user", "content": "x"}], "pijax": {"segments": []}}, "pijax.segments"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}}, "json_schema"),
+        ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "max_completion_tokens": 2}, "max_tokens"),
+    ],
+)  # fmt: skip
+def test_chat_bad_requests_name_the_field(base_url, body, needle):
+    r = post(base_url, "/v1/chat/completions", {"model": MODEL, **body})
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"]
+
+
 # --- health, metrics, tokenize --------------------------------------------------------------------
 
 

@@ -25,8 +25,7 @@ from pijax import flags as engine_flags
 from pijax.claims import evaluate
 from pijax.claims.prompt import answer_text, policy_scaffold, render_claim, render_prompt
 from pijax.claims.samples import SAMPLE_INDEX, sample_example
-from pijax.claims.schema import findings_schema, is_valid_findings
-from pijax.structured import SchemaCompiler
+from pijax.claims.schema import is_valid_findings
 
 FLAGS = flags.FLAGS
 engine_flags.define_engine_flags(exclude=["seed"])  # --seed here is the sampling seed
@@ -59,17 +58,6 @@ def sampling_params(default_max_tokens: int) -> SamplingParams:
     )
 
 
-def findings_constraint_factory(llm: LLM):
-    """`new_constraint` for the findings schema."""
-    engine = llm.engine
-    compiler = SchemaCompiler.for_tokenizer(
-        llm.tokenizer,
-        vocab_size=engine.model_config.vocab_size,
-        eos_token_ids=engine.model.eos_token_ids,
-    )
-    return compiler.compile(json.dumps(findings_schema())).new_constraint
-
-
 def format_findings(obj: dict) -> str:
     """The findings without the narrative, one flag per line."""
     flag_lines = [f"    {json.dumps(f)}" for f in obj.get("flags", [])]
@@ -86,16 +74,19 @@ def format_findings(obj: dict) -> str:
 def review_sample(llm: LLM, source: str) -> None:
     example = sample_example(FLAGS.claim_index)
     prompt = render_prompt(policy_scaffold(), example.claim)
-    factory = findings_constraint_factory(llm) if FLAGS.structured else None
     start = time.perf_counter()
     text = evaluate.engine_texts(
-        llm, [prompt], FLAGS.max_tokens or 512, factory, params=sampling_params(512)
+        llm,
+        [prompt],
+        FLAGS.max_tokens or 512,
+        constrained=FLAGS.structured,  # the findings schema as structured output
+        params=sampling_params(512),
     )[0]
     elapsed = time.perf_counter() - start
     print(f"model: {source}")
     print("\n=== claim (synthetic) ===")
     print(render_claim(example.claim))
-    mode = "schema-constrained" if factory else "unconstrained"
+    mode = "schema-constrained" if FLAGS.structured else "unconstrained"
     print(f"\n=== findings ({mode}, {elapsed:.1f} s incl. compilation) ===")
     try:
         obj = json.loads(answer_text(text))

@@ -29,7 +29,6 @@ from flax import nnx
 from pijax.claims import evaluate, train
 from pijax.claims.corpus import generate_examples
 from pijax.claims.prompt import BOS, END, PAD, policy_scaffold, render_prompt
-from pijax.claims.schema import findings_schema
 from pijax.model.hf_io import save_hf_checkpoint
 
 FLAGS = flags.FLAGS
@@ -120,28 +119,14 @@ def run_eval(out: Path, seed: int, num_claims: int, max_new_tokens: int, constra
         llm, prompts, examples, max_new_tokens
     ).to_json()
     result["unconstrained"]["seconds"] = round(time.monotonic() - t, 1)
-    factory, why = _constraint_factory(llm) if constrained else (None, "--noconstrained_eval")
+    if not constrained:
+        result["constrained"] = {"skipped": "--noconstrained_eval"}
+        return result
     t = time.monotonic()
-    report = evaluate.evaluate_constrained(llm, prompts, examples, max_new_tokens, factory)
-    if report is None:
-        result["constrained"] = {"skipped": why}
-    else:
-        result["constrained"] = report.to_json()
-        result["constrained"]["seconds"] = round(time.monotonic() - t, 1)
+    report = evaluate.evaluate_constrained(llm, prompts, examples, max_new_tokens)
+    result["constrained"] = report.to_json()
+    result["constrained"]["seconds"] = round(time.monotonic() - t, 1)
     return result
-
-
-def _constraint_factory(llm):
-    from pijax.structured import SchemaCompiler
-
-    engine = llm.engine
-    compiler = SchemaCompiler.for_tokenizer(
-        llm.tokenizer,
-        vocab_size=engine.model_config.vocab_size,
-        eos_token_ids=engine.model.eos_token_ids,
-    )
-    compiled = compiler.compile(json.dumps(findings_schema()))
-    return compiled.new_constraint, ""
 
 
 def main(argv):

@@ -98,7 +98,9 @@ def test_engine_loads_and_reviews_the_sample_claim(llm):
 
 @pytest.mark.slow
 def test_engine_greedy_matches_reference_decoder(llm):
-    from pijax.claims.evaluate import PagedGreedyDecoder
+    """The engine against the slow reference decoder (`forward_dense` over the whole sequence
+    for every token: no cache, no engine)."""
+    from pijax.claims.evaluate import dense_greedy
     from pijax.model.loader import load_model
     from pijax.sharding import make_mesh
 
@@ -107,24 +109,15 @@ def test_engine_greedy_matches_reference_decoder(llm):
         [prompt], pijax.SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     )[0].token_ids
     model = load_model(DEFAULT_MODEL, dtype="float32", mesh=make_mesh((1, 1))).model()
-    decoder = PagedGreedyDecoder(model, batch_size=1, max_prompt_len=len(prompt), max_new_tokens=24)
-    assert decoder.generate([prompt], stop_ids=[])[0] == list(engine_ids)
+    assert dense_greedy(model, prompt, 24) == list(engine_ids)
 
 
 @pytest.mark.slow
 def test_constrained_output_validates_for_20_heldout_claims(llm, heldout):
-    from pijax import structured
     from pijax.claims.evaluate import evaluate_constrained
-    from pijax.claims.schema import findings_schema
 
-    engine = llm.engine
-    compiled = structured.SchemaCompiler.for_tokenizer(
-        llm.tokenizer,
-        vocab_size=engine.model_config.vocab_size,
-        eos_token_ids=engine.model.eos_token_ids,
-    ).compile(json.dumps(findings_schema()))
     prompts = [render_prompt(policy_scaffold(), ex.claim) for ex in heldout]
-    report = evaluate_constrained(llm, prompts, heldout, 512, compiled.new_constraint)
+    report = evaluate_constrained(llm, prompts, heldout, 512)
     assert report.num_claims == 20
     assert report.schema_valid_share == 1.0
 

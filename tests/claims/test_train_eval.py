@@ -1,4 +1,4 @@
-"""Training data plumbing, the learning-rate schedule, scoring, and the reference greedy decoder."""
+"""Training data plumbing, the learning-rate schedule and scoring."""
 
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ from flax import nnx
 from pijax.claims import train
 from pijax.claims.bpe import train_tokenizer, training_texts
 from pijax.claims.corpus import generate_examples
-from pijax.claims.evaluate import PagedGreedyDecoder, dense_greedy, score_answer, summarize
+from pijax.claims.evaluate import score_answer, summarize
 from pijax.claims.prompt import policy_scaffold, render_findings_json, render_prompt, render_target
-from pijax.config import ModelConfig
-from pijax.model.llama import LlamaModel
 
 
 @pytest.fixture(scope="module")
@@ -109,29 +107,6 @@ def test_score_answer(examples):
     assert score_answer('{"claim_id": "CLM', ex).parsed is False
     report = summarize([truth, "nonsense"], [ex, ex])
     assert report.schema_valid_share == 0.5 and report.flags_match_share == 0.5
-
-
-def test_paged_greedy_decoder_matches_dense_forward():
-    cfg = ModelConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-    )
-    model = LlamaModel(cfg, rngs=nnx.Rngs(3))
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(1, 64, size=n).tolist() for n in (3, 21, 9)]
-    decoder = PagedGreedyDecoder(
-        model, batch_size=2, max_prompt_len=24, max_new_tokens=6, page_size=8
-    )
-    out = decoder.generate(prompts, stop_ids=[])
-    assert out[0] == dense_greedy(model, prompts[0], 6)
-    assert out[1] == dense_greedy(model, prompts[1], 6)
-    assert [len(o) for o in out] == [6, 6, 6]
 
 
 @pytest.mark.slow

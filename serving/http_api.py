@@ -17,7 +17,7 @@ servicer's `Tokenize` and `ModelInfo`.
 Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (server-sent
 events with `stream: true`, ending `data: [DONE]`), `GET /health` (200 serving; 503 while warming
 up or draining), `GET /metrics` (the server's Prometheus registry), `POST /tokenize`,
-`POST /detokenize`.
+`POST /detokenize`, and `DELETE /v1/sessions/{id}` (gRPC's EndSession).
 
 pijax's own fields travel in an extension object, `"pijax": {...}` (with the `openai` client:
 `extra_body={"pijax": {...}}`):
@@ -242,6 +242,7 @@ class HttpApi:
             Route("/metrics", self.metrics, methods=["GET"]),
             Route("/tokenize", self.tokenize, methods=["POST"]),
             Route("/detokenize", self.detokenize, methods=["POST"]),
+            Route("/v1/sessions/{session_id}", self.end_session, methods=["DELETE"]),
         ]
         self.app = Starlette(routes=routes)
         self._uvicorn: uvicorn.Server | None = None
@@ -439,6 +440,19 @@ class HttpApi:
             return JSONResponse({"prompt": text})
 
         return await self._handle("/detokenize", request, run)
+
+    async def end_session(self, request: Request):
+        """`DELETE /v1/sessions/{id}`: gRPC's EndSession (frees the session's KV pages)."""
+
+        async def run(request):
+            self._authenticate(request)
+            sid = request.path_params["session_id"]
+            await self.servicer.EndSession(
+                pb.EndSessionRequest(session_id=sid), self._context(request)
+            )
+            return JSONResponse({"id": sid, "object": "session", "deleted": True})
+
+        return await self._handle("/v1/sessions", request, run)
 
     # --- completions ----------------------------------------------------------------------------
 

@@ -496,6 +496,56 @@ def test_chat_bad_requests_name_the_field(base_url, body, needle):
     assert needle in r.json()["error"]["message"]
 
 
+def test_sessions_over_http(base_url):
+    turn1 = "Claim C8001 review, turn 1: CPT 99213 x2, 97110 x6, diagnosis M54.5, billed $394. " * 2
+    first = client(base_url).completions.create(
+        model=MODEL,
+        prompt=turn1,
+        max_tokens=4,
+        temperature=0.0,
+        extra_body={"pijax": {"start_session": True, "ignore_eos": True}},
+    )
+    sid = first.model_extra["pijax"]["session_id"]
+    assert sid
+    turn2 = client(base_url).completions.create(
+        model=MODEL,
+        prompt=turn1 + first.choices[0].text + " [tool] fee schedule: $92.00",
+        max_tokens=4,
+        temperature=0.0,
+        extra_body={"pijax": {"session_id": sid, "ignore_eos": True}},
+    )
+    assert turn2.model_extra["pijax"]["session_id"] == sid
+    assert turn2.usage.prompt_tokens_details.cached_tokens > 0  # the session's KV was kept
+    with pytest.raises(openai.NotFoundError):  # another tenant cannot name it
+        client(base_url, "key-beta").completions.create(
+            model=MODEL, prompt="x", max_tokens=1, extra_body={"pijax": {"session_id": sid}}
+        )
+    with pytest.raises(openai.ConflictError):  # already open
+        client(base_url).completions.create(
+            model=MODEL,
+            prompt="x",
+            max_tokens=1,
+            extra_body={"pijax": {"session_id": sid, "start_session": True}},
+        )
+    assert httpx.delete(f"{base_url}/v1/sessions/{sid}", timeout=HTTP_TIMEOUT_S).status_code == 401
+    foreign = httpx.delete(
+        f"{base_url}/v1/sessions/{sid}",
+        headers={"Authorization": "Bearer key-beta"},
+        timeout=HTTP_TIMEOUT_S,
+    )
+    assert foreign.status_code == 404
+    ended = httpx.delete(
+        f"{base_url}/v1/sessions/{sid}",
+        headers={"Authorization": "Bearer key-acme"},
+        timeout=HTTP_TIMEOUT_S,
+    )
+    assert ended.status_code == 200 and ended.json()["deleted"] is True
+    with pytest.raises(openai.NotFoundError):  # gone
+        client(base_url).completions.create(
+            model=MODEL, prompt="x", max_tokens=1, extra_body={"pijax": {"session_id": sid}}
+        )
+
+
 # --- health, metrics, tokenize --------------------------------------------------------------------
 
 

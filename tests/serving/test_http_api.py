@@ -18,6 +18,7 @@ import pytest
 from http_harness import HTTP_TIMEOUT_S, TEST_CHAT_TEMPLATE, start_http, stop_http
 from serving_harness import auth, generate, text_request
 
+from pijax.serving.http_api import HttpApi
 from pijax.serving.proto.pijax.v1 import inference_pb2 as pb
 
 SCHEMA_TEXT = (Path(__file__).parent / "findings_test.schema.json").read_text()
@@ -584,6 +585,59 @@ def test_tokenize_and_detokenize(base_url, llm):
     assert post(base_url, "/tokenize", {"prompt": text}, key=None).status_code == 401
     bad = post(base_url, "/detokenize", {"tokens": [10**6]})
     assert bad.status_code == 400 and "tokens" in bad.json()["error"]["message"]
+
+
+def test_stream_with_n_interleaves_choices(base_url):
+    chunks = list(
+        client(base_url).completions.create(
+            model=MODEL,
+            prompt="Claim 3009:",
+            max_tokens=5,
+            temperature=1.0,
+            seed=3,
+            n=2,
+            stream=True,
+            extra_body={"pijax": {"ignore_eos": True}},
+        )
+    )
+    whole = client(base_url).completions.create(
+        model=MODEL,
+        prompt="Claim 3009:",
+        max_tokens=5,
+        temperature=1.0,
+        seed=3,
+        n=2,
+        extra_body={"pijax": {"ignore_eos": True}},
+    )
+    for choice in whole.choices:
+        streamed = [ch.choices[0] for ch in chunks if ch.choices[0].index == choice.index]
+        assert "".join(c.text for c in streamed) == choice.text
+        assert streamed[-1].finish_reason == "length"
+
+
+def test_warming_up_answers_503(llm):
+    """An HTTP front end on a server that has not finished starting: health and requests say
+    503 (the engine is not touched: its loop never starts here)."""
+    from pijax.serving.server import InferenceServer, ServerConfig
+
+    async def probe():
+        server = InferenceServer(
+            llm.engine, ServerConfig(insecure_dev_mode=True, port=0, model_name=MODEL)
+        )
+        api = HttpApi(server)
+        await api.start("127.0.0.1", 0)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.port}") as c:
+                health = await c.get("/health")
+                req = await c.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+                return health, req
+        finally:
+            await api.stop()
+
+    health, req = asyncio.run(probe())
+    assert health.status_code == 503 and health.json()["status"] == "warming_up"
+    assert req.status_code == 503 and req.headers["retry-after"] == "1"
+    assert "warming up" in req.json()["error"]["message"]
 
 
 # --- draining (last: it stops this module's server) -----------------------------------------------

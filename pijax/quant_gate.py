@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import enum
 import hashlib
 import json
 import logging
@@ -372,15 +373,15 @@ def gate_engines(
 
 def claims_prompts(
     tokenizer, num: int, seed: int, max_prompt_tokens: int | None = None
-) -> list[GatePrompt] | None:
+) -> list[GatePrompt]:
     """Claim-review prompts of the payment-integrity generator (`pijax.claims`): the policy
-    scaffold plus a held-out synthetic claim, at their natural length. None when the package is
-    not installed. Over-long prompts keep their end (the claim and the review marker)."""
-    try:
-        from pijax.claims.corpus import generate_example
-        from pijax.claims.prompt import policy_scaffold, render_prompt
-    except ImportError:
-        return None
+    scaffold plus a held-out synthetic claim, at their natural length. Over-long prompts keep
+    their end (the claim and the review marker)."""
+    # Imported here, not at module level: the engine core never loads the claims package
+    # (tests/unit/test_import_contract.py); only a gate run on claim prompts does.
+    from pijax.claims.corpus import generate_example
+    from pijax.claims.prompt import policy_scaffold, render_prompt
+
     out = []
     for i in range(num):
         ex = generate_example(seed, i, split="heldout")
@@ -672,19 +673,27 @@ def enforce_gate(
 # --- one gate run -------------------------------------------------------------------------------
 
 
-class PromptSource:
-    AUTO = "auto"  # the claims generator when installed, else synthetic random (with a warning)
-    CLAIMS = "claims"
-    RANDOM = "random"
-    JSONL = "jsonl"
-    ALL = (AUTO, CLAIMS, RANDOM, JSONL)
+class PromptSource(enum.Enum):
+    AUTO = "auto"  # the default: the claims generator (kept as a name for existing reports)
+    CLAIMS = "claims"  # synthetic claim-review prompts (`pijax.claims`)
+    RANDOM = "random"  # random token ids: say nothing about claim review
+    JSONL = "jsonl"  # a JSONL file of prompts (`prompts_jsonl`)
+
+    @classmethod
+    def parse(cls, value: str | PromptSource) -> PromptSource:
+        if isinstance(value, cls):
+            return value
+        allowed = [m.value for m in cls]
+        if value not in allowed:
+            raise GateError(f"prompt_source must be one of {allowed}; got {value!r}")
+        return cls(value)
 
 
 @dataclasses.dataclass(frozen=True)
 class GateSettings:
     model: str  # checkpoint directory or preset name
     kv_cache_dtype: KVCacheDType
-    prompt_source: str = PromptSource.AUTO
+    prompt_source: PromptSource = PromptSource.AUTO
     prompts_jsonl: str | None = None
     num_prompts: int = 16
     max_new_tokens: int = 64
@@ -699,11 +708,8 @@ class GateSettings:
 
     def __post_init__(self):
         object.__setattr__(self, "kv_cache_dtype", KVCacheDType.parse(self.kv_cache_dtype))
-        if self.prompt_source not in PromptSource.ALL:
-            raise GateError(
-                f"prompt_source must be one of {list(PromptSource.ALL)}; got {self.prompt_source!r}"
-            )
-        if (self.prompt_source == PromptSource.JSONL) != (self.prompts_jsonl is not None):
+        object.__setattr__(self, "prompt_source", PromptSource.parse(self.prompt_source))
+        if (self.prompt_source is PromptSource.JSONL) != (self.prompts_jsonl is not None):
             raise GateError("prompts_jsonl is required with prompt_source=jsonl, and only then")
         for name in ("num_prompts", "max_new_tokens", "page_size", "prefill_chunk", "batch_size"):
             if getattr(self, name) < 1:
@@ -712,21 +718,15 @@ class GateSettings:
 
 def gate_prompts(
     s: GateSettings, tokenizer, vocab_size: int, stop_ids: Sequence[int]
-) -> tuple[str, list[GatePrompt]]:
+) -> tuple[PromptSource, list[GatePrompt]]:
     """(the source actually used, the prompts)."""
-    if s.prompt_source == PromptSource.JSONL:
+    if s.prompt_source is PromptSource.JSONL:
         return PromptSource.JSONL, jsonl_prompts(
             s.prompts_jsonl, tokenizer, vocab_size, s.max_prompt_tokens
         )
     if s.prompt_source in (PromptSource.AUTO, PromptSource.CLAIMS):
-        got = claims_prompts(tokenizer, s.num_prompts, s.prompt_seed, s.max_prompt_tokens)
-        if got is not None:
-            return PromptSource.CLAIMS, got
-        if s.prompt_source == PromptSource.CLAIMS:
-            raise GateError("prompt_source=claims needs the pijax.claims package")
-        log.warning(
-            "pijax.claims is not installed: gating on SYNTHETIC RANDOM prompts, which "
-            "say nothing about claim review; pass --prompts_jsonl for domain prompts"
+        return PromptSource.CLAIMS, claims_prompts(
+            tokenizer, s.num_prompts, s.prompt_seed, s.max_prompt_tokens
         )
     vocab = min(vocab_size, getattr(tokenizer, "vocab_size", vocab_size))
     return PromptSource.RANDOM, random_prompts(
@@ -757,14 +757,14 @@ def run_gate(
         "gate: %s vs auto on %d %s prompts (%d-%d tokens), %d new tokens each",
         s.kv_cache_dtype.value,
         len(prompts),
-        source,
+        source.value,
         min(len(p.token_ids) for p in prompts),
         max(len(p.token_ids) for p in prompts),
         s.max_new_tokens,
     )
     figures, per_prompt = evaluate(ref, cand, prompts, s.max_new_tokens)
     settings = {
-        k: (v.value if isinstance(v, KVCacheDType) else v) for k, v in dataclasses.asdict(s).items()
+        k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(s).items()
     }
-    settings["prompt_source_used"] = source
+    settings["prompt_source_used"] = source.value
     return make_report(s.model, s.kv_cache_dtype, thresholds, figures, per_prompt, settings)

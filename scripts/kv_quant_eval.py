@@ -46,9 +46,9 @@ flags.DEFINE_string("report", None, "Write the JSON gate report here.")
 flags.DEFINE_string("thresholds", None, "Thresholds JSON (default: configs/quant_gate.json).")
 flags.DEFINE_enum(
     "prompt_source",
-    PromptSource.AUTO,
-    list(PromptSource.ALL),
-    "auto: the claims generator if installed, else synthetic random.",
+    PromptSource.AUTO.value,
+    [m.value for m in PromptSource],
+    "auto = claims: synthetic claim-review prompts; random: random token ids; jsonl: a file.",
 )
 flags.DEFINE_string("prompts_jsonl", None, "JSONL of prompts (implies --prompt_source=jsonl).")
 flags.DEFINE_integer("num_prompts", 16, "Prompts from the generator (all of a JSONL's lines).")

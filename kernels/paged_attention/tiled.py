@@ -153,14 +153,20 @@ class _TileAttention:
         return out
 
     def _attend(self, seq, first_token, count, first_pos, rows: int):
-        """[B] tiles -> [B, rows, H, D] float32 (rows past `count` are garbage or zero)."""
+        """[B] tiles -> [B, rows, H, D] float32 (rows past `count` are garbage or zero).
+
+        Layout: per (tile, kv head) a [rows * group, D] query block against [chunk, D] keys, so
+        both products are plain batched matmuls over (tile, kv head).
+        """
         batch = seq.shape[0]
         num_tokens, num_heads, head_dim = self.q.shape
         kv, group, c = self.num_kv_heads, num_heads // self.num_kv_heads, self.chunk
+        qrows = rows * group
         r = jnp.arange(rows)
         tok = jnp.minimum(first_token[:, None] + r[None, :], num_tokens - 1)
         qt = self.q[tok].astype(jnp.float32) * self.sm_scale  # [B, R, H, D]
-        qt = qt.reshape(batch, rows, kv, group, head_dim)
+        qt = qt.reshape(batch, rows, kv, group, head_dim).transpose(0, 2, 1, 3, 4)
+        qt = qt.reshape(batch, kv, qrows, head_dim)  # row = r * group + g
         q_pos = first_pos[:, None] + r[None, :]  # [B, R]
         row_live = r[None, :] < count[:, None]
         last = first_pos + jnp.maximum(count, 1) - 1  # last position each tile attends from
@@ -176,24 +182,25 @@ class _TileAttention:
             ci, m, denom, acc = carry
             cols = jnp.minimum(ci * self.chunk_pages + jnp.arange(self.chunk_pages), self.width - 1)
             pages = self.block_tables[seq[:, None], cols[None, :]]  # [B, CP]
-            k = self._load(self.k_pages, self.k_scales, pages).reshape(batch, c, kv, head_dim)
-            v = self._load(self.v_pages, self.v_scales, pages).reshape(batch, c, kv, head_dim)
-            s = jnp.einsum("brkgd,bckd->bkgrc", qt, k)
+            k = self._load(self.k_pages, self.k_scales, pages, batch, c)  # [B, K, C, D]
+            v = self._load(self.v_pages, self.v_scales, pages, batch, c)
+            s = jnp.einsum("bkqd,bkcd->bkqc", qt, k)
             if self.soft_cap is not None:
                 s = self.soft_cap * jnp.tanh(s / self.soft_cap)
             key_pos = ci * c + jnp.arange(c)
             mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & row_live[:, :, None]
             if self.window is not None:
                 mask &= key_pos[None, None, :] > q_pos[:, :, None] - self.window
-            s = jnp.where(mask[:, None, None], s, -jnp.inf)  # [B, K, G, R, C]
+            mask = jnp.broadcast_to(mask[:, :, None, :], (batch, rows, group, c))
+            s = jnp.where(mask.reshape(batch, 1, qrows, c), s, -jnp.inf)  # [B, K, RG, C]
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
             alpha = jnp.exp(m - m_new)
             denom = alpha * denom + jnp.sum(p, axis=-1)
-            acc = alpha[..., None] * acc + jnp.einsum("bkgrc,bckd->bkgrd", p, v)
+            acc = alpha[..., None] * acc + jnp.einsum("bkqc,bkcd->bkqd", p, v)
             return ci + 1, m_new, denom, acc
 
-        shape = (batch, kv, group, rows)
+        shape = (batch, kv, qrows)
         init = (
             lo,
             jnp.full(shape, _M_INIT, jnp.float32),
@@ -202,8 +209,10 @@ class _TileAttention:
         )
         _, _, denom, acc = lax.while_loop(lambda c_: c_[0] < hi, chunk_body, init)
         o = acc / jnp.where(denom == 0, 1.0, denom)[..., None]  # rows that saw no key stay zero
-        return o.transpose(0, 3, 1, 2, 4).reshape(batch, rows, num_heads, head_dim)
+        o = o.reshape(batch, kv, rows, group, head_dim).transpose(0, 2, 1, 3, 4)
+        return o.reshape(batch, rows, num_heads, head_dim)
 
-    @staticmethod
-    def _load(pages, scales, idx):
-        return dequantize(pages[idx], None if scales is None else scales[idx])
+    def _load(self, pages, scales, idx, batch: int, c: int):
+        """The chunk's K or V rows, [B, K, C, D] float32, dequantized."""
+        x = dequantize(pages[idx], None if scales is None else scales[idx])
+        return x.reshape(batch, c, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)

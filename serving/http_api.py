@@ -176,6 +176,8 @@ def bad(field: str, allowed: str, got) -> HttpError:
 
 
 def _short(value):
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text if len(text) <= 80 else text[:77] + "..."
 

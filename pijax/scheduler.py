@@ -1,8 +1,9 @@
 """Host-side scheduler: continuous batching, chunked prefill, priorities, preemption by recompute.
 
-`schedule()` returns a `SchedulePlan` (which requests run this step and how many of their tokens);
-`update(plan, sampled)` folds the device's results back in and returns the requests that produced
-a token. The scheduler sees KV memory only through `KVCacheManager`; it knows nothing of devices,
+`schedule()` returns a `StepPlan`, an immutable record of the step (per sequence: request id,
+start position, new tokens, whether it samples, its pages and sampling parameters), from which the
+batch is built without touching the block manager or live requests; `update(plan, sampled)` folds
+the device's results back in and returns the requests that produced a token. The scheduler sees KV memory only through `KVCacheManager`; it knows nothing of devices,
 tokenizers, hashes or the network.
 
 Policy, each in its own small method:
@@ -14,10 +15,21 @@ Policy, each in its own small method:
   * priorities: lower value = more urgent (as in vLLM). A waiting request's effective priority
     improves by one class every `priority_aging_steps` steps it waits, so a stream of urgent
     requests cannot starve a batch re-scoring job forever;
+  * admission keeps room for growth (`_can_admit`): a waiting request is admitted only if the
+    pool can hold its next chunk plus the projected growth of itself and of the running requests
+    at least as urgent as it: `growth_ratio` of each one's remaining tokens (prompt + max_tokens
+    minus what it holds), plus a watermark of `WATERMARK` of the pool. The ratio starts at
+    `GROWTH_RATIO_INIT`, decays by `GROWTH_RATIO_DECAY` a step to `GROWTH_RATIO_MIN` while nothing
+    is preempted (requests mostly stop early), and jumps to 1 at a preemption (the load has
+    shown it needs its full length), as SGLang's new-token ratio does. With nothing running the
+    head is admitted as soon as its chunk fits, so the queue never stalls;
   * when a running request needs a page and none is free, the victim is the least urgent, most
-    recently arrived running request — never one more urgent than the request that needs the
+    recently admitted running request — never one more urgent than the request that needs the
     page (then that request itself yields). The victim's pages are freed (cached blocks stay
-    cached where their scope allows) and it re-enters the queue ahead of its class.
+    cached where their scope allows) and it re-enters the queue ahead of its class, but is
+    re-admitted only when it fits at its full length next to the full projected length of the
+    running requests (ratio 1), so it is not recomputed only to be preempted again (thrash).
+    A request that could never fit the pool alone is refused by the engine at `add_request`.
 """
 
 from __future__ import annotations
@@ -27,7 +39,58 @@ import time
 
 from pijax.config import SchedulerConfig
 from pijax.kv_cache_manager import KVCacheManager
-from pijax.request import Request, RequestStatus
+from pijax.request import Request, RequestStatus, SamplingParams
+
+GROWTH_RATIO_INIT = 0.5
+GROWTH_RATIO_MIN = 0.15
+GROWTH_RATIO_DECAY = 0.002  # per step: from 1 down to the minimum in ~400 steps
+WATERMARK = 0.01  # share of the pool kept free at admission
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqPlan:
+    """One sequence's part of a step, copied out of the request and the block manager when the
+    step is scheduled: nothing here changes when `update` runs or the request goes away."""
+
+    request_id: str
+    start: int  # tokens already computed: this step computes positions [start, start + n)
+    num_new_tokens: int
+    samples: bool  # the chunk reaches the request's last token, so a token is sampled
+    token_ids: tuple[int, ...]  # the tokens at those positions
+    block_ids: tuple[int, ...]  # the request's pages holding positions [0, start + n)
+    params: SamplingParams
+    seed: int
+
+    @classmethod
+    def of(cls, req: Request, num_new_tokens: int, table, page_size: int) -> SeqPlan:
+        start = req.num_computed_tokens
+        end = start + num_new_tokens
+        return cls(
+            request_id=req.request_id,
+            start=start,
+            num_new_tokens=num_new_tokens,
+            samples=end == req.num_tokens,
+            token_ids=tuple(req.all_token_ids[start:end]),
+            block_ids=tuple(table[: -(-end // page_size)]),
+            params=req.params,
+            seed=req.seed,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """What one step runs, as a record (the scheduler's output; the batch builder's input)."""
+
+    seqs: tuple[SeqPlan, ...]
+    preempted: tuple[str, ...]  # ids of the requests preempted while scheduling this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +106,8 @@ class ScheduledSeq:
 
 @dataclasses.dataclass
 class SchedulePlan:
+    """The plan while `schedule()` builds it (live requests); it returns it as a `StepPlan`."""
+
     seqs: list[ScheduledSeq]
     preempted: list[Request]
 
@@ -65,22 +130,33 @@ class Scheduler:
         self.step_index = 0
         self._enqueued_at: dict[str, int] = {}
         self._requeued: set[str] = set()
+        self._live: dict[str, Request] = {}  # every request added and not yet removed
+        self._admitted_at: dict[str, int] = {}  # request id -> admission sequence number
+        self._admissions = 0
+        self.growth_ratio = GROWTH_RATIO_INIT
 
     # --- queue ----------------------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
+        self._live[request.request_id] = request
         self.waiting.append(request)
         self._enqueued_at[request.request_id] = self.step_index
 
     def remove(self, request: Request, *, keep_session: bool = False) -> None:
         """Drop a request wherever it is and release its pages (finish or abort)."""
+        self._live.pop(request.request_id, None)
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
         self._enqueued_at.pop(request.request_id, None)
         self._requeued.discard(request.request_id)
+        self._admitted_at.pop(request.request_id, None)
         self.kv.finish(request, keep_session=keep_session)
+
+    def get(self, request_id: str) -> Request | None:
+        """The live request of a plan's `request_id` (None once removed)."""
+        return self._live.get(request_id)
 
     @property
     def num_unfinished(self) -> int:
@@ -99,8 +175,9 @@ class Scheduler:
 
     # --- scheduling -----------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulePlan:
+    def schedule(self) -> StepPlan:
         self.step_index += 1
+        self.growth_ratio = max(GROWTH_RATIO_MIN, self.growth_ratio - GROWTH_RATIO_DECAY)
         plan = SchedulePlan(seqs=[], preempted=[])
         budget = self._schedule_running(plan, self.config.max_num_batched_tokens)
         if not plan.preempted:
@@ -109,7 +186,22 @@ class Scheduler:
         for s in plan.seqs:
             if s.request.timings.first_scheduled is None:
                 s.request.timings.first_scheduled = now
-        return plan
+        return self._record(plan)
+
+    def _record(self, plan: SchedulePlan) -> StepPlan:
+        blocks = self.kv.blocks
+        return StepPlan(
+            seqs=tuple(
+                SeqPlan.of(
+                    s.request,
+                    s.num_new_tokens,
+                    blocks.block_table(s.request.request_id),
+                    blocks.page_size,
+                )
+                for s in plan.seqs
+            ),
+            preempted=tuple(r.request_id for r in plan.preempted),
+        )
 
     def _chunk_size(self, req: Request, budget: int) -> int:
         n = req.num_uncomputed_tokens
@@ -143,8 +235,12 @@ class Scheduler:
         return budget
 
     def _pick_victim(self, needy: Request) -> Request:
-        """Least urgent, most recently arrived running request; never more urgent than `needy`."""
-        victim = max(self.running, key=lambda r: (r.priority, r.arrival_order))
+        """Least urgent, most recently admitted running request; never more urgent than
+        `needy`."""
+        victim = max(
+            self.running,
+            key=lambda r: (r.priority, self._admitted_at.get(r.request_id, 0), r.arrival_order),
+        )
         return victim if victim.priority >= needy.priority else needy
 
     def _admit_waiting(self, plan: SchedulePlan, budget: int) -> None:
@@ -155,15 +251,43 @@ class Scheduler:
                 req.num_computed_tokens = req.num_cached_prompt_tokens = self.kv.match_prefix(req)
             n = self._chunk_size(req, budget)
             reserve = self._admission_reservation(req, n)
-            if n == 0 or not self.kv.can_grow(req, reserve):
+            if n == 0 or not self._can_admit(req, reserve):
                 break  # the head waits for memory; nobody overtakes it
             self.kv.grow(req, reserve)
             self.waiting.pop(0)
             self._requeued.discard(req.request_id)
+            self._admissions += 1
+            self._admitted_at[req.request_id] = self._admissions
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             plan.seqs.append(ScheduledSeq(req, n))
             budget -= n
+
+    def _can_admit(self, req: Request, reserve: int) -> bool:
+        """The pool holds `req`'s next chunk (`reserve` tokens), and, when anything runs, also
+        the projected growth of `req` and of the running requests at least as urgent as it
+        (less urgent ones would be preempted for it anyway) plus the watermark. A preempted
+        request is projected at ratio 1: it comes back only when everyone fits in full."""
+        if not self.kv.can_grow(req, reserve):
+            return False
+        peers = [r for r in self.running if r.priority <= req.priority]
+        if not peers or self.config.reserve_full_length:
+            return True
+        ratio = 1.0 if req.request_id in self._requeued else self.growth_ratio
+        blocks = self.kv.blocks
+        pages = blocks.pages_needed(req.request_id, self._projected(req, reserve, ratio))
+        for r in peers:
+            held = blocks.num_tokens(r.request_id) if blocks.has_seq(r.request_id) else 0
+            pages += blocks.pages_needed(r.request_id, self._projected(r, held, ratio))
+        watermark = int(WATERMARK * blocks.num_usable_pages)
+        return blocks.can_allocate(pages + watermark)
+
+    @staticmethod
+    def _projected(req: Request, held_tokens: int, ratio: float) -> int:
+        """Tokens `req` is expected to need: what it holds plus `ratio` of the rest of its
+        possible length (prompt + max_tokens)."""
+        full = len(req.prompt_token_ids) + req.params.max_tokens
+        return held_tokens + int(ratio * max(0, full - held_tokens) + 0.999)
 
     def _admission_reservation(self, req: Request, num_new_tokens: int) -> int:
         """Tokens of KV to hold at admission: just this chunk (paged), or the request's whole
@@ -180,6 +304,8 @@ class Scheduler:
         victim.status = RequestStatus.PREEMPTED
         victim.num_preemptions += 1
         self.num_preemptions += 1
+        self.growth_ratio = 1.0  # the load needs its full length: admit conservatively
+        self._admitted_at.pop(victim.request_id, None)
         self._requeued.add(victim.request_id)
         self._enqueued_at[victim.request_id] = self.step_index
         self.waiting.append(victim)
@@ -187,16 +313,18 @@ class Scheduler:
 
     # --- results --------------------------------------------------------------------------------
 
-    def update(self, plan: SchedulePlan, sampled: list[tuple[int, float]]) -> list[Request]:
+    def update(self, plan: StepPlan, sampled: list[tuple[int, float]]) -> list[Request]:
         """Advance computed counts, publish completed blocks, append each sampled token.
-        Returns the requests that got a token, in plan order."""
+        Returns the requests that got a token, in plan order. A request removed since `plan`
+        was scheduled (aborted) is skipped."""
         got_token = []
         for s, (token, logprob) in zip(plan.seqs, sampled, strict=True):
-            req = s.request
-            samples = s.samples
+            req = self._live.get(s.request_id)
+            if req is None:
+                continue
             req.num_computed_tokens += s.num_new_tokens
             self.kv.commit_computed(req)
-            if samples:
+            if s.samples:
                 req.output_token_ids.append(token)
                 req.output_logprobs.append(logprob)
                 got_token.append(req)

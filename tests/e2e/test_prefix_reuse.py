@@ -122,7 +122,10 @@ def test_greedy_identical_with_and_without_reuse_and_across_chunk_sizes():
     assert all(r == results[0] for r in results[1:])
 
 
-def test_greedy_identical_under_forced_preemption():
+def test_greedy_identical_under_forced_preemption(monkeypatch):
+    # Admission that projects no growth, so the pool runs out and preemption happens.
+    monkeypatch.setattr("pijax.scheduler.GROWTH_RATIO_INIT", 0.0)
+    monkeypatch.setattr("pijax.scheduler.GROWTH_RATIO_MIN", 0.0)
     prompts = [[int(x) for x in rng.integers(0, 256, n)] for n in (30, 45, 60, 20)]
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     roomy = LLM(

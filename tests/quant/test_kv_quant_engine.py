@@ -179,7 +179,10 @@ def test_int8_prefix_reuse_gives_identical_greedy_tokens(sharp, runs):
     assert results[0] == results[1]
 
 
-def test_int8_greedy_identical_under_forced_preemption(sharp, runs):
+def test_int8_greedy_identical_under_forced_preemption(sharp, runs, monkeypatch):
+    # Admission that projects no growth, so the pool runs out and preemption happens.
+    monkeypatch.setattr("pijax.scheduler.GROWTH_RATIO_INIT", 0.0)
+    monkeypatch.setattr("pijax.scheduler.GROWTH_RATIO_MIN", 0.0)
     # Four one-page prompts all start; grown to three pages each they need 12 of the 7 pages.
     prompts = [rng.integers(1, 256, n).tolist() for n in (15, 14, 13, 12)]
     roomy = greedy(runs["q"], prompts, max_tokens=33)

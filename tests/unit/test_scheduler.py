@@ -4,12 +4,14 @@ every expectation can be worked out by hand and no model runs."""
 from __future__ import annotations
 
 import itertools
+import sys
 
 import hypothesis.strategies as st
 import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from pijax import scheduler as scheduler_module
 from pijax.block_manager import BlockManager
 from pijax.config import ConfigError, SchedulerConfig
 from pijax.kv_cache_manager import KVCacheManager
@@ -71,7 +73,8 @@ class HostEngine:
 
     def step(self):
         plan = self.sched.schedule()
-        got = self.sched.update(plan, [(fake_token(s.request), 0.0) for s in plan.seqs])
+        sampled = [(fake_token(self.sched.get(s.request_id)), 0.0) for s in plan.seqs]
+        got = self.sched.update(plan, sampled)
         for req in got:
             if len(req.output_token_ids) >= req.params.max_tokens:
                 req.finish_reason = FinishReason.LENGTH
@@ -128,7 +131,15 @@ def test_without_chunking_the_budget_must_hold_the_longest_prompt():
         )
 
 
-def test_preemption_picks_least_urgent_latest_and_recomputes():
+@pytest.fixture
+def optimistic_admission(monkeypatch):
+    """Admission that projects no growth (as if every request stopped early), to drive the
+    pool into preemption on purpose."""
+    monkeypatch.setattr(scheduler_module, "GROWTH_RATIO_INIT", 0.0)
+    monkeypatch.setattr(scheduler_module, "GROWTH_RATIO_MIN", 0.0)
+
+
+def test_preemption_picks_least_urgent_latest_and_recomputes(optimistic_admission):
     eng = HostEngine(num_pages=9, budget=64, max_seqs=4)  # 8 usable pages = 64 tokens
     urgent = eng.add(20, max_tokens=30, priority=0)
     lazy = eng.add(20, max_tokens=30, priority=5)
@@ -143,7 +154,7 @@ def test_preemption_picks_least_urgent_latest_and_recomputes():
     assert lazy.output_token_ids == ref.output_token_ids
 
 
-def test_never_preempted_by_a_less_urgent_request():
+def test_never_preempted_by_a_less_urgent_request(optimistic_admission):
     eng = HostEngine(num_pages=9, budget=64, max_seqs=4)
     urgent = eng.add(30, max_tokens=30, priority=0)
     eng.step()
@@ -258,3 +269,59 @@ def test_reserve_full_length_holds_pages_for_the_whole_request():
     sched.add(req)
     sched.schedule()
     assert len(blocks.block_table("a")) == -(-40 // PAGE)
+
+
+def run_steps(eng) -> tuple[int, int]:
+    """(steps, tokens computed) until everything queued has finished."""
+    steps = tokens = 0
+    while eng.sched.num_unfinished:
+        tokens += eng.step().num_tokens
+        steps += 1
+        assert steps < 20_000, "did not finish"
+    return steps, tokens
+
+
+def test_requests_that_do_not_fit_together_do_not_thrash(monkeypatch):
+    """Issue 14: 900 + 900 and 900 + 600 tokens in 128 pages of 16 (each fits alone, not
+    together). Before: 272 preemptions, each re-admission recomputed and was preempted again."""
+    monkeypatch.setattr(sys.modules[__name__], "PAGE", 16)
+    shapes = ((900, 900), (900, 600))
+    seq = HostEngine(num_pages=129, budget=256)
+    seq_steps = seq_tokens = 0
+    for n, m in shapes:
+        seq.add(n, max_tokens=m)
+        s, t = run_steps(seq)
+        seq_steps, seq_tokens = seq_steps + s, seq_tokens + t
+    eng = HostEngine(num_pages=129, budget=256)
+    reqs = [eng.add(n, max_tokens=m) for n, m in shapes]
+    steps, tokens = run_steps(eng)
+    assert eng.sched.num_preemptions <= 1
+    assert tokens <= 1.35 * seq_tokens  # at most one recompute of the later request
+    assert steps <= seq_steps
+    assert [len(r.output_token_ids) for r in reqs] == [900, 600]
+
+
+def test_a_preempted_request_waits_until_it_fits_in_full(optimistic_admission):
+    eng = HostEngine(num_pages=17, budget=64)  # 16 usable pages = 128 tokens
+    first = eng.add(40, max_tokens=60)  # 100 tokens: fits alone
+    second = eng.add(40, max_tokens=60)
+    readmitted_while_first_ran = False
+    while eng.sched.num_unfinished:
+        eng.step()
+        if second.num_preemptions and first in eng.sched.running and second in eng.sched.running:
+            readmitted_while_first_ran = True
+    assert second.num_preemptions == 1 and first.num_preemptions == 0
+    assert not readmitted_while_first_ran
+    assert len(second.output_token_ids) == 60
+
+
+def test_admission_leaves_room_for_the_running_requests_growth():
+    eng = HostEngine(num_pages=17, budget=64)
+    first = eng.add(40, max_tokens=60)
+    eng.step()
+    second = eng.add(40, max_tokens=60)
+    eng.step()
+    # Both prompts fit the pool (10 of 16 pages), but not both at half their growth.
+    assert first in eng.sched.running and second in eng.sched.waiting
+    eng.run()
+    assert eng.sched.num_preemptions == 0

@@ -11,24 +11,33 @@ Invariants:
 - No private content: records hold ids, counts and hashes (hex), never token ids or text. The
   log enforces what it can: bytes become hex, and a list of integers (which is what token ids
   look like) is refused.
-- The file and the in-memory reader hold the same records in the same order (the reader may
-  hold only the newest `max_in_memory` of them).
+- The file and the in-memory reader hold the same records in the same order. Memory is
+  bounded: the reader keeps only the newest records, at most `max_in_memory` of them and at most
+  `max_in_memory_bytes` of their JSON text (records are kept as their JSON line, parsed when
+  read). The file keeps the whole history; `read(after_seq=...)` and `read(since=...)` reach
+  records older than the window by reading the file from a sparse index (the byte offset of
+  every `INDEX_EVERY`-th record, with its time), so a page costs what it returns plus at most
+  `INDEX_EVERY` skipped lines. Without a file, only the window exists.
 
 What it knows nothing about: who may read it (the server authorizes the RPC that reads it).
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
-import copy
 import enum
 import json
+import math
 import os
 import threading
 import time
 from collections.abc import Mapping
 
 AUDIT_KINDS = frozenset({"reuse", "register", "session_evict", "session_reuse", "session_end"})
+DEFAULT_MAX_IN_MEMORY = 4096
+DEFAULT_MAX_IN_MEMORY_BYTES = 4 << 20
+INDEX_EVERY = 1024
 
 
 def _normalize(name: str, value):
@@ -61,41 +70,74 @@ class AuditLog:
     Thread-safe: the engine appends while a server thread reads.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, *, max_in_memory: int | None = None):
-        if max_in_memory is not None and max_in_memory < 1:
-            raise ValueError(f"max_in_memory must be None or >= 1; got {max_in_memory}")
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        max_in_memory: int | None = DEFAULT_MAX_IN_MEMORY,
+        max_in_memory_bytes: int | None = DEFAULT_MAX_IN_MEMORY_BYTES,
+    ):
+        for name, value in (
+            ("max_in_memory", max_in_memory),
+            ("max_in_memory_bytes", max_in_memory_bytes),
+        ):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be None or >= 1; got {value}")
         self.path = None if path is None else os.fspath(path)
         self._lock = threading.Lock()
-        self._records: collections.deque[dict] = collections.deque(maxlen=max_in_memory)
+        self._max_records = max_in_memory
+        self._max_bytes = max_in_memory_bytes
+        self._records: collections.deque[tuple[int, str]] = collections.deque()  # (seq, line)
+        self._bytes = 0
+        self._index_offsets: list[int] = []  # byte offset of record k * INDEX_EVERY
+        self._index_times: list[float] = []  # and its time
+        self._file_size = 0
         self._count = 0
         self._file = None
         self._closed = False
         if self.path is not None:
             if os.path.exists(self.path):
                 self._load(self.path)
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (lives with self)
+            self._file = open(self.path, "ab")  # noqa: SIM115 (lives with self)
+            self._file_size = self._file.tell()
 
     def _load(self, path: str) -> None:
-        """Read back an existing log so `read` and `seq` continue where it ended.
+        """Read back an existing log so `read` and `seq` continue where it ended: one pass that
+        keeps the window and the sparse index, never the whole file.
 
         A last line without its newline is a record a crash cut short: it was never committed
         (never returned by `append`), so it is cut off the file.
         """
+        committed = 0
         with open(path, "rb") as f:
-            data = f.read()
-        committed = data.rfind(b"\n") + 1
-        if committed < len(data):
+            for number, raw in enumerate(iter(f.readline, b""), start=1):
+                if not raw.endswith(b"\n"):
+                    break
+                offset, committed = committed, committed + len(raw)
+                line = raw.decode("utf-8").strip()
+                if not line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"audit log {path!r} line {number} is not JSON: {e}") from None
+                self._remember(self._count, line, record["time"], offset)
+                self._count += 1
+        if committed < os.path.getsize(path):
             with open(path, "r+b") as f:
                 f.truncate(committed)
-        for number, line in enumerate(data[:committed].decode("utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"audit log {path!r} line {number} is not JSON: {e}") from None
-            self._records.append(record)
-            self._count += 1
+
+    def _remember(self, seq: int, line: str, t: float, offset: int | None) -> None:
+        if offset is not None and seq % INDEX_EVERY == 0:
+            self._index_offsets.append(offset)
+            self._index_times.append(t)
+        self._records.append((seq, line))
+        self._bytes += len(line)
+        while self._records and (
+            (self._max_records is not None and len(self._records) > self._max_records)
+            or (self._max_bytes is not None and self._bytes > self._max_bytes)
+        ):
+            self._bytes -= len(self._records.popleft()[1])
 
     def append(self, kind: str, **fields) -> dict:
         """Append one record and return it (a copy). `kind` must be one of `AUDIT_KINDS`."""
@@ -109,13 +151,16 @@ class AuditLog:
             if self._closed:
                 raise ValueError("audit log is closed")
             record = {"seq": self._count, "time": time.time(), "kind": kind, **body}
+            line = json.dumps(record, separators=(",", ":"))
+            offset = None
             if self._file is not None:
-                line = json.dumps(record, separators=(",", ":"))
-                self._file.write(line + "\n")
+                data = (line + "\n").encode("utf-8")
+                self._file.write(data)
                 self._file.flush()
-            self._records.append(record)
+                offset, self._file_size = self._file_size, self._file_size + len(data)
+            self._remember(self._count, line, record["time"], offset)
             self._count += 1
-        return copy.deepcopy(record)
+        return json.loads(line)
 
     def read(
         self,
@@ -131,30 +176,74 @@ class AuditLog:
         """Records matching every given filter, oldest first (copies).
 
         `zone` matches a record's `zone` or any entry of its `zones`; `since` keeps records with
-        `time >= since`; `after_seq` keeps records with `seq > after_seq` (to page forward
-        without duplicates); `limit` keeps the first `limit` matches.
+        `time >= since` (a finite number); `after_seq` keeps records with `seq > after_seq` (to
+        page forward without duplicates); `limit` keeps the first `limit` matches. Records
+        older than the in-memory window are read from the file when `after_seq` or `since`
+        reaches back to them; otherwise the window is what is read.
         """
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be None or >= 0; got {limit}")
+        if since is not None and not (isinstance(since, (int, float)) and math.isfinite(since)):
+            raise ValueError(f"since must be a finite number of unix seconds; got {since!r}")
+        if after_seq is not None and (not isinstance(after_seq, int) or after_seq < -1):
+            raise ValueError(f"after_seq must be None or an integer >= -1; got {after_seq!r}")
+
+        def match(r: dict) -> bool:
+            return (
+                (kind is None or r.get("kind") == kind)
+                and (tenant is None or r.get("tenant") == tenant)
+                and (request_id is None or r.get("request_id") == request_id)
+                and (since is None or r["time"] >= since)
+                and (after_seq is None or r["seq"] > after_seq)
+                and (zone is None or r.get("zone") == zone or zone in r.get("zones", ()))
+            )
+
         with self._lock:
-            records = list(self._records)
+            window = list(self._records)
+            first_in_memory = window[0][0] if window else self._count
+            from_file = self.path is not None and first_in_memory > 0 and self._count > 0
+            if from_file and after_seq is not None:
+                from_file = after_seq + 1 < first_in_memory
+            elif from_file and since is not None:
+                from_file = not window or json.loads(window[0][1])["time"] >= since
+            else:
+                from_file = False
+            if from_file:
+                start = self._start_offset(after_seq, since)
+                end = self._file_size
+        if from_file:
+            return self._read_file(start, end, match, limit)
         out = []
-        for r in records:
+        for seq, line in window:
             if limit is not None and len(out) >= limit:
                 break
-            if kind is not None and r.get("kind") != kind:
+            if after_seq is not None and seq <= after_seq:
                 continue
-            if tenant is not None and r.get("tenant") != tenant:
-                continue
-            if request_id is not None and r.get("request_id") != request_id:
-                continue
-            if since is not None and r["time"] < since:
-                continue
-            if after_seq is not None and r["seq"] <= after_seq:
-                continue
-            if zone is not None and r.get("zone") != zone and zone not in r.get("zones", ()):
-                continue
-            out.append(copy.deepcopy(r))
+            r = json.loads(line)
+            if match(r):
+                out.append(r)
+        return out
+
+    def _start_offset(self, after_seq: int | None, since: float | None) -> int:
+        """A byte offset at or before the first record `after_seq`/`since` can keep."""
+        k = len(self._index_offsets) - 1
+        if after_seq is not None:
+            k = min(k, (after_seq + 1) // INDEX_EVERY)
+        if since is not None:  # times increase (wall clock): the last index entry before since
+            k = min(k, max(0, bisect.bisect_left(self._index_times, since) - 1))
+        return self._index_offsets[k] if k >= 0 else 0
+
+    def _read_file(self, start: int, end: int, match, limit: int | None) -> list[dict]:
+        out = []
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            while f.tell() < end and (limit is None or len(out) < limit):
+                raw = f.readline()
+                if not raw.endswith(b"\n"):
+                    break
+                r = json.loads(raw)
+                if match(r):
+                    out.append(r)
         return out
 
     def __len__(self) -> int:

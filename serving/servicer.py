@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import secrets
 import threading
 
@@ -538,6 +539,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         limit = request.limit or DEFAULT_AUDIT_LIMIT
         if limit > MAX_AUDIT_LIMIT:
             raise invalid("limit", f"in [0, {MAX_AUDIT_LIMIT}] (0 = {DEFAULT_AUDIT_LIMIT})", limit)
+        if not math.isfinite(request.since_unix_seconds):
+            raise invalid(
+                "since_unix_seconds", "a finite number (0 = any)", request.since_unix_seconds
+            )
+        paging = request.HasField("after_seq")
+        if paging and request.after_seq < -1:
+            raise invalid("after_seq", "an integer >= -1 (-1 = from the start)", request.after_seq)
         self._engine_feature("read_audit_log", "ReadAuditLog")
         # The engine's reader filters what it can (so it copies less); we filter again, exactly.
         filters = {
@@ -545,11 +553,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             "zone": request.zone or None,
             "kind": request.event or None,
             "since": request.since_unix_seconds or None,
+            "after_seq": request.after_seq if paging else None,
+            "limit": limit if paging and not request.request_id else None,
         }
         filters = {k: v for k, v in filters.items() if v is not None}
-        records = await self._on_engine(lambda e: list(e.read_audit_log(**filters)))
+        # The audit log is thread-safe and may read its file: off the engine's thread.
+        records = await asyncio.to_thread(self.loop.engine.read_audit_log, **filters)
         out = [r for r in map(_audit_record, records) if _audit_match(r, request)]
-        return pb.ReadAuditLogResponse(records=out[-limit:])
+        return pb.ReadAuditLogResponse(records=out[:limit] if paging else out[-limit:])
 
 
 # --- conversions ----------------------------------------------------------------------------------
@@ -591,6 +602,8 @@ _AUDIT_KEYS = {  # proto field -> the engine record keys that may hold it
 def _audit_record(record) -> pb.AuditRecord:
     d = dataclasses.asdict(record) if dataclasses.is_dataclass(record) else dict(record)
     r = pb.AuditRecord(json=json.dumps(d, sort_keys=True, default=str))
+    if isinstance(d.get("seq"), int):
+        r.seq = d["seq"]
     for field, keys in _AUDIT_KEYS.items():
         value = next((d[k] for k in keys if d.get(k) is not None), None)
         if value is not None:

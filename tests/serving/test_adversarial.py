@@ -335,3 +335,44 @@ def test_abandoned_compilation_is_killed(server):
             break
         time.sleep(0.05)
     assert sandbox.num_killed > killed
+
+
+# --- audit reads ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("since", [math.nan, math.inf, -math.inf])
+def test_read_audit_log_refuses_a_non_finite_since(server, since):
+    err = rpc_error(
+        server.stub.ReadAuditLog,
+        pb.ReadAuditLogRequest(since_unix_seconds=since),
+        metadata=auth("key-admin"),
+        timeout=RPC_TIMEOUT_S,
+    )
+    assert err.code() == INVALID and "since_unix_seconds must be a finite number" in err.details()
+
+
+def test_audit_reads_are_admin_only_and_page_by_seq(server):
+    for key in ("key-acme", "key-beta"):
+        err = rpc_error(
+            server.stub.ReadAuditLog,
+            pb.ReadAuditLogRequest(after_seq=-1),
+            metadata=auth(key),
+            timeout=RPC_TIMEOUT_S,
+        )
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    for i in range(3):
+        server.on_engine(
+            lambda e, i=i: e.register_trusted_prefix(f"paging{i}", [5, 6, 7, 8], source="test")
+        )
+    seqs, after = [], -1
+    for _ in range(1000):
+        page = server.stub.ReadAuditLog(
+            pb.ReadAuditLogRequest(after_seq=after, limit=2),
+            metadata=auth("key-admin"),
+            timeout=RPC_TIMEOUT_S,
+        ).records
+        if not page:
+            break
+        seqs += [r.seq for r in page]
+        after = page[-1].seq
+    assert seqs == list(range(len(seqs))) and len(seqs) >= 3

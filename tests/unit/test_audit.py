@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -109,3 +110,45 @@ def test_in_memory_window():
 
 def test_kinds():
     assert AUDIT_KINDS == {"reuse", "register", "session_evict", "session_reuse", "session_end"}
+
+
+def test_window_is_bounded_by_bytes_and_the_file_keeps_everything(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path, max_in_memory=None, max_in_memory_bytes=2000) as log:
+        for i in range(3000):
+            log.append("reuse", tenant=f"t{i % 3}", block_hashes=[f"{i:064x}"])
+        window = log.read()
+        assert 0 < len(window) < 30 and window[-1]["seq"] == 2999
+        assert sum(len(json.dumps(r, separators=(",", ":"))) for r in window) <= 2000
+        # Paging from the start reads the file, in order, without gaps or duplicates.
+        seqs, after = [], -1
+        while True:
+            page = log.read(after_seq=after, limit=700)
+            if not page:
+                break
+            seqs += [r["seq"] for r in page]
+            after = page[-1]["seq"]
+        assert seqs == list(range(3000))
+        assert [r["seq"] for r in log.read(tenant="t1", after_seq=1500, limit=3)] == [
+            1501,
+            1504,
+            1507,
+        ]
+        first_time = log.read(after_seq=-1, limit=1)[0]["time"]
+        assert log.read(since=first_time, limit=1)[0]["seq"] == 0
+    with AuditLog(path, max_in_memory=10) as reopened:  # reopening keeps only the window
+        assert len(reopened) == 3000 and len(reopened._records) == 10
+        assert reopened.read(after_seq=1023, limit=2)[0]["seq"] == 1024
+
+
+@pytest.mark.parametrize("since", [math.nan, math.inf, -math.inf, "0"])
+def test_since_must_be_finite(since):
+    with pytest.raises(ValueError, match="since must be a finite number"):
+        AuditLog().read(since=since)
+
+
+def test_default_window_is_bounded():
+    log = AuditLog()
+    for _ in range(5000):
+        log.append("reuse", block_hashes=["ab" * 32] * 8)
+    assert len(log) == 5000 and len(log.read()) <= 4096

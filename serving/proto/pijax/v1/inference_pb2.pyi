@@ -195,23 +195,25 @@ class RegisterTrustedPrefixResponse(_message.Message):
     def __init__(self, zone: _Optional[str] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
 class ReadAuditLogRequest(_message.Message):
-    __slots__ = ("tenant", "zone", "request_id", "event", "since_unix_seconds", "limit")
+    __slots__ = ("tenant", "zone", "request_id", "event", "since_unix_seconds", "limit", "after_seq")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     ZONE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     SINCE_UNIX_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     zone: str
     request_id: str
     event: str
     since_unix_seconds: float
     limit: int
-    def __init__(self, tenant: _Optional[str] = ..., zone: _Optional[str] = ..., request_id: _Optional[str] = ..., event: _Optional[str] = ..., since_unix_seconds: _Optional[float] = ..., limit: _Optional[int] = ...) -> None: ...
+    after_seq: int
+    def __init__(self, tenant: _Optional[str] = ..., zone: _Optional[str] = ..., request_id: _Optional[str] = ..., event: _Optional[str] = ..., since_unix_seconds: _Optional[float] = ..., limit: _Optional[int] = ..., after_seq: _Optional[int] = ...) -> None: ...
 
 class AuditRecord(_message.Message):
-    __slots__ = ("time_unix_seconds", "event", "request_id", "tenant", "scope", "zone", "num_blocks", "num_tokens", "block_hashes", "json")
+    __slots__ = ("time_unix_seconds", "event", "request_id", "tenant", "scope", "zone", "num_blocks", "num_tokens", "block_hashes", "json", "seq")
     TIME_UNIX_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +224,7 @@ class AuditRecord(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     JSON_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     time_unix_seconds: float
     event: str
     request_id: str
@@ -232,7 +235,8 @@ class AuditRecord(_message.Message):
     num_tokens: int
     block_hashes: _containers.RepeatedScalarFieldContainer[str]
     json: str
-    def __init__(self, time_unix_seconds: _Optional[float] = ..., event: _Optional[str] = ..., request_id: _Optional[str] = ..., tenant: _Optional[str] = ..., scope: _Optional[str] = ..., zone: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_tokens: _Optional[int] = ..., block_hashes: _Optional[_Iterable[str]] = ..., json: _Optional[str] = ...) -> None: ...
+    seq: int
+    def __init__(self, time_unix_seconds: _Optional[float] = ..., event: _Optional[str] = ..., request_id: _Optional[str] = ..., tenant: _Optional[str] = ..., scope: _Optional[str] = ..., zone: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_tokens: _Optional[int] = ..., block_hashes: _Optional[_Iterable[str]] = ..., json: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class ReadAuditLogResponse(_message.Message):
     __slots__ = ("records",)

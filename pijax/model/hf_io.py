@@ -215,6 +215,14 @@ class SafetensorsReader:
         except (SafetensorError, OSError, TypeError, ValueError) as e:
             raise CheckpointError(f"{self.dir / fname}: cannot read tensor {name!r}: {e}") from e
 
+    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Part of a tensor (one device's shard): only these bytes are read from the file."""
+        fname = self.weight_map[name]
+        try:
+            return self._open(fname).get_slice(name)[index]
+        except (SafetensorError, OSError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.dir / fname}: cannot read tensor {name!r}: {e}") from e
+
 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
@@ -226,7 +234,7 @@ def load_hf_params(
 
     Each tensor is read as numpy, checked against the expected shape, transposed and cast on the
     host, and placed with its `NamedSharding` by `jax.device_put`; at most one tensor is on the
-    host at a time. Tensors the model does not use (a tied `lm_head.weight`, rotary caches) are
+    host at a time. In a multi-host run each process reads only its own devices' slices. Tensors the model does not use (a tied `lm_head.weight`, rotary caches) are
     logged and skipped.
     """
     target = np.dtype(dtype.jnp)
@@ -254,10 +262,17 @@ def load_hf_params(
                     f"{reader.file_of(name)}: tensor {name!r} has dtype {st_dtype}; expected one "
                     f"of {list(_FLOAT_DTYPES)}"
                 )
+            used.add(name)
+            if jax.process_count() > 1:
+                # Multi-host: each process reads only the slices its own devices hold.
+                def shard(index: tuple[slice, ...]) -> np.ndarray:
+                    part = reader.read_slice(name, tuple(reversed(index)) if transposed else index)
+                    return np.ascontiguousarray(part.T if transposed else part, dtype=target)
+
+                return jax.make_array_from_callback(leaf.shape, sharding, shard)
             host = reader.read(name)
             if transposed:
                 host = host.T
-            used.add(name)
             return jax.device_put(np.ascontiguousarray(host, dtype=target), sharding)
 
         params = jax.tree_util.tree_map_with_path(fill, abstract, shardings)

@@ -32,13 +32,13 @@ ENGINE = dict(num_pages=64, max_num_seqs=4, max_num_batched_tokens=64, max_model
 OFFLINE = textwrap.dedent("""
     import json, sys
     from pijax import LLM, SamplingParams, distributed
-    mesh, prompts, engine = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    model, mesh, prompts, engine = sys.argv[1], *map(json.loads, sys.argv[2:5])
     c = None
-    if len(sys.argv) > 4:
-        addr, n, pid, channel = sys.argv[4], *map(int, sys.argv[5:8])
+    if len(sys.argv) > 5:
+        addr, n, pid, channel = sys.argv[5], *map(int, sys.argv[6:9])
         c = distributed.initialize(addr, n, pid, channel)
     import jax
-    llm = LLM("tiny-random", mesh_shape=tuple(mesh), **engine)
+    llm = LLM(model or None, mesh_shape=tuple(mesh), **engine)
     if c is not None and not c.is_leader:
         print("WORKER_STEPS", distributed.run_worker(llm.engine))
     else:
@@ -83,8 +83,8 @@ def _result(stdout: str) -> dict:
     return json.loads(line[len("RESULT") :])
 
 
-def _offline(mesh, devices: int) -> dict:
-    args = [json.dumps(mesh), json.dumps(PROMPTS), json.dumps(ENGINE)]
+def _offline(model: str, mesh, devices: int) -> dict:
+    args = [model, json.dumps(mesh), json.dumps(PROMPTS), json.dumps(ENGINE)]
     proc = subprocess.run(
         [sys.executable, "-c", OFFLINE, *args],
         env=_env(devices),
@@ -99,7 +99,9 @@ def _offline(mesh, devices: int) -> dict:
 @pytest.mark.slow
 def test_two_processes_match_one_process_and_one_device():
     coord, channel = _free_ports(2)
-    args = [json.dumps([1, 4]), json.dumps(PROMPTS), json.dumps(ENGINE)]
+    # The embedded default model: an HF safetensors checkpoint each process reads only its own
+    # slices of; 2 kv heads on a model axis of 4 (each replicated on 2 devices, across processes).
+    args = ["", json.dumps([1, 4]), json.dumps(PROMPTS), json.dumps(ENGINE)]
     procs = [
         subprocess.Popen(
             [
@@ -126,7 +128,7 @@ def test_two_processes_match_one_process_and_one_device():
     assert "WORKER_STEPS" in outs[1][0]
     worker_steps = int(outs[1][0].split("WORKER_STEPS")[1].split()[0])
 
-    four, one = _offline([1, 4], 4), _offline([1, 1], 1)
+    four, one = _offline("", [1, 4], 4), _offline("", [1, 1], 1)
     assert multi["processes"] == 2 and multi["devices"] == 4 and multi["local_devices"] == 2
     assert multi["pool_devices"] == 4  # the pool spans both processes' devices
     assert four["processes"] == 1 and four["pool_devices"] == 4
@@ -208,7 +210,7 @@ def test_served_request_matches_and_a_dead_worker_stops_the_leader(tmp_path):
                 served.append(
                     [t for r in stub.Generate(req, metadata=auth, timeout=300) for t in r.token_ids]
                 )
-            assert served == _offline([1, 1], 1)["tokens"]
+            assert served == _offline("tiny-random", [1, 1], 1)["tokens"]
 
             # Kill the worker: the leader stops admitting, says NOT_SERVING, exits non-zero.
             procs[1].send_signal(signal.SIGKILL)

@@ -67,15 +67,18 @@ def resolve(impl: AttentionImpl) -> AttentionImpl:
     return impl
 
 
-def backend_kernel(backend: str, decode_only: bool = False) -> Kernel | None:
-    """The kernel `pallas` means on `backend` (None: there is none, e.g. CPU)."""
+def backend_kernels(backend: str, decode_only: bool = False) -> list[Kernel]:
+    """The kernels `pallas` means on `backend`, preferred first (empty: none, e.g. CPU). On
+    Hopper the Mosaic GPU kernel comes first when the tuning table says so, and the Triton
+    kernel takes the shapes it does not support (e.g. quantized pages)."""
     if backend in ("cuda", "rocm", "gpu"):
+        triton = Kernel.TRITON_DECODE if decode_only else Kernel.TRITON_RAGGED
         if not decode_only and backend != "rocm" and _use_mosaic_gpu():
-            return Kernel.MOSAIC_GPU_RAGGED
-        return Kernel.TRITON_DECODE if decode_only else Kernel.TRITON_RAGGED
+            return [Kernel.MOSAIC_GPU_RAGGED, triton]
+        return [triton]
     if backend == "tpu":
-        return Kernel.TPU_RAGGED
-    return None
+        return [Kernel.TPU_RAGGED]
+    return []
 
 
 def _use_mosaic_gpu() -> bool:
@@ -108,17 +111,19 @@ def choose_kernel(
     if impl is AttentionImpl.REFERENCE or (impl is AttentionImpl.AUTO and backend == "cpu"):
         return None
     if impl is AttentionImpl.PALLAS_INTERPRET:
-        kernel = Kernel.TRITON_DECODE if decode_only else Kernel.TRITON_RAGGED
+        kernels = [Kernel.TRITON_DECODE if decode_only else Kernel.TRITON_RAGGED]
     else:
-        kernel = backend_kernel(backend, decode_only)
-    if kernel is None:
+        kernels = backend_kernels(backend, decode_only)
+    if not kernels:
         raise ValueError(
             f"attention_impl=pallas has no kernel for backend {backend!r}; use "
             f"{AttentionImpl.REFERENCE.value!r} or {AttentionImpl.PALLAS_INTERPRET.value!r}"
         )
-    reason = support.why_not(kernel, shape)
-    if reason is None:
-        return kernel
+    for kernel in kernels:
+        reason = support.why_not(kernel, shape)
+        if reason is None:
+            return kernel
+    # `kernel` and `reason` are the last (broadest) kernel's: the one the shape missed.
     if impl is AttentionImpl.AUTO:
         if (kernel, shape) not in _FELL_BACK:
             _FELL_BACK.add((kernel, shape))

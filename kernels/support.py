@@ -132,17 +132,11 @@ SUPPORTED: dict[Kernel, Support] = {
     Kernel.TRITON_DECODE: Support(
         HEAD_DIMS, PAGE_SIZES, 16, FLOAT_DTYPES, FLOAT_DTYPES + ("int8", "float8_e4m3fn")
     ),
-    # Warpgroup MMA wants K/V tiles of whole 64-element (128-byte bf16) swizzle rows; head dims
-    # below 64 are padded to 64 in shared memory. f32 queries are cast to bf16 (no tf32 wgmma
-    # path in the kernel), so float32 is not listed.
+    # mosaic_gpu.py: wgmma tiles of 64-element (128-byte bf16) swizzle rows, so head dims that
+    # are multiples of 64; 128-key K/V tiles, so page sizes dividing 128; bf16 pages only so
+    # far (quantized pages and f32 go to the Triton kernel, which dispatch tries next).
     Kernel.MOSAIC_GPU_RAGGED: Support(
-        (64, 128, 256),
-        (16, 32, 64, 128),
-        16,
-        ("bfloat16", "float16"),
-        ("bfloat16", "float16", "int8", "float8_e4m3fn"),
-        soft_cap=True,
-        sliding_window=True,
+        (64, 128, 256), (8, 16, 32, 64, 128), 16, ("bfloat16",), ("bfloat16",)
     ),
     # fp8 pages are refused on TPU by `quantization.supports_fp8` (not validated there).
     Kernel.TPU_RAGGED: Support(HEAD_DIMS, PAGE_SIZES, 16, FLOAT_DTYPES, FLOAT_DTYPES + ("int8",)),

@@ -2,6 +2,7 @@
 
     python scripts/bench_kernels.py                     # small grid (CPU: not a performance figure)
     python scripts/bench_kernels.py --grid=full         # the issue's grid, on a GPU or TPU
+    python scripts/bench_kernels.py --grid=quick        # the goal shapes only (device_check.py)
 
 The full grid: decode at batch {1, 8, 64, 256} x context {512, 2k, 8k, 32k} (plus batch 64 x 4k,
 the shape the H100 goal names) with a Llama-3-8B attention shape (32 query heads, 8 kv heads,
@@ -52,7 +53,7 @@ from pijax.kernels import dispatch, quantization
 from pijax.kernels.paged_attention import decode, ragged, reference
 from pijax.kernels.paged_attention.cases import Case
 
-GRID = flags.DEFINE_enum("grid", "small", ["small", "full"], "shape grid to run")
+GRID = flags.DEFINE_enum("grid", "small", ["small", "quick", "full"], "shape grid to run")
 ITERS = flags.DEFINE_integer("iters", 10, "timed iterations per measurement (median reported)")
 OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "where JSON and Markdown go")
 SEED = flags.DEFINE_integer("seed", 0, "seed for lengths, page order and values")
@@ -113,6 +114,21 @@ def grid(kind: str, backend: str) -> list[Shape]:
             )
         return shapes
     llama3_8b = dict(num_kv_heads=8, group=4, head_dim=128, page_size=16)
+    if kind == "quick":  # the goal shapes: b64 x 4k decode per page dtype, one mixed batch
+        for kv in kv_dtypes(backend):
+            shapes.append(Shape(f"decode-b64-c4096-{kv}", 64, 4096, (), kv_dtype=kv, **llama3_8b))
+        shapes.append(
+            Shape(
+                "mixed-b64-c4k-p2x512-bfloat16",
+                64,
+                4096,
+                ((512, 512), (512, 2560)),
+                kv_dtype="bfloat16",
+                spread=True,
+                **llama3_8b,
+            )
+        )
+        return shapes
     for kv in kv_dtypes(backend):
         points = [(b, c) for b in (1, 8, 64, 256) for c in (512, 2048, 8192, 32768)]
         for batch, context in sorted(points + [(64, 4096)]):
@@ -277,6 +293,9 @@ def candidates(shape: Shape, case: Case, backend: str, on_cpu: bool) -> dict:
         out["ragged" + suffix] = lambda: ragged.ragged_paged_attention(
             *case.args(), **kw, **interpret
         )
+        mosaic = _mosaic_gpu(case, on_cpu)
+        if mosaic is not None:
+            out["ragged mosaic-gpu" + suffix] = lambda: mosaic(*case.args(), **kw)
         if shape.is_decode:
             out["decode split-K" + suffix] = lambda: decode.paged_decode_attention(
                 *case.args(), **kw, **interpret
@@ -284,6 +303,27 @@ def candidates(shape: Shape, case: Case, backend: str, on_cpu: bool) -> dict:
         else:
             out["prefill+decode as 2 calls" + suffix] = _two_calls(shape, case, kw, interpret)
     return out
+
+
+def _mosaic_gpu(case: Case, on_cpu: bool):
+    """The Mosaic GPU kernel where it can run this case (Hopper + JAX with Mosaic GPU; on CPU
+    its interpreter when the installed JAX has one), else None."""
+    from pijax.kernels import support
+    from pijax.kernels.support import AttentionShape, Kernel
+
+    try:
+        from pijax.kernels.paged_attention import mosaic_gpu
+    except ImportError:
+        return None
+    shape = AttentionShape.of(case.q, case.k_pages)
+    if support.why_not(Kernel.MOSAIC_GPU_RAGGED, shape) is not None:
+        return None
+    if on_cpu:
+        return mosaic_gpu.interpret_fn() if mosaic_gpu.interpreter_available() else None
+    cap = support.gpu_capability()
+    if not mosaic_gpu.available() or cap is None or cap < (9, 0):
+        return None
+    return mosaic_gpu.ragged_paged_attention_mgpu
 
 
 def _two_calls(shape: Shape, case: Case, kw: dict, interpret: dict):
@@ -480,7 +520,7 @@ def _best(rows, shape_name, prefixes):
 
 def goals(rows: list[dict]) -> list[str]:
     """The issue's H100 goals, evaluated on whatever this run measured."""
-    ours = ("ragged", "decode split-K")
+    ours = ("ragged", "decode split-K", "ragged mosaic-gpu")
     lines = []
     for r in rows:
         if r["shape"] == "decode-b64-c4096-bfloat16" and r["impl"].split(" (")[0] in ours:
@@ -554,30 +594,44 @@ def write_report(meta: dict, rows: list[dict], out_dir: pathlib.Path) -> pathlib
     return stem
 
 
-def main(argv):
-    del argv
+def run_grid(kind: str, iters: int, out_dir, only: str = "", on_shape=None):
+    """Measure every shape of grid `kind` (names containing `only`); write the report. Returns
+    (meta, rows, report stem). `on_shape(name)` is called after each shape (progress)."""
     backend = jax.default_backend()
     backend = "gpu" if backend in ("cuda", "rocm") else backend
-    bandwidth = copy_bandwidth(ITERS.value)
+    bandwidth = copy_bandwidth(iters)
     rows = []
-    for shape in grid(GRID.value, backend):
-        if ONLY.value not in shape.name:
+    for shape in grid(kind, backend):
+        if only not in shape.name:
             continue
-        rows += run_shape(shape, backend, bandwidth, ITERS.value)
-        print(f"{shape.name}: done", flush=True)
+        rows += run_shape(shape, backend, bandwidth, iters)
+        if on_shape:
+            on_shape(shape.name)
     device = jax.devices()[0]
     meta = dict(
         backend=backend,
         device=getattr(device, "device_kind", str(device)),
         jax=jax.__version__,
         host=platform.node(),
-        grid=GRID.value,
+        grid=kind,
         copy_bandwidth_gbps=bandwidth / 1e9,
-        iters=ITERS.value,
+        iters=iters,
         when=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         note=NOT_A_FIGURE if backend == "cpu" else "accelerator run",
     )
-    stem = write_report(meta, rows, pathlib.Path(OUT_DIR.value))
+    stem = write_report(meta, rows, pathlib.Path(out_dir))
+    return meta, rows, stem
+
+
+def main(argv):
+    del argv
+    _, _, stem = run_grid(
+        GRID.value,
+        ITERS.value,
+        OUT_DIR.value,
+        ONLY.value,
+        on_shape=lambda name: print(f"{name}: done", flush=True),
+    )
     print(f"wrote {stem}.json and {stem}.md")
 
 

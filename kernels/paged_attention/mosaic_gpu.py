@@ -1,0 +1,307 @@
+"""Ragged paged attention for Hopper through Pallas' Mosaic GPU backend (`plgpu.kernel`).
+
+Why: JAX 0.11 deprecates Pallas' Triton backend; Mosaic GPU is its successor on Hopper (sm_90)
+and later, with the bulk tensor copy engine (TMA) and warpgroup MMA (wgmma) exposed directly.
+
+Same contract and tile map as `ragged.py` (`common.tile_map`): grid `(kv_heads, query_tiles)`,
+one program per query tile of `64` rows (wgmma's M: `64 // group_pad` tokens of one sequence x
+the group's query heads, so every head of a GQA group shares each K/V tile). A program
+
+1. TMA-copies its query tile into swizzled shared memory;
+2. walks its sequence's block table `block_kv` keys at a time (`block_kv // page_size` pages):
+   each page of its kv head, `k_pages[page, :, head, :]` (a strided 2-D slab of the pool in its
+   stored layout), is one TMA copy into a slice of the K (V) tile, each on its own barrier;
+3. computes `q @ k.T` with wgmma into a register accumulator, masks (causal frontier, row
+   liveness, sliding window), runs one online-softmax step in registers, and accumulates
+   `p @ v` with wgmma (p from registers, v from shared memory);
+4. normalizes, writes the tile back through shared memory with a TMA store.
+
+Programs start at the tile's sliding-window edge and stop at its causal frontier, so a decode
+token reads its context once and only pages its sequence owns are read.
+
+What this first version does NOT do (the Triton kernels do; see `support.SUPPORTED` for what
+dispatch will send here):
+  * quantized (int8 / fp8) pages: not dequantized in-kernel yet;
+  * split-K: a few long sequences get `kv_heads x tiles` programs only;
+  * warp specialization / multi-stage pipelining: each K/V tile's copies are issued and waited
+    for before its compute (the FlashAttention-3 structure of JAX's `attention_mgpu.py`, a
+    producer warpgroup keeping two stages in flight, is the next step);
+  * head dims that are not multiples of 64 (128-byte swizzle rows): 64, 128, 256 only.
+It has never run on a GPU (none was available); its CPU checks are the Mosaic GPU interpreter
+(`jax._src.pallas.mosaic_gpu.interpret`, private in JAX 0.10) and lowering for `cuda`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pijax.kernels.paged_attention import common
+
+ROWS = 64  # wgmma M per warpgroup: one query tile
+BLOCK_KV = 128  # keys per K/V tile (a multiple of 64: the PV wgmma's contraction tile)
+
+
+def _mgpu():
+    """The Mosaic GPU Pallas module, or None where this JAX does not have it."""
+    try:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+    except ImportError:
+        return None
+    needed = ("kernel", "wgmma", "copy_gmem_to_smem", "Barrier", "SMEM", "ACC", "Layout")
+    return plgpu if all(hasattr(plgpu, n) for n in needed) else None
+
+
+def available() -> bool:
+    """Whether this JAX can lower the kernel (sm_90+ is dispatch's check, not this one's)."""
+    return _mgpu() is not None
+
+
+def _interpret_params():
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError:
+        return None
+    return InterpretGPUParams
+
+
+def interpreter_available() -> bool:
+    """Whether this JAX ships the Mosaic GPU interpreter (private module; JAX 0.10+)."""
+    return available() and _interpret_params() is not None
+
+
+def reset_interpreter() -> None:
+    """After a kernel fails under the interpreter, its global state must be reset."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+    except ImportError:
+        return
+    reset = getattr(ipc, "reset_gpu_interpret_mode_state", None)
+    if reset is not None:
+        reset()
+
+
+def interpret_fn():
+    """The kernel run by the Mosaic GPU interpreter on CPU (same signature)."""
+    return functools.partial(ragged_paged_attention_mgpu, interpret=True)
+
+
+def _body(
+    seq_ref,
+    count_ref,
+    pos_ref,
+    kv_lens_ref,
+    bt_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    *,
+    group_pad: int,
+    pages_per_block: int,
+    sm_scale: float,
+    soft_cap,
+    sliding_window,
+    interpret: bool,
+):
+    plgpu = _mgpu()
+    page_size, head_dim = k_ref.shape[1], k_ref.shape[3]
+    dtype = q_ref.dtype
+    wgmma_layout = plgpu.Layout.WGMMA
+
+    # Register layouts matter to the Mosaic GPU compiler only; its interpreter has no rule for
+    # `layout_cast` or laid-out iotas, and computes the same values without them.
+    def layout(x, lay):
+        return x if interpret else plgpu.layout_cast(x, lay)
+
+    def iota(shape, dim):
+        if interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma_layout)
+
+    def scoped(q_smem, k_smem, v_smem, p_smem, q_bar, k_bars, v_bars):
+        head, tile = lax.axis_index("kv"), lax.axis_index("tile")
+        seq, count, first_pos = seq_ref[tile], count_ref[tile], pos_ref[tile]
+        lo, hi = common.kv_range(first_pos, count, kv_lens_ref[seq], sliding_window)
+        blk_lo, blk_hi = lax.div(lo, BLOCK_KV), common.cdiv(hi, BLOCK_KV)
+
+        plgpu.copy_gmem_to_smem(q_ref.at[head, tile], q_smem, q_bar.at[0])
+        plgpu.barrier_wait(q_bar.at[0])
+
+        shape = (ROWS, BLOCK_KV)
+        rows, cols = iota(shape, 0), iota(shape, 1)
+        row_tok = lax.div(rows, jnp.int32(group_pad))
+        row_pos = first_pos + row_tok
+        row_live = row_tok < count
+
+        def step(blk, carry):
+            acc, m, denom = carry
+            for i in range(pages_per_block):
+                page = bt_ref[seq, blk * pages_per_block + i]
+                dst = pl_ds(i * page_size, page_size)
+                plgpu.copy_gmem_to_smem(k_ref.at[page, :, head], k_smem.at[dst], k_bars.at[i])
+                plgpu.copy_gmem_to_smem(v_ref.at[page, :, head], v_smem.at[dst], v_bars.at[i])
+            for i in range(pages_per_block):
+                plgpu.barrier_wait(k_bars.at[i])
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+                return acc_ref[...]
+
+            if interpret:  # JAX 0.10's interpreter cannot apply `transpose_ref` in a wgmma
+                s = common.dot_nt(q_smem[...], k_smem[...])
+            else:
+                s = _pl().run_scoped(qk, plgpu.ACC(shape, jnp.float32))
+            s = s * sm_scale
+            if soft_cap is not None:
+                s = soft_cap * jnp.tanh(s / soft_cap)
+            key_pos = blk * BLOCK_KV + cols
+            mask = (key_pos <= row_pos) & row_live
+            if sliding_window is not None:
+                mask &= key_pos > row_pos - sliding_window
+            s = jnp.where(mask, s, common.MASKED)
+            m_next = jnp.maximum(m, s.max(axis=1))
+            correction = jnp.exp(m - m_next)
+            p = jnp.exp(s - lax.broadcast_in_dim(m_next, shape, [0]))
+            denom = denom * correction + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+            for i in range(pages_per_block):
+                plgpu.barrier_wait(v_bars.at[i])
+
+            # p goes through shared memory (wgmma's A operand from SMEM) rather than registers:
+            # JAX 0.10's interpreter runs wgmma on SMEM operands only, and this way the device
+            # and the interpreter run the same PV code. Costs a 16 KB SMEM round trip per tile.
+            p_smem[...] = p.astype(dtype)
+            plgpu.commit_smem()
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p_smem, v_smem)
+                return acc_ref[...]
+
+            # A fresh accumulator added in registers (rather than `run_state` over `acc`,
+            # which the Mosaic GPU interpreter does not run): one more 64 x D f32 tile live.
+            acc = acc + _pl().run_scoped(pv, plgpu.ACC((ROWS, head_dim), jnp.float32))
+            return acc, m_next, denom
+
+        reduced = wgmma_layout.reduce(1)
+        carry = (
+            layout(jnp.zeros((ROWS, head_dim), jnp.float32), wgmma_layout),
+            layout(jnp.full((ROWS,), common.M_INIT, jnp.float32), reduced),
+            layout(jnp.zeros((ROWS,), jnp.float32), reduced),
+        )
+        acc, _, denom = lax.fori_loop(blk_lo, blk_hi, step, carry)
+        seen = denom > 0
+        scale = jnp.where(seen, 1.0 / jnp.where(seen, denom, 1.0), 0.0)
+        out = acc * lax.broadcast_in_dim(scale, acc.shape, [0])
+        q_smem[...] = out.astype(dtype)  # the query tile's buffer holds the output tile
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[head, tile])
+        plgpu.wait_smem_to_gmem(0)
+
+    swizzle = 128  # bytes: one 64-element bf16 row
+    transforms = (
+        plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+        plgpu.SwizzleTransform(swizzle),
+    )
+    _pl().run_scoped(
+        scoped,
+        plgpu.SMEM((ROWS, head_dim), dtype, transforms=transforms),
+        plgpu.SMEM((BLOCK_KV, head_dim), dtype, transforms=transforms),
+        plgpu.SMEM((BLOCK_KV, head_dim), dtype, transforms=transforms),
+        plgpu.SMEM((ROWS, BLOCK_KV), dtype, transforms=transforms),
+        plgpu.Barrier(num_barriers=1),
+        plgpu.Barrier(num_barriers=pages_per_block),
+        plgpu.Barrier(num_barriers=pages_per_block),
+    )
+
+
+def _pl():
+    from jax.experimental import pallas as pl
+
+    return pl
+
+
+def pl_ds(start, size):
+    return _pl().ds(start, size)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "interpret"))
+def ragged_paged_attention_mgpu(
+    q,
+    k_pages,
+    v_pages,
+    kv_lens,
+    block_tables,
+    cu_q_lens,
+    num_seqs,
+    *,
+    sm_scale: float,
+    k_scales=None,
+    v_scales=None,
+    soft_cap=None,
+    sliding_window=None,
+    interpret: bool = False,
+):
+    """Same contract as `reference.ragged_paged_attention_reference`, for the shapes
+    `support.SUPPORTED[Kernel.MOSAIC_GPU_RAGGED]` lists (bf16/f16 queries and pages)."""
+    plgpu = _mgpu()
+    if plgpu is None:
+        raise NotImplementedError("this JAX has no Pallas Mosaic GPU backend")
+    common.validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, k_scales, v_scales)
+    if k_scales is not None:
+        raise NotImplementedError("the Mosaic GPU kernel does not take quantized pages yet")
+    num_tokens, num_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_pages.shape
+    if head_dim % 64 or BLOCK_KV % page_size or k_pages.dtype != q.dtype:
+        raise ValueError(
+            f"Mosaic GPU kernel: head_dim {head_dim} must be a multiple of 64, page_size "
+            f"{page_size} divide {BLOCK_KV}, and pages ({k_pages.dtype}) match q ({q.dtype})"
+        )
+    group_pad = common.next_pow2(num_heads // num_kv_heads)
+    if group_pad > ROWS:
+        raise ValueError(f"GQA group {num_heads // num_kv_heads} exceeds {ROWS} rows")
+    tokens_per_tile = ROWS // group_pad
+    pages_per_block = BLOCK_KV // page_size
+
+    tm = common.tile_map(
+        kv_lens, cu_q_lens, num_seqs, num_tokens=num_tokens, tokens_per_tile=tokens_per_tile
+    )
+    q_tiles = common.gather_query_tiles(
+        q, tm, num_kv_heads=num_kv_heads, tokens_per_tile=tokens_per_tile, group_pad=group_pad
+    )
+    num_tiles = q_tiles.shape[1]
+    width = -(-block_tables.shape[1] // pages_per_block) * pages_per_block
+    block_tables = jnp.pad(block_tables, ((0, 0), (0, width - block_tables.shape[1])))
+
+    body = functools.partial(
+        _body,
+        group_pad=group_pad,
+        pages_per_block=pages_per_block,
+        sm_scale=sm_scale,
+        soft_cap=soft_cap,
+        sliding_window=sliding_window,
+        interpret=interpret,
+    )
+    params = _interpret_params()() if interpret else None
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct(q_tiles.shape, q.dtype),
+        grid=(num_kv_heads, num_tiles),
+        grid_names=("kv", "tile"),
+        interpret=params,
+    )
+    out_tiles = kernel(
+        tm.seq, tm.count, tm.first_pos, kv_lens, block_tables, q_tiles, k_pages, v_pages
+    )
+    return common.scatter_output_tiles(
+        out_tiles,
+        tm,
+        cu_q_lens,
+        num_seqs,
+        num_heads=num_heads,
+        num_tokens=num_tokens,
+        tokens_per_tile=tokens_per_tile,
+    )

@@ -285,13 +285,14 @@ def ragged_paged_attention_mgpu(
         sliding_window=sliding_window,
         interpret=interpret,
     )
-    params = _interpret_params()() if interpret else None
+    # `interpret` is passed only when set, so a JAX whose `plgpu.kernel` lacks it still lowers.
+    extra = dict(interpret=_interpret_params()()) if interpret else {}
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct(q_tiles.shape, q.dtype),
         grid=(num_kv_heads, num_tiles),
         grid_names=("kv", "tile"),
-        interpret=params,
+        **extra,
     )
     out_tiles = kernel(
         tm.seq, tm.count, tm.first_pos, kv_lens, block_tables, q_tiles, k_pages, v_pages

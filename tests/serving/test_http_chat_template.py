@@ -4,9 +4,11 @@ and the default model's template writes its claim-review prompt."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from pijax.claims.chat_template import default_model_chat_template
 from pijax.claims.prompt import policy_scaffold, render_claim, render_prompt
 from pijax.claims.samples import sample_example
 from pijax.config import DEFAULT_MODEL
@@ -39,6 +41,14 @@ MESSAGES = [
     {"role": "system", "content": "skipped"},
     {"role": "user", "content": "and C2?"},
 ]
+
+
+def test_default_model_template_is_generated_from_the_prompt_format():
+    committed = (Path(DEFAULT_MODEL) / "chat_template.jinja").read_text(encoding="utf-8")
+    assert committed == default_model_chat_template(), (
+        "the default model's chat template is stale (the claims prompt format changed): "
+        "python -m pijax.claims.chat_template pijax/data/default_model"
+    )
 
 
 def test_default_model_template_writes_the_claim_review_prompt():

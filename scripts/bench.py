@@ -12,11 +12,14 @@ benchmarks/results/<date>-<device>-<preset>/). Presets live in configs/bench/.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from absl import app, flags
@@ -50,9 +53,10 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_string(
     "compilation_cache_dir",
-    "~/.cache/pijax/xla",
-    "Persistent XLA compilation cache ('' = off). Warm-up still compiles every "
-    "shape; the cache makes a second run's warm-up load instead of compile.",
+    None,
+    "Persistent XLA compilation cache (default: the engine's, ~/.cache/pijax/jax; 'off' or '' "
+    "= off). With --compare the run uses a fresh empty directory instead, so the first-call "
+    "figure includes every compilation.",
 )
 flags.DEFINE_string(
     "target",
@@ -122,12 +126,15 @@ def default_out_dir(preset: str) -> Path:
 def main(argv):
     del argv
     logging.getLogger().setLevel(logging.INFO if FLAGS.progress != "off" else logging.WARNING)
-    import jax
 
-    if FLAGS.compilation_cache_dir:
-        jax.config.update(
-            "jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache_dir)
-        )
+    from pijax.config import resolve_compilation_cache_dir
+    from pijax.engine import use_compilation_cache
+
+    cache_dir = resolve_compilation_cache_dir(FLAGS.compilation_cache_dir)
+    if cache_dir and FLAGS.compare and not FLAGS.target:
+        cache_dir = tempfile.mkdtemp(prefix="pijax-bench-xla-")  # the first call sees it empty
+        atexit.register(shutil.rmtree, cache_dir, True)
+    use_compilation_cache(cache_dir)
     from pijax.bench import report
     from pijax.bench.presets import load_bench_preset
     from pijax.bench.suite import Suite, SuiteOptions

@@ -299,3 +299,64 @@ def prefix_burst(
         "compilations": engine.compile_count - compiles,
         "seconds": time.perf_counter() - start,
     }
+
+
+# --- prefill FLOP rate ------------------------------------------------------------------------
+
+
+def prefill_flops_probe(
+    engine: Engine, ceilings: dict, prompt_tokens: int, repeats: int = 2, seed: int = 11
+) -> dict:
+    """Achieved FLOP/s of prefill-only steps beside the matmul rate measured in this run.
+
+    Prompts fill the engine's token budget (each at most `prompt_tokens`, private and random, so
+    nothing is reused) and every step is prefill only; the time is from the first step to the
+    first token of the last prompt, best of `repeats` on the warm engine. FLOPs count what the
+    model must do, not what the padded shapes cost: 2 x (non-embedding matmul params) per token,
+    the LM head once per prompt, and causal attention (4 x heads x head_dim per query-key pair
+    within a prompt, per layer). Leaves the engine empty.
+    """
+    cfg = engine.model_config
+    costs = model_costs(engine)
+    lm_head = cfg.vocab_size * cfg.hidden_size
+    budget = engine.config.scheduler.max_num_batched_tokens
+    n = max(1, budget // prompt_tokens)
+    lengths = [min(prompt_tokens, engine.max_model_len - 1)] * n
+    rng = np.random.default_rng(seed)
+    vocab = min(256, cfg.vocab_size)
+    best, steps = math.inf, 0
+    for rep in range(repeats):
+        ids = [f"prefill-{rep}-{i}" for i in range(n)]
+        for rid, k in zip(ids, lengths, strict=True):
+            engine.add_request(
+                rid,
+                rng.integers(0, vocab, k).tolist(),
+                SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
+            )
+        left, steps = set(ids), 0
+        t = time.perf_counter()
+        while left:
+            for o in engine.step():
+                left.discard(o.request_id)
+            steps += 1
+        best = min(best, time.perf_counter() - t)
+    tokens = sum(lengths)
+    pairs = sum(k * (k + 1) // 2 for k in lengths)
+    flops = (
+        2 * (costs["matmul_params"] - lm_head) * tokens
+        + 2 * lm_head * n
+        + 4 * pairs * cfg.num_heads * cfg.head_dim * cfg.num_layers
+    )
+    rate = ceilings["matmul_tflops"][engine.config.dtype.value] * 1e12
+    achieved = flops / best
+    return {
+        "prompts": n,
+        "prompt_tokens": lengths[0],
+        "max_num_batched_tokens": budget,
+        "steps": steps,
+        "seconds": best,
+        "flops": flops,
+        "achieved_tflops": achieved / 1e12,
+        "matmul_tflops": rate / 1e12,
+        "achieved_over_matmul_rate": achieved / rate,
+    }

@@ -133,7 +133,8 @@ def goals_table(goals: list[dict]) -> str:
     rows = ["| goal | target | measured | met |", "|---|---|---|---|"]
     for g in goals:
         v = g["measured"]
-        unit = "%" if "waste" in g["goal"] else ("" if "compil" in g["goal"] else "x")
+        pct = "waste" in g["goal"] or "share" in g["goal"]
+        unit = "%" if pct else ("" if "compil" in g["goal"] else "x")
         met = {True: "yes", False: "**no**", None: "–"}[g["met"]]
         rows.append(f"| {g['goal']} | {g['target']} | {_f(v, unit)} | {met} |")
     return "\n".join(rows)
@@ -152,6 +153,14 @@ def probes_section(p: dict) -> str:
             f"ratio {_f(la['p99_during_over_before'], 'x')})"
             f"; its TTFT {_f(la['long_prompt_ttft_s'], 's')} over {la['steps_while_prefilling']} "
             f"steps."
+        )
+    for name, pf in p.get("prefill", {}).items():
+        lines.append(
+            f"- prefill-only steps, **{name}**: {pf['prompts']} x {pf['prompt_tokens']}-token "
+            f"prompts in {pf['steps']} steps of <= {pf['max_num_batched_tokens']} tokens, "
+            f"{_f(pf['seconds'], 's')}: {pf['achieved_tflops'] * 1e3:.1f} GFLOP/s achieved vs a "
+            f"{pf['matmul_tflops'] * 1e3:.1f} GFLOP/s matmul "
+            f"({_f(pf['achieved_over_matmul_rate'], 'x')})."
         )
     for name, ut in p.get("unloaded_ttft", {}).items():
         lines.append(

@@ -15,7 +15,15 @@ import sys
 import pytest
 
 from pijax.bench.report import REQUIRED_KEYS, SUMMARY_KEYS
-from pijax.bench.suite import CONTIGUOUS, HF, NO_CHUNK, NO_REUSE, PAGED, kv_config_name
+from pijax.bench.suite import (
+    CONTIGUOUS,
+    FIRST_CALL,
+    HF,
+    NO_CHUNK,
+    NO_REUSE,
+    PAGED,
+    kv_config_name,
+)
 
 SCRIPT = pathlib.Path(__file__).parents[2] / "scripts" / "bench.py"
 INT8 = kv_config_name("int8")
@@ -65,8 +73,11 @@ def test_json_is_complete(smoke_run):
     for key in REQUIRED_KEYS:
         assert key in results, key
     configs = results["configs"]
-    assert list(configs) == [PAGED, CONTIGUOUS, NO_REUSE, NO_CHUNK, INT8, HF]
+    assert list(configs) == [FIRST_CALL, PAGED, CONTIGUOUS, NO_REUSE, NO_CHUNK, INT8, HF]
     requests = results["workload"]["requests"]
+    first = configs[FIRST_CALL]["summary"]
+    assert first["requests"] == requests
+    assert first["compilations_after_warmup"] > 0, "the first call compiles inside the run"
     for name in (PAGED, CONTIGUOUS, NO_REUSE, NO_CHUNK, INT8):
         s = configs[name]["summary"]
         for key in SUMMARY_KEYS:
@@ -82,7 +93,7 @@ def test_json_is_complete(smoke_run):
     # int8 at the same byte budget holds more tokens than the unquantized pool.
     auto, int8 = configs[PAGED]["pool"], configs[INT8]["pool"]
     assert int8["budget_bytes"] == auto["budget_bytes"] and int8["tokens"] > 1.9 * auto["tokens"]
-    assert set(results["ratios"]) == {CONTIGUOUS, NO_REUSE, NO_CHUNK, INT8}
+    assert set(results["ratios"]) == {FIRST_CALL, CONTIGUOUS, NO_REUSE, NO_CHUNK, INT8}
     assert results["definitions"]["tpot"] == "(e2e - ttft) / (output tokens - 1)"
     r = results["probes"]["roofline"]
     assert r["floor_s"] > 0 and r["measured_step_s"] > 0
@@ -92,6 +103,12 @@ def test_json_is_complete(smoke_run):
     assert results["caveat"].endswith("test run")
     goals = {g["goal"]: g for g in results["goals"]}
     assert goals["compilations after warm-up (all engine runs)"]["met"] is True
+    prefill = results["probes"]["prefill"][PAGED]
+    assert prefill["flops"] > 0 and 0 < prefill["achieved_over_matmul_rate"]
+    row = goals["prefill-only steps: achieved FLOP/s / matmul rate (same run)"]
+    assert row["measured"] == prefill["achieved_over_matmul_rate"]
+    idle = goals["overlap: device idle share of wall time between steps, steady decode"]
+    assert idle["met"] is None or idle["measured"] is not None
 
 
 @pytest.mark.slow

@@ -7,8 +7,9 @@ engine: both front ends share authentication, validation, metrics and the engine
         --host 0.0.0.0 --port 50051 --metrics_port 9400 --mesh 1,2
 
 The server listens at once, answers health checks with NOT_SERVING while it compiles its step
-shapes (`--warmup`: on GPU/TPU by default; on CPU shapes compile on first use), then logs "pijax
-server ready" and reports SERVING. SIGTERM or Ctrl-C drains: new
+shapes (`--warmup`, on by default; a progress bar on a terminal; a few step shapes, loaded from
+the persistent compilation cache after the first start), then logs "pijax server ready" and
+reports SERVING. SIGTERM or Ctrl-C drains: new
 requests get UNAVAILABLE, in-flight ones get `--drain_grace_s` to finish, the rest are cancelled.
 
 The API-key file maps each key to a tenant, the trust zones it may use and an admin flag (see
@@ -84,9 +85,8 @@ flags.DEFINE_enum(
     "warmup",
     "auto",
     ["auto", "on", "off"],
-    "Compile every step shape before "
-    "reporting SERVING; auto = on for GPU/TPU, off on CPU (where it takes minutes "
-    "and shapes compile on first use instead).",
+    "Compile every step shape before reporting SERVING (auto = on: a few shapes, and later "
+    "starts load them from the persistent compilation cache); off: shapes compile on first use.",
 )
 flags.DEFINE_string(
     "kv_quant_gate_report",
@@ -104,11 +104,7 @@ log = logging.getLogger("pijax.serve")
 
 
 def warmup_wanted() -> bool:
-    if FLAGS.warmup != "auto":
-        return FLAGS.warmup == "on"
-    import jax
-
-    return jax.default_backend() != "cpu"
+    return FLAGS.warmup != "off"
 
 
 def trusted_prefixes() -> list[tuple[str, str]]:
@@ -235,16 +231,19 @@ def main(argv):
     except GateError as e:
         raise app.UsageError(str(e)) from None
     prefixes = trusted_prefixes()
-    scopes = http_default_scopes()
+    http = None  # checked before loading the model: (host, port, chat template, default scopes)
+    if FLAGS.http_port:
+        if not 0 < FLAGS.http_port < 65536:
+            raise app.UsageError(f"--http_port must be in [0, 65535]; got {FLAGS.http_port}")
+        try:
+            template = chat_template(model)
+        except (OSError, ValueError) as e:
+            raise app.UsageError(f"--chat_template: {e}") from None
+        http = (FLAGS.http_host or FLAGS.host, FLAGS.http_port, template, http_default_scopes())
     engine = Engine.from_source(model, engine_config)
     if distributed.is_worker():  # process 0 serves; the others run its steps on their devices
         distributed.run_worker(engine)
         return
-    http = None
-    if FLAGS.http_port:
-        if not 0 < FLAGS.http_port < 65536:
-            raise app.UsageError(f"--http_port must be in [0, 65535]; got {FLAGS.http_port}")
-        http = (FLAGS.http_host or FLAGS.host, FLAGS.http_port, chat_template(model), scopes)
     asyncio.run(serve(engine, config, prefixes, http))
 
 

@@ -1,4 +1,4 @@
-"""SchedulePlan -> StepInput: fixed-shape numpy arrays, padded to buckets. The one host->device hop.
+"""StepPlan -> StepInput: fixed-shape numpy arrays, padded to buckets. The one host->device hop.
 
 Every distinct (tokens T, sequences S, block-table width W) shape is one compilation, so the
 buckets are few and chosen by what a step's cost depends on:
@@ -28,11 +28,10 @@ import jax
 import numpy as np
 from jaxtyping import Array, Int
 
-from pijax.block_manager import BlockManager
 from pijax.kv_pool import NULL_PAGE
 from pijax.model.metadata import AttentionMetadata
 from pijax.sampling import SamplingInput
-from pijax.scheduler import SchedulePlan
+from pijax.scheduler import StepPlan
 
 MIN_TOKENS = 16
 MIN_SEQS = 4
@@ -104,16 +103,16 @@ class StepInput:
 
 
 def build_step_input(
-    plan: SchedulePlan,
-    blocks: BlockManager,
+    plan: StepPlan,
+    page_size: int,
     buckets: Buckets,
     vocab_size: int,
     bitmasks: dict[str, np.ndarray] | None = None,
 ) -> StepInput:
-    """Numpy arrays for one step. `bitmasks` maps request id -> allowed-token bitmask row."""
-    page_size = blocks.page_size
+    """Numpy arrays for one step, from the plan record alone (no block manager, no live
+    request). `bitmasks` maps request id -> allowed-token bitmask row."""
     seqs = plan.seqs
-    widths = [-(-(s.request.num_computed_tokens + s.num_new_tokens) // page_size) for s in seqs]
+    widths = [len(s.block_ids) for s in seqs]
     T, S, W = buckets.pick(plan.num_tokens, len(seqs), max(widths, default=1))
     words = -(-vocab_size // 32)
 
@@ -131,11 +130,10 @@ def build_step_input(
 
     t = 0
     for i, s in enumerate(seqs):
-        req, n = s.request, s.num_new_tokens
-        start = req.num_computed_tokens
-        table = np.asarray(blocks.block_table(req.request_id), np.int32)
+        n, start = s.num_new_tokens, s.start
+        table = np.asarray(s.block_ids, np.int32)
         pos = np.arange(start, start + n, dtype=np.int32)
-        tokens[t : t + n] = req.all_token_ids[start : start + n]
+        tokens[t : t + n] = s.token_ids
         positions[t : t + n] = pos
         slot_mapping[t : t + n] = table[pos // page_size] * page_size + pos % page_size
         kv_lens[i] = start + n
@@ -144,12 +142,12 @@ def build_step_input(
         t += n
         cu_q_lens[i + 1] = t
         logits_indices[i] = t - 1
-        p = req.params
+        p = s.params
         temperature[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
-        seed[i] = np.uint32(req.seed).view(np.int32)
+        seed[i] = np.uint32(s.seed).view(np.int32)
         sample_pos[i] = start + n
-        if bitmasks and req.request_id in bitmasks:
-            bitmask[i] = bitmasks[req.request_id]
+        if bitmasks and s.request_id in bitmasks:
+            bitmask[i] = bitmasks[s.request_id]
     cu_q_lens[len(seqs) + 1 :] = t
 
     meta.num_seqs = np.asarray(len(seqs), np.int32)

@@ -49,7 +49,7 @@ from pijax.request import (
     ScopeKind,
     TokenConstraint,
 )
-from pijax.scheduler import SchedulePlan, Scheduler
+from pijax.scheduler import Scheduler, StepPlan
 from pijax.sharding import make_mesh
 from pijax.step import StepFunction
 from pijax.structured import (
@@ -69,7 +69,7 @@ class StepProbe(Protocol):
     what it measures; returns what the plain step returns: (packed results, new pool)."""
 
     def __call__(
-        self, step: StepFunction, plan: SchedulePlan, params, kv_pool: KVPool, batch: StepInput
+        self, step: StepFunction, plan: StepPlan, params, kv_pool: KVPool, batch: StepInput
     ) -> tuple[jax.Array, KVPool]: ...
 
 
@@ -336,7 +336,11 @@ class Engine:
         if plan.is_empty:
             return []
         batch = build_step_input(
-            plan, self.blocks, self.buckets, self.model_config.vocab_size, self._bitmasks(plan)
+            plan,
+            self.blocks.page_size,
+            self.buckets,
+            self.model_config.vocab_size,
+            self._bitmasks(plan),
         )
         if probe is None:
             packed, self.kv_pool = self._step(self.model.params, self.kv_pool, batch)
@@ -369,11 +373,11 @@ class Engine:
         words = -(-self.model_config.vocab_size // 32)
         out = {}
         for s in plan.seqs:
-            c = s.request.constraint
+            c = self._requests[s.request_id].constraint
             if c is not None and s.samples:
                 row = np.zeros(words, np.int32)
                 c.fill_bitmask(row)
-                out[s.request.request_id] = row
+                out[s.request_id] = row
         return out or None
 
     def _emit(self, req: Request) -> RequestOutput:

@@ -271,7 +271,7 @@ class PoolComparisonProbe:
         )
         cu = batch.meta.cu_q_lens
         for i, s in enumerate(plan.seqs):
-            seen = self.tokens[s.request.request_id]
+            seen = self.tokens[s.request_id]
             for r in range(int(cu[i]), int(cu[i + 1])):
                 seen[int(batch.positions[r])] = (float(kl[r]), bool(agree[r]), err2[r], ref2[r])
         return packed, kv_pool

@@ -1,9 +1,9 @@
 """The jitted step: `step(params, kv_pool, batch) -> (packed_results, kv_pool)`, pool donated.
 
 A pure function of arrays: the model's graph definition is closed over (static), its state is an
-argument, and nothing outside the returned values changes. Results come back packed in one
-`int32[2, S]` array (token ids; log-probs bit-cast) so the host pays one device->host copy per
-step.
+argument, and nothing outside the returned values changes. The input goes to the device packed in
+one int32 buffer (`pack_step_input`: one host->device transfer per step) and the results come back
+packed in one `int32[2, S]` array (token ids; log-probs bit-cast): one device->host copy.
 
 `StepFunction.compare_pools` is the one documented variant: the same step (same batch builder,
 same model methods, same sampled tokens) that also runs a reference-precision pool and an
@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from pijax.batch import StepInput
 from pijax.kv_pool import KVPool
@@ -31,16 +32,47 @@ _TRACE_COUNT = 0
 _JITTED: dict = {}
 
 
+def pack_step_input(batch: StepInput) -> tuple[np.ndarray, tuple]:
+    """A step's input as one int32 buffer (float32 fields bit-cast) and its layout (the tree
+    structure and each field's shape and dtype: static, one per bucket shape), so a step costs
+    one host->device transfer instead of one per field."""
+    leaves, treedef = jax.tree_util.tree_flatten(batch)
+    parts, fields = [], []
+    for x in leaves:
+        x = np.asarray(x)
+        if x.dtype not in (np.int32, np.float32):
+            raise TypeError(f"step input fields must be int32 or float32; got {x.dtype}")
+        parts.append(np.ascontiguousarray(x).reshape(-1).view(np.int32))
+        fields.append((x.shape, x.dtype.name))
+    return np.concatenate(parts), (treedef, tuple(fields))
+
+
+def unpack_step_input(buf, layout) -> StepInput:
+    """`pack_step_input` undone (on the device, inside the jitted step: slices are free)."""
+    treedef, fields = layout
+    leaves, offset = [], 0
+    for shape, dtype in fields:
+        n = math.prod(shape)
+        x = buf[offset : offset + n].reshape(shape)
+        if dtype != "int32":
+            x = jax.lax.bitcast_convert_type(x, jnp.dtype(dtype))
+        leaves.append(x)
+        offset += n
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 def _step_impl(
     graphdef: nnx.GraphDef,
     params_def,
     logits_sharding,
     param_leaves,
     kv_pool: KVPool,
-    batch: StepInput,
+    buf: Int[Array, "N"],
+    layout,
 ):
     global _TRACE_COUNT
     _TRACE_COUNT += 1  # Python runs only while tracing: this counts compilations
+    batch = unpack_step_input(buf, layout)
     params = jax.tree_util.tree_unflatten(params_def, param_leaves)
     model = nnx.merge(graphdef, params)
     logits, kv_pool = model(
@@ -89,6 +121,7 @@ class StepFunction:
             _JITTED[key] = jax.jit(
                 functools.partial(_step_impl, self._graphdef, params_def, self._replicated),
                 donate_argnums=(1,),
+                static_argnums=(3,),
                 out_shardings=(self._replicated, self._pool_shardings),
             )
         self._jitted = _JITTED[key]
@@ -98,9 +131,10 @@ class StepFunction:
         """Dispatches asynchronously; returns (device result, new pool)."""
         if params is not self._params:
             self._bind(params)
-        batch = jax.device_put(batch, self._replicated)
+        buf, layout = pack_step_input(batch)
+        buf = jax.device_put(buf, self._replicated)  # the step's one host->device transfer
         before = _TRACE_COUNT
-        out = self._jitted(self._leaves, kv_pool, batch)
+        out = self._jitted(self._leaves, kv_pool, buf, layout)
         self.compile_count += _TRACE_COUNT - before
         return out
 
@@ -127,6 +161,7 @@ class StepFunction:
             self._probes[key] = jax.jit(
                 functools.partial(_compare_impl, self._graphdef, self._params_def),
                 donate_argnums=(1, 2, 3),
+                static_argnums=(5,),
                 out_shardings=(
                     self._replicated,
                     self._replicated,
@@ -135,9 +170,10 @@ class StepFunction:
                     shardings(probe_pool),
                 ),
             )
-        batch = jax.device_put(batch, self._replicated)
+        buf, layout = pack_step_input(batch)
+        buf = jax.device_put(buf, self._replicated)
         before = _TRACE_COUNT
-        out = self._probes[key](self._leaves, kv_pool, ref_pool, probe_pool, batch)
+        out = self._probes[key](self._leaves, kv_pool, ref_pool, probe_pool, buf, layout)
         self.compile_count += _TRACE_COUNT - before
         return out
 
@@ -159,11 +195,10 @@ class PoolComparison:
     attn_ref2: Float[Array, "T L"]  # per layer: squared norm of the reference attention
 
 
-def _compare_impl(
-    graphdef, params_def, param_leaves, kv_pool, ref_pool, probe_pool, batch: StepInput
-):
+def _compare_impl(graphdef, params_def, param_leaves, kv_pool, ref_pool, probe_pool, buf, layout):
     global _TRACE_COUNT
     _TRACE_COUNT += 1
+    batch = unpack_step_input(buf, layout)
     model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def, param_leaves))
     rows = jnp.arange(batch.tokens.shape[0])
     logits, kv_pool = model(batch.tokens, batch.positions, kv_pool, batch.meta, rows)

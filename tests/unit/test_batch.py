@@ -13,7 +13,7 @@ from pijax.batch import Buckets, build_step_input
 from pijax.block_manager import BlockManager
 from pijax.kv_pool import NULL_PAGE
 from pijax.request import Request, SamplingParams
-from pijax.scheduler import ScheduledSeq, SchedulePlan
+from pijax.scheduler import SeqPlan, StepPlan
 
 PAGE = 4
 VOCAB = 70  # 3 bitmask words, the last one partial
@@ -28,10 +28,12 @@ def request(rid, prompt, *, output=(), computed=0, seed=0, **params) -> Request:
 
 def build(seqs, blocks, bitmasks=None, buckets=None):
     buckets = buckets or Buckets.for_limits(64, 8, 64, PAGE)
-    plan = SchedulePlan([ScheduledSeq(r, n) for r, n in seqs], preempted=[])
     for r, n in seqs:
         blocks.ensure_capacity(r.request_id, r.num_computed_tokens + n)
-    return build_step_input(plan, blocks, buckets, VOCAB, bitmasks), buckets
+    plan = StepPlan(
+        tuple(SeqPlan.of(r, n, blocks.block_table(r.request_id), PAGE) for r, n in seqs), ()
+    )
+    return build_step_input(plan, PAGE, buckets, VOCAB, bitmasks), buckets
 
 
 def test_prefill_chunk_and_decode_in_one_step():

@@ -155,7 +155,11 @@ class InferenceServer:
             )
             self.metrics_port = self._metrics_http.server_port
         if self.config.warmup:
-            n = await asyncio.to_thread(self.engine.warmup)
+            from pijax.engine import progress_bar  # a bar on a terminal, else nothing
+
+            total = len(list(self.engine.buckets.grid()))
+            with progress_bar(None, total, "warm-up") as bar:
+                n = await asyncio.to_thread(self.engine.warmup, lambda *_: bar.update(1))
             log.info("warm-up done: %d step shapes compiled", n)
         self.loop.start()
         self.state.ready = True

@@ -35,9 +35,9 @@ def test_not_serving_until_warm(llm, keys_file, monkeypatch):
     release = threading.Event()
     real_warmup = llm.engine.warmup
 
-    def slow_warmup():
+    def slow_warmup(*args, **kwargs):
         assert release.wait(RPC_TIMEOUT_S)
-        return real_warmup()
+        return real_warmup(*args, **kwargs)
 
     monkeypatch.setattr(llm.engine, "warmup", slow_warmup)
     s = start_server(llm.engine, keys_file, warmup=True, wait=False)

@@ -230,12 +230,14 @@ class HttpApi:
         wire = getattr(server, "max_message_bytes", None)
         self.max_body_bytes = max_body_bytes or (8 * wire if wire else DEFAULT_MAX_BODY_BYTES)
         self.created = int(time.time())
-        self.requests = Counter(
-            "pijax:http_requests",
-            "HTTP API requests by route and status code.",
-            ["model_name", "route", "status"],
-            registry=server.metrics.registry,
-        )
+        self.requests = getattr(server.metrics, "http_requests", None)
+        if self.requests is None:  # one per registry, however many front ends a server gets
+            self.requests = server.metrics.http_requests = Counter(
+                "pijax:http_requests",
+                "HTTP API requests by route and status code.",
+                ["model_name", "route", "status"],
+                registry=server.metrics.registry,
+            )
         routes = [
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/completions", self.completions, methods=["POST"]),

@@ -547,6 +547,27 @@ def test_sessions_over_http(base_url):
         )
 
 
+def test_operator_tenant_default_scope(server):
+    """`default_scopes={"acme": "tenant"}`: acme's plain requests are reusable by acme (only);
+    everyone else's stay private."""
+    with pytest.raises(ValueError, match="default scope"):
+        HttpApi(server.server, default_scopes={"acme": "shared:policy"})
+    api = start_http(server, default_scopes={"acme": "tenant"})
+    try:
+        base = f"http://127.0.0.1:{api.port}"
+        text = "Tenant-scoped claim C9001: CPT 99214, 97110 x4, M54.5, billed $402.17. " * 3
+        args = dict(model=MODEL, prompt=text, max_tokens=2, temperature=0.0)
+        client(base, "key-acme").completions.create(**args)
+        again = client(base, "key-acme").completions.create(**args)
+        other = client(base, "key-beta").completions.create(**args)
+        other_again = client(base, "key-beta").completions.create(**args)
+    finally:
+        stop_http(server, api)
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+    assert other_again.usage.prompt_tokens_details.cached_tokens == 0
+
+
 # --- health, metrics, tokenize --------------------------------------------------------------------
 
 

@@ -98,6 +98,7 @@ flags.DEFINE_string(
 def engine_overrides() -> dict:
     """Engine options from flags, applied on top of the preset in every configuration."""
     out = engine_flags.engine_overrides()
+    out.pop("kv_cache_dtype", None)  # this script's list-valued flag of the same name
     if FLAGS.kv_cache_dtype:
         out["kv_cache_dtype"] = FLAGS.kv_cache_dtype[0]
     for item in FLAGS.engine_opt:

@@ -15,7 +15,12 @@ Invariants (checked by `check_invariants`):
   sessions.
 - Each session pins distinct pages; `_pins[p]` is the number of sessions pinning page `p`, and
   `blocks.refcount(p) >= _pins[p]`.
-- The distinct pinned pages never exceed `max_pages`.
+- The distinct pinned pages never exceed `max_pages`, and the pages pinned by one tenant's
+  sessions (counted per session) never exceed `max_pages_per_tenant`.
+- Fairness between tenants: a tenant over its own cap evicts its own least recently used
+  sessions; when all sessions together are over `max_pages`, the victim is the least recently
+  used session of the tenant holding the most pages, so one tenant's new sessions never evict
+  a lighter tenant's pinned KV.
 - Sessions are kept in least-recently-used order (retain and touch make one most recent).
 
 What it knows nothing about: hashes and scopes (the prefix cache), requests, or devices.
@@ -52,6 +57,7 @@ class SessionStore:
         *,
         ttl_s: float = 600.0,
         max_pages: int,
+        max_pages_per_tenant: int | None = None,
         audit: AuditLog | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -62,6 +68,14 @@ class SessionStore:
         self.blocks = blocks
         self.ttl_s = ttl_s
         self.max_pages = max_pages
+        if max_pages_per_tenant is not None and max_pages_per_tenant < 0:
+            raise ValueError(
+                f"max_pages_per_tenant must be None or >= 0; got {max_pages_per_tenant}"
+            )
+        self.max_pages_per_tenant = (
+            max_pages if max_pages_per_tenant is None else max_pages_per_tenant
+        )
+        self._tenant_pages: collections.Counter[str] = collections.Counter()
         self.audit = audit
         self.clock = clock
         self._sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
@@ -87,7 +101,8 @@ class SessionStore:
         num_full = num_tokens // self.blocks.page_size
         if len(pages) < num_full:
             raise ValueError(f"{num_tokens} tokens fill {num_full} pages; got {len(pages)} pages")
-        keep = [int(p) for p in pages[: min(num_full, self.max_pages)]]
+        cap = min(self.max_pages, self.max_pages_per_tenant)
+        keep = [int(p) for p in pages[: min(num_full, cap)]]
         if len(set(keep)) != len(keep):
             raise ValueError(f"pages must be distinct; got {keep}")
         # Pin the new turn before unpinning the old one: pages shared by both never reach
@@ -100,10 +115,10 @@ class SessionStore:
                     self.blocks.decref(pinned)
                 raise
         if session is not None:
-            self._unpin(session)
-            del self._sessions[session_id]
+            self._remove(session_id)
         self._sessions[session_id] = _Session(tenant, keep, num_tokens, self.clock())
         self._pins.update(keep)
+        self._tenant_pages[tenant] += len(keep)
         if num_full > len(keep):
             self._audit(
                 "session_evict",
@@ -114,8 +129,16 @@ class SessionStore:
                 num_tokens=num_tokens,
             )
         while len(self._pins) > self.max_pages:
-            victim = next(sid for sid in self._sessions if sid != session_id)
-            self._evict(victim, "lru_cap")
+            self._evict(self._lru_of_heaviest(exclude=session_id), "lru_cap")
+        while self._tenant_pages[tenant] > self.max_pages_per_tenant:
+            own = (sid for sid, s in self._sessions.items() if s.tenant == tenant)
+            self._evict(next(sid for sid in own if sid != session_id), "tenant_cap")
+
+    def _lru_of_heaviest(self, exclude: str) -> str:
+        """The least recently used session of the tenant pinning the most pages."""
+        others = [(sid, s.tenant) for sid, s in self._sessions.items() if sid != exclude]
+        heaviest = max({t for _, t in others}, key=lambda t: (self._tenant_pages[t], t))
+        return next(sid for sid, t in others if t == heaviest)
 
     def touch(self, tenant: str, session_id: str, *, request_id: str | None = None) -> bool:
         """A new turn arrived: refresh the session's TTL and LRU position.
@@ -179,6 +202,9 @@ class SessionStore:
 
     # ---- queries ------------------------------------------------------------------------------
 
+    def num_pages_of_tenant(self, tenant: str) -> int:
+        return self._tenant_pages[tenant]
+
     def num_pages_held(self) -> int:
         """Distinct pages pinned by all sessions together (what `max_pages` caps)."""
         return len(self._pins)
@@ -211,6 +237,13 @@ class SessionStore:
             last = session.last_used
             pins.update(session.pages)
         assert dict(pins) == dict(self._pins), "pin counts are stale"
+        per_tenant: collections.Counter[str] = collections.Counter()
+        for session in self._sessions.values():
+            per_tenant[session.tenant] += len(session.pages)
+        assert +per_tenant == +self._tenant_pages, "per-tenant page counts are stale"
+        assert all(n <= self.max_pages_per_tenant for n in per_tenant.values()), (
+            f"a tenant pins more than max_pages_per_tenant={self.max_pages_per_tenant}"
+        )
         assert len(self._pins) <= self.max_pages, (
             f"sessions hold {len(self._pins)} pages > max_pages {self.max_pages}"
         )
@@ -234,7 +267,11 @@ class SessionStore:
         )
 
     def _remove(self, session_id: str) -> None:
-        self._unpin(self._sessions.pop(session_id))
+        session = self._sessions.pop(session_id)
+        self._tenant_pages[session.tenant] -= len(session.pages)
+        if self._tenant_pages[session.tenant] <= 0:
+            del self._tenant_pages[session.tenant]
+        self._unpin(session)
 
     def _unpin(self, session: _Session) -> None:
         # Tail first, like BlockManager.free, so the prefix cache's LRU evicts a chain's end

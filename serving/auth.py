@@ -4,12 +4,15 @@ The key file is JSON, one entry per key:
 
     {
       "sk-acme-reviewer": {"tenant": "acme", "zones": ["policy"], "admin": false},
+      "sk-acme-urgent": {"tenant": "acme", "zones": ["policy"], "min_priority": -50},
       "sha256:9f86d0...": {"tenant": "ops", "zones": ["*"], "admin": true}
     }
 
 A key is written either as itself or as `sha256:<hex digest of the key>`, so a key file need not
 hold usable secrets. `zones` lists the trust zones (`shared:<zone>`) the tenant may read from;
-`"*"` means every zone the server knows. Only digests are kept in memory, and no key, digest or
+`"*"` means every zone the server knows. `min_priority` is the most urgent request priority
+the key may ask for (lower is more urgent; default 0, so a key must be granted urgency before one
+tenant's urgent stream can preempt another's running requests). Only digests are kept in memory, and no key, digest or
 `authorization` value is ever logged or put in an error message.
 
 `--insecure_dev_mode` replaces the key file with one principal for every caller (tenant `dev`,
@@ -29,6 +32,8 @@ import re
 from pathlib import Path
 
 ALL_ZONES = "*"
+DEFAULT_MIN_PRIORITY = 0
+PRIORITY_RANGE = (-100, 100)
 DEV_TENANT = "dev"
 TENANT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ZONE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -49,6 +54,7 @@ class Principal:
     tenant: str
     zones: frozenset[str]  # may contain ALL_ZONES
     admin: bool = False
+    min_priority: int = DEFAULT_MIN_PRIORITY  # the most urgent priority this key may request
 
     def may_use_zone(self, zone: str) -> bool:
         return ALL_ZONES in self.zones or zone in self.zones
@@ -57,7 +63,9 @@ class Principal:
         return known_zones if ALL_ZONES in self.zones else self.zones
 
 
-DEV_PRINCIPAL = Principal(tenant=DEV_TENANT, zones=frozenset({ALL_ZONES}), admin=True)
+DEV_PRINCIPAL = Principal(
+    tenant=DEV_TENANT, zones=frozenset({ALL_ZONES}), admin=True, min_priority=PRIORITY_RANGE[0]
+)
 
 
 def _digest(key: str) -> str:
@@ -110,10 +118,11 @@ class KeyStore:
 def _principal(entry, where: str) -> Principal:
     if not isinstance(entry, dict):
         raise KeyFileError(f"{where}: must be an object with tenant, zones, admin")
-    unknown = set(entry) - {"tenant", "zones", "admin"}
+    unknown = set(entry) - {"tenant", "zones", "admin", "min_priority"}
     if unknown:
         raise KeyFileError(
-            f"{where}: unknown field(s) {sorted(unknown)}; allowed: tenant, zones, admin"
+            f"{where}: unknown field(s) {sorted(unknown)}; allowed: tenant, zones, admin, "
+            "min_priority"
         )
     tenant = entry.get("tenant")
     if not isinstance(tenant, str) or not TENANT_RE.match(tenant):
@@ -128,7 +137,17 @@ def _principal(entry, where: str) -> Principal:
     admin = entry.get("admin", False)
     if not isinstance(admin, bool):
         raise KeyFileError(f"{where}: admin must be true or false; got {admin!r}")
-    return Principal(tenant=tenant, zones=frozenset(zones), admin=admin)
+    min_priority = entry.get("min_priority", DEFAULT_MIN_PRIORITY)
+    lo, hi = PRIORITY_RANGE
+    if (
+        not isinstance(min_priority, int)
+        or isinstance(min_priority, bool)
+        or not lo <= min_priority <= hi
+    ):
+        raise KeyFileError(
+            f"{where}: min_priority must be an integer in [{lo}, {hi}]; got {min_priority!r}"
+        )
+    return Principal(tenant=tenant, zones=frozenset(zones), admin=admin, min_priority=min_priority)
 
 
 def bearer_token(authorization: str | bytes | None) -> str:

@@ -135,6 +135,13 @@ def validate_generate(
             f"in [{limits.min_priority}, {limits.max_priority}] (lower is more urgent)",
             req.priority,
         )
+    if req.priority < principal.min_priority:
+        raise invalid(
+            "priority",
+            f"in [{max(limits.min_priority, principal.min_priority)}, {limits.max_priority}] "
+            "for this API key (its min_priority; lower is more urgent)",
+            req.priority,
+        )
     if req.session_id and not SESSION_ID_RE.match(req.session_id):
         raise invalid("session_id", "empty or 1-128 of [A-Za-z0-9_.-]", req.session_id)
     schema_bytes = len(req.json_schema.encode("utf-8"))

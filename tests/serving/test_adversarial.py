@@ -376,3 +376,32 @@ def test_audit_reads_are_admin_only_and_page_by_seq(server):
         seqs += [r.seq for r in page]
         after = page[-1].seq
     assert seqs == list(range(len(seqs))) and len(seqs) >= 3
+
+
+# --- fairness between tenants ---------------------------------------------------------------------
+
+
+def test_priority_is_capped_by_the_key(server):
+    """A key without `min_priority` may not ask to be more urgent than 0 (issue 14: any client
+    sent -100 and preempted another tenant's running request ~300 times)."""
+    err = rpc_error(
+        server.stub.Generate,
+        text_request("x", priority=-100),
+        metadata=auth("key-acme"),
+        timeout=RPC_TIMEOUT_S,
+    )
+    assert err.code() == INVALID
+    assert err.details().startswith("priority must be in [0, 100] for this API key")
+    out = generate(server.stub, text_request("ok", max_tokens=1, priority=5))
+    assert out[-1].usage.completion_tokens == 1
+
+
+def test_key_file_grants_urgency():
+    from pijax.serving.auth import KeyFileError, KeyStore
+
+    store = KeyStore.from_dict({"k1": {"tenant": "a", "min_priority": -20}, "k2": {"tenant": "b"}})
+    assert store.authenticate("Bearer k1").min_priority == -20
+    assert store.authenticate("Bearer k2").min_priority == 0
+    for bad in (-101, 101, 1.5, True, "0"):
+        with pytest.raises(KeyFileError, match="min_priority must be an integer in"):
+            KeyStore.from_dict({"k": {"tenant": "a", "min_priority": bad}})

@@ -248,3 +248,27 @@ def test_next_turn_resumes_from_the_prefix_cache_and_unpinned_pages_become_evict
     assert blocks.num_held_pages() == 5  # unpinned: cached and evictable
     assert cache.clear() == 5
     assert blocks.num_free_pages() == blocks.num_usable_pages
+
+
+def test_one_tenants_new_sessions_do_not_evict_a_lighter_tenants_session():
+    """Issue 14: one shared LRU cap let tenant A's new sessions evict tenant B's pinned KV."""
+    blocks, store, log, clock = make(num_pages=64, max_pages=8)
+    b_pages = retain_and_free(blocks, store, "B", "b1", "tb", 2 * P)
+    for i in range(6):  # A keeps opening sessions: far more than the cap together
+        clock.now += 1
+        retain_and_free(blocks, store, "A", f"a{i}", f"ta{i}", 2 * P)
+    assert store.pages_of("B", "b1") == b_pages[:2]  # B is the lighter tenant: untouched
+    assert store.num_pages_held() <= 8
+    evicted = {r["session_id"] for r in log.read(kind="session_evict")}
+    assert evicted and all(sid.startswith("a") for sid in evicted)
+
+
+def test_per_tenant_cap_evicts_the_tenants_own_sessions():
+    blocks = BlockManager(64, P)
+    store = SessionStore(blocks, max_pages=12, max_pages_per_tenant=4, audit=AuditLog())
+    retain_and_free(blocks, store, "B", "b1", "tb", 2 * P)
+    for i in range(4):
+        retain_and_free(blocks, store, "A", f"a{i}", f"ta{i}", 2 * P)
+    assert store.num_pages_of_tenant("A") == 4 and store.num_pages_of_tenant("B") == 2
+    assert store.owner_of("b1") == "B"
+    assert store.owner_of("a3") == "A" and store.owner_of("a0") is None

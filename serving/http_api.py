@@ -28,7 +28,8 @@ pijax's own fields travel in an extension object, `"pijax": {...}` (with the `op
     generation prompt, take the request's scope;
   * `scope`: the scope of the rest of the prompt;
   * `session_id`, `start_session`, `priority`, `top_k`, `ignore_eos`, `stop_token_ids`: as in
-    gRPC's `GenerateRequest`. A session's id comes back as `"pijax": {"session_id": ...}`.
+    gRPC's `GenerateRequest`. A session's id comes back as `"pijax": {"session_id": ...}`;
+  * `return_token_ids`: each choice (and each streamed delta) also carries its `token_ids`.
 Scopes: a plain OpenAI request is computed under the `private` scope: nothing it sends is
 reusable by anyone else. A session request defaults to `session`. The operator may give tenants
 another default (`default_scopes={"acme": "tenant"}`, `"*"` for every tenant; `scripts/serve.py
@@ -142,6 +143,7 @@ CHAT_FIELDS = COMMON_FIELDS | {
     "response_format",
 }
 PIJAX_FIELDS = {
+    "return_token_ids",
     "segments",
     "message_scopes",
     "scope",
@@ -774,15 +776,17 @@ class HttpApi:
         }
         if stream:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            chunks = self._stream(kind, meta, run, first, echoes, n, include_usage)
+            ids = _bool(body.get("pijax", {}), "return_token_ids", False, "pijax.return_token_ids")
+            chunks = self._stream(kind, meta, run, first, echoes, n, include_usage, ids)
             return _SseResponse(chunks, media_type="text/event-stream", headers=_SSE_HEADERS)
         try:
             outcome = await _unless_disconnected(request, run.collect(first))
         finally:
             await run.cancel()
-        return JSONResponse(self._response(kind, meta, outcome, echoes, n))
+        ids = _bool(body.get("pijax", {}), "return_token_ids", False, "pijax.return_token_ids")
+        return JSONResponse(self._response(kind, meta, outcome, echoes, n, ids))
 
-    def _response(self, kind, meta, outcome, echoes, n) -> dict:
+    def _response(self, kind, meta, outcome, echoes, n, token_ids: bool = False) -> dict:
         choices = []
         for index in sorted(outcome):
             c = outcome[index]
@@ -794,6 +798,8 @@ class HttpApi:
             else:
                 choice["text"] = text
                 choice["logprobs"] = self._completion_logprobs(c, 0) if c.want_logprobs else None
+            if token_ids:
+                choice["token_ids"] = list(c.token_ids)
             choices.append(choice)
         body = {
             **meta,
@@ -807,7 +813,7 @@ class HttpApi:
             body["pijax"] = {"session_id": sessions.pop()}
         return body
 
-    async def _stream(self, kind, meta, run, first, echoes, n, include_usage):
+    async def _stream(self, kind, meta, run, first, echoes, n, include_usage, token_ids=False):
         chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
         started: set[int] = set()
         offsets: dict[int, int] = {}
@@ -852,6 +858,8 @@ class HttpApi:
                         else None
                     )
                     offsets[index] = offsets.get(index, 0) + len(delta_text)
+                if token_ids:
+                    item["token_ids"] = list(response.token_ids)
                 if delta_text or response.token_ids or finish:
                     extra = {"pijax": {"session_id": session_id}} if session_id else {}
                     yield chunk([item], **extra)

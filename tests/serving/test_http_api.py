@@ -82,6 +82,14 @@ def test_completion_same_tokens_as_grpc_and_usage(server, base_url, llm):
     )
     grpc_out = generate(server.stub, text_request(prompt, max_tokens=12, ignore_eos=True))
     assert c.choices[0].text == "".join(r.text for r in grpc_out)
+    ids = client(base_url).completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=12,
+        temperature=0.0,
+        extra_body={"pijax": {"ignore_eos": True, "return_token_ids": True}},
+    )
+    assert ids.choices[0].model_extra["token_ids"] == [t for r in grpc_out for t in r.token_ids]
     assert c.choices[0].finish_reason == "length"
     assert c.usage.completion_tokens == 12 == grpc_out[-1].usage.completion_tokens
     assert c.usage.prompt_tokens == len(llm.tokenizer.encode(prompt))

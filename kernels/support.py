@@ -133,10 +133,11 @@ SUPPORTED: dict[Kernel, Support] = {
         HEAD_DIMS, PAGE_SIZES, 16, FLOAT_DTYPES, FLOAT_DTYPES + ("int8", "float8_e4m3fn")
     ),
     # mosaic_gpu.py: wgmma tiles of 64-element (128-byte bf16) swizzle rows, so head dims that
-    # are multiples of 64; 128-key K/V tiles, so page sizes dividing 128; bf16 pages only so
-    # far (quantized pages and f32 go to the Triton kernel, which dispatch tries next).
+    # are multiples of 64; K/V tiles of 128 keys (64 past head dim 128), so page sizes up to
+    # 64; bf16 queries (float32 and non-multiple-of-64 head dims go to the Triton kernel, which
+    # dispatch tries next).
     Kernel.MOSAIC_GPU_RAGGED: Support(
-        (64, 128, 256), (8, 16, 32, 64, 128), 16, ("bfloat16",), ("bfloat16",)
+        (64, 128, 256), (8, 16, 32, 64), 16, ("bfloat16",), ("bfloat16", "int8", "float8_e4m3fn")
     ),
     # fp8 pages are refused on TPU by `quantization.supports_fp8` (not validated there).
     Kernel.TPU_RAGGED: Support(HEAD_DIMS, PAGE_SIZES, 16, FLOAT_DTYPES, FLOAT_DTYPES + ("int8",)),

@@ -19,14 +19,19 @@ the group's query heads, so every head of a GQA group shares each K/V tile). A p
 Programs start at the tile's sliding-window edge and stop at its causal frontier, so a decode
 token reads its context once and only pages its sequence owns are read.
 
-What this first version does NOT do (the Triton kernels do; see `support.SUPPORTED` for what
-dispatch will send here):
-  * quantized (int8 / fp8) pages: not dequantized in-kernel yet;
-  * split-K: a few long sequences get `kv_heads x tiles` programs only;
+Quantized pages (int8, fp8 e4m3) are dequantized in the kernel: the 8-bit tile is TMA-copied into
+its own SMEM tile, widened to q's dtype through registers into the tile wgmma reads (exact), and
+the per-key scales (gathered per sequence by the wrapper, one contiguous row per K/V tile)
+multiply the logits' and the probabilities' columns, as in the Triton kernels.
+
+What this first version does NOT do (see `support.SUPPORTED` for what dispatch sends here):
+  * split-K: a few long sequences get `kv_heads x tiles` programs only (the Triton kernel
+    splits; on Hopper, `tuning.HOPPER_KERNEL` decides which one runs, by measurement);
   * warp specialization / multi-stage pipelining: each K/V tile's copies are issued and waited
     for before its compute (the FlashAttention-3 structure of JAX's `attention_mgpu.py`, a
-    producer warpgroup keeping two stages in flight, is the next step);
-  * head dims that are not multiples of 64 (128-byte swizzle rows): 64, 128, 256 only.
+    producer warpgroup keeping two stages in flight, is the next step), and p goes to the PV
+    wgmma through SMEM rather than registers;
+  * head dims that are not multiples of 64, float32 queries (the Triton kernels take those).
 It has never run on a GPU (none was available); its CPU checks are the Mosaic GPU interpreter
 (`jax._src.pallas.mosaic_gpu.interpret`, private in JAX 0.10) and lowering for `cuda`.
 """
@@ -42,7 +47,12 @@ from jax import lax
 from pijax.kernels.paged_attention import common
 
 ROWS = 64  # wgmma M per warpgroup: one query tile
-BLOCK_KV = 128  # keys per K/V tile (a multiple of 64: the PV wgmma's contraction tile)
+BLOCK_KV = 128  # keys per K/V tile (a multiple of 64: the PV wgmma's contraction tile) ...
+BLOCK_KV_WIDE = 64  # ... and for head dims over 128, so the tiles fit in 227 KB of SMEM
+
+
+def block_kv(head_dim: int) -> int:
+    return BLOCK_KV if head_dim <= 128 else BLOCK_KV_WIDE
 
 
 def _mgpu():
@@ -98,16 +108,18 @@ def _body(
     q_ref,
     k_ref,
     v_ref,
-    o_ref,
-    *,
+    *rest,
     group_pad: int,
     pages_per_block: int,
     sm_scale: float,
     soft_cap,
     sliding_window,
     interpret: bool,
+    quantized: bool,
 ):
     plgpu = _mgpu()
+    bkv = block_kv(k_ref.shape[3])
+    ks_ref, vs_ref, o_ref = rest if quantized else (None, None, rest[0])
     page_size, head_dim = k_ref.shape[1], k_ref.shape[3]
     dtype = q_ref.dtype
     wgmma_layout = plgpu.Layout.WGMMA
@@ -122,16 +134,28 @@ def _body(
             return lax.broadcasted_iota(jnp.int32, shape, dim)
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma_layout)
 
-    def scoped(q_smem, k_smem, v_smem, p_smem, q_bar, k_bars, v_bars):
+    def widen(x):
+        # e4m3 -> bf16 has no direct conversion on sm_90 with CUDA 12 ptxas; through f32 is
+        # exact (both hold every e4m3 value) and costs registers, not bandwidth.
+        if x.dtype != jnp.int8:
+            x = x.astype(jnp.float32)
+        return x.astype(dtype)
+
+    def vector(ref):  # a [bkv] float32 SMEM vector as a column vector of an S tile
+        if interpret:
+            return ref[...]
+        return plgpu.load(ref, (), layout=wgmma_layout.reduce(0))
+
+    def scoped(q_smem, k_smem, v_smem, p_smem, q_bar, k_bars, v_bars, *quant):
         head, tile = lax.axis_index("kv"), lax.axis_index("tile")
         seq, count, first_pos = seq_ref[tile], count_ref[tile], pos_ref[tile]
         lo, hi = common.kv_range(first_pos, count, kv_lens_ref[seq], sliding_window)
-        blk_lo, blk_hi = lax.div(lo, BLOCK_KV), common.cdiv(hi, BLOCK_KV)
+        blk_lo, blk_hi = lax.div(lo, bkv), common.cdiv(hi, bkv)
 
         plgpu.copy_gmem_to_smem(q_ref.at[head, tile], q_smem, q_bar.at[0])
         plgpu.barrier_wait(q_bar.at[0])
 
-        shape = (ROWS, BLOCK_KV)
+        shape = (ROWS, bkv)
         rows, cols = iota(shape, 0), iota(shape, 1)
         row_tok = lax.div(rows, jnp.int32(group_pad))
         row_pos = first_pos + row_tok
@@ -139,13 +163,26 @@ def _body(
 
         def step(blk, carry):
             acc, m, denom = carry
+            # Quantized pools land in 8-bit tiles and are widened into k_smem / v_smem below.
+            k_dst, v_dst = (quant[0], quant[1]) if quantized else (k_smem, v_smem)
             for i in range(pages_per_block):
                 page = bt_ref[seq, blk * pages_per_block + i]
                 dst = pl_ds(i * page_size, page_size)
-                plgpu.copy_gmem_to_smem(k_ref.at[page, :, head], k_smem.at[dst], k_bars.at[i])
-                plgpu.copy_gmem_to_smem(v_ref.at[page, :, head], v_smem.at[dst], v_bars.at[i])
+                plgpu.copy_gmem_to_smem(k_ref.at[page, :, head], k_dst.at[dst], k_bars.at[i])
+                plgpu.copy_gmem_to_smem(v_ref.at[page, :, head], v_dst.at[dst], v_bars.at[i])
+            if quantized:  # this tile's scales: one contiguous row per kind (see the wrapper)
+                keys = (head, seq, pl_ds(blk * bkv, bkv))
+                plgpu.copy_gmem_to_smem(ks_ref.at[keys], quant[2], quant[4].at[0])
+                plgpu.copy_gmem_to_smem(vs_ref.at[keys], quant[3], quant[5].at[0])
             for i in range(pages_per_block):
                 plgpu.barrier_wait(k_bars.at[i])
+            if quantized:
+                # Dequantize in the kernel: the 8-bit tile is cast to q's dtype through
+                # registers (exact for int8 and e4m3 in bf16) into the tile wgmma reads; the
+                # per-key scales multiply the logits' and the probabilities' columns.
+                k_smem[...] = widen(k_dst[...])
+                plgpu.barrier_wait(quant[4].at[0])
+                plgpu.commit_smem()
 
             def qk(acc_ref):
                 plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
@@ -155,10 +192,12 @@ def _body(
                 s = common.dot_nt(q_smem[...], k_smem[...])
             else:
                 s = _pl().run_scoped(qk, plgpu.ACC(shape, jnp.float32))
+            if quantized:
+                s = s * lax.broadcast_in_dim(vector(quant[2]), shape, [1])
             s = s * sm_scale
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
-            key_pos = blk * BLOCK_KV + cols
+            key_pos = blk * bkv + cols
             mask = (key_pos <= row_pos) & row_live
             if sliding_window is not None:
                 mask &= key_pos > row_pos - sliding_window
@@ -170,6 +209,10 @@ def _body(
             acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
             for i in range(pages_per_block):
                 plgpu.barrier_wait(v_bars.at[i])
+            if quantized:
+                plgpu.barrier_wait(quant[5].at[0])
+                p = p * lax.broadcast_in_dim(vector(quant[3]), shape, [1])
+                v_smem[...] = widen(v_dst[...])
 
             # p goes through shared memory (wgmma's A operand from SMEM) rather than registers:
             # JAX 0.10's interpreter runs wgmma on SMEM operands only, and this way the device
@@ -201,20 +244,34 @@ def _body(
         plgpu.copy_smem_to_gmem(q_smem, o_ref.at[head, tile])
         plgpu.wait_smem_to_gmem(0)
 
-    swizzle = 128  # bytes: one 64-element bf16 row
-    transforms = (
-        plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-        plgpu.SwizzleTransform(swizzle),
-    )
+    def transforms(dt, width):
+        swizzle = min(128, width * jnp.dtype(dt).itemsize)  # bytes of one swizzled row
+        return (
+            plgpu.TilingTransform((8, swizzle // jnp.dtype(dt).itemsize)),
+            plgpu.SwizzleTransform(swizzle),
+        )
+
+    quant = []
+    if quantized:
+        page_dtype = k_ref.dtype
+        quant = [
+            plgpu.SMEM((bkv, head_dim), page_dtype, transforms=transforms(page_dtype, head_dim)),
+            plgpu.SMEM((bkv, head_dim), page_dtype, transforms=transforms(page_dtype, head_dim)),
+            plgpu.SMEM((bkv,), jnp.float32),
+            plgpu.SMEM((bkv,), jnp.float32),
+            plgpu.Barrier(num_barriers=1),
+            plgpu.Barrier(num_barriers=1),
+        ]
     _pl().run_scoped(
         scoped,
-        plgpu.SMEM((ROWS, head_dim), dtype, transforms=transforms),
-        plgpu.SMEM((BLOCK_KV, head_dim), dtype, transforms=transforms),
-        plgpu.SMEM((BLOCK_KV, head_dim), dtype, transforms=transforms),
-        plgpu.SMEM((ROWS, BLOCK_KV), dtype, transforms=transforms),
+        plgpu.SMEM((ROWS, head_dim), dtype, transforms=transforms(dtype, head_dim)),
+        plgpu.SMEM((bkv, head_dim), dtype, transforms=transforms(dtype, head_dim)),
+        plgpu.SMEM((bkv, head_dim), dtype, transforms=transforms(dtype, head_dim)),
+        plgpu.SMEM((ROWS, bkv), dtype, transforms=transforms(dtype, bkv)),
         plgpu.Barrier(num_barriers=1),
         plgpu.Barrier(num_barriers=pages_per_block),
         plgpu.Barrier(num_barriers=pages_per_block),
+        *quant,
     )
 
 
@@ -251,20 +308,21 @@ def ragged_paged_attention_mgpu(
     if plgpu is None:
         raise NotImplementedError("this JAX has no Pallas Mosaic GPU backend")
     common.validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, k_scales, v_scales)
-    if k_scales is not None:
-        raise NotImplementedError("the Mosaic GPU kernel does not take quantized pages yet")
+    quantized = k_scales is not None
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
-    if head_dim % 64 or BLOCK_KV % page_size or k_pages.dtype != q.dtype:
+    bkv = block_kv(head_dim)
+    if head_dim % 64 or bkv % page_size or (k_pages.dtype != q.dtype and not quantized):
         raise ValueError(
             f"Mosaic GPU kernel: head_dim {head_dim} must be a multiple of 64, page_size "
-            f"{page_size} divide {BLOCK_KV}, and pages ({k_pages.dtype}) match q ({q.dtype})"
+            f"{page_size} divide {bkv}, and float pages ({k_pages.dtype}) match q "
+            f"({q.dtype})"
         )
     group_pad = common.next_pow2(num_heads // num_kv_heads)
     if group_pad > ROWS:
         raise ValueError(f"GQA group {num_heads // num_kv_heads} exceeds {ROWS} rows")
     tokens_per_tile = ROWS // group_pad
-    pages_per_block = BLOCK_KV // page_size
+    pages_per_block = bkv // page_size
 
     tm = common.tile_map(
         kv_lens, cu_q_lens, num_seqs, num_tokens=num_tokens, tokens_per_tile=tokens_per_tile
@@ -284,6 +342,7 @@ def ragged_paged_attention_mgpu(
         soft_cap=soft_cap,
         sliding_window=sliding_window,
         interpret=interpret,
+        quantized=quantized,
     )
     # `interpret` is passed only when set, so a JAX whose `plgpu.kernel` lacks it still lowers.
     extra = dict(interpret=_interpret_params()()) if interpret else {}
@@ -294,9 +353,19 @@ def ragged_paged_attention_mgpu(
         grid_names=("kv", "tile"),
         **extra,
     )
-    out_tiles = kernel(
-        tm.seq, tm.count, tm.first_pos, kv_lens, block_tables, q_tiles, k_pages, v_pages
-    )
+    args = [tm.seq, tm.count, tm.first_pos, kv_lens, block_tables, q_tiles, k_pages, v_pages]
+    if quantized:
+        # Each sequence's scales gathered through its block table, kv-head-major:
+        # [K, S, W * PS], so a K/V tile's 128 scales are one contiguous TMA row (a page's own
+        # 16-32 floats are under the 128-byte minimum copy). Cost: 4 bytes per owned key and
+        # head per kind, read and written (~6% on top of the int8 pages at head_dim 128); a
+        # pool that kept its scales head-major per page would not need it (not changed here).
+        def by_sequence(x):
+            x = x.astype(jnp.float32)[block_tables]  # [S, W, PS, K]
+            return x.reshape(x.shape[0], -1, num_kv_heads).transpose(2, 0, 1)
+
+        args += [by_sequence(k_scales), by_sequence(v_scales)]
+    out_tiles = kernel(*args)
     return common.scatter_output_tiles(
         out_tiles,
         tm,

@@ -16,6 +16,7 @@ from pijax.kernels import dispatch, support
 from pijax.kernels.impl import AttentionImpl
 from pijax.kernels.paged_attention import mosaic_gpu, reference, tuning
 from pijax.kernels.paged_attention.cases import make_case, mixed_seqs, padded_tokens
+from pijax.kernels.quantization import dequantize
 from pijax.kernels.support import AttentionShape, Kernel
 
 TABLE = support.SUPPORTED[Kernel.MOSAIC_GPU_RAGGED]
@@ -30,8 +31,9 @@ needs_interpreter = pytest.mark.skipif(
 )
 
 
-def case_for(head_dim, group, page_size, seqs=None, seed=0):
+def case_for(head_dim, group, page_size, seqs=None, seed=0, pages="bfloat16"):
     seqs = seqs or mixed_seqs(page_size, max_pages=3)
+    quantized = pages != "bfloat16"
     return make_case(
         seqs,
         num_kv_heads=2,
@@ -39,6 +41,8 @@ def case_for(head_dim, group, page_size, seqs=None, seed=0):
         head_dim=head_dim,
         page_size=page_size,
         dtype=jnp.bfloat16,
+        quantized=quantized,
+        quant_dtype=jnp.dtype(pages) if quantized else jnp.int8,
         num_tokens=padded_tokens(seqs),
         max_seqs=len(seqs) + 1,
         seed=seed,
@@ -46,7 +50,9 @@ def case_for(head_dim, group, page_size, seqs=None, seed=0):
 
 
 def lower(case, **kw):
-    f = functools.partial(mosaic_gpu.ragged_paged_attention_mgpu, sm_scale=0.1, **kw)
+    f = functools.partial(
+        mosaic_gpu.ragged_paged_attention_mgpu, sm_scale=0.1, **case.scale_kwargs(), **kw
+    )
     text = jax.jit(f).trace(*case.args()).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text.lower()
 
@@ -54,26 +60,32 @@ def lower(case, **kw):
 @needs_mgpu
 @pytest.mark.parametrize("head_dim", TABLE.head_dims)
 def test_lowers_for_cuda(head_dim):
-    for i, group in enumerate((1, 3, 8)):
-        page_size = (16, 32, 64)[i]
+    # bf16, int8 and fp8 pages; every page size of the row; a window and soft cap on one
+    for i, (group, page_size, pages) in enumerate(
+        [(1, 16, "bfloat16"), (3, 32, "int8"), (8, 64, "float8_e4m3fn"), (16, 8, "int8")]
+    ):
         extra = dict(soft_cap=30.0, sliding_window=40) if i == 1 else {}
-        lower(case_for(head_dim, group, page_size), **extra)
+        lower(case_for(head_dim, group, page_size, pages=pages), **extra)
 
 
 @needs_mgpu
 @pytest.mark.slow
 def test_lowers_full_grid():
-    for head_dim, group, page_size in itertools.product(TABLE.head_dims, RATIOS, (16, 32)):
-        lower(case_for(head_dim, group, page_size))
+    grid = itertools.product(TABLE.head_dims, RATIOS, (16, 32), TABLE.kv_dtypes)
+    for head_dim, group, page_size, pages in grid:
+        lower(case_for(head_dim, group, page_size, pages=pages))
 
 
 def check_interpreted(case, **kw):
     kw = dict(sm_scale=case.q.shape[-1] ** -0.5, **kw)
     try:
-        out = mosaic_gpu.interpret_fn()(*case.args(), **kw)
+        out = mosaic_gpu.interpret_fn()(*case.args(), **kw, **case.scale_kwargs())
     finally:
         mosaic_gpu.reset_interpreter()
-    want = reference.ragged_paged_attention_reference(*case.args(), **kw)
+    k, v = case.k_pages, case.v_pages
+    if case.k_scales is not None:
+        k, v = dequantize(k, case.k_scales), dequantize(v, case.v_scales)
+    want = reference.ragged_paged_attention_reference(case.q, k, v, *case.args()[3:], **kw)
     got, want = np.asarray(out, np.float32), np.asarray(want, np.float32)
     assert not np.any(np.isnan(got)), "NaN: an output tile or SMEM buffer was left unwritten"
     assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 2e-2
@@ -91,6 +103,14 @@ def test_interpreter_window_soft_cap_gqa3_mixed():
     check_interpreted(case_for(64, 3, 32, seed=4), soft_cap=5.0, sliding_window=37)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("pages,head_dim", [("int8", 64), ("float8_e4m3fn", 256)])
+def test_interpreter_quantized_pages(pages, head_dim):
+    # head_dim 256 takes the 64-key tiles (SMEM budget); int8 the 128-key ones.
+    case = case_for(head_dim, 2, 16, seqs=[(1, 20), (1, 70), (4, 90)], seed=5, pages=pages)
+    check_interpreted(case, sliding_window=66)
+
+
 def test_dispatch_prefers_mosaic_on_hopper_and_hands_other_shapes_to_triton(monkeypatch):
     monkeypatch.setattr(tuning, "HOPPER_KERNEL", Kernel.MOSAIC_GPU_RAGGED.value)
     monkeypatch.setattr(support, "gpu_capability", lambda device=None: (9, 0))
@@ -98,10 +118,12 @@ def test_dispatch_prefers_mosaic_on_hopper_and_hands_other_shapes_to_triton(monk
     bf16 = AttentionShape(32, 8, 128, 16, "bfloat16", "bfloat16")
     int8 = AttentionShape(32, 8, 128, 16, "bfloat16", "int8")
     odd = AttentionShape(12, 4, 80, 16, "bfloat16", "bfloat16")
+    f32 = AttentionShape(32, 8, 128, 16, "float32", "float32")
     pick = functools.partial(dispatch.choose_kernel, AttentionImpl.PALLAS, backend="cuda")
     assert pick(bf16) is Kernel.MOSAIC_GPU_RAGGED
-    assert pick(int8) is Kernel.TRITON_RAGGED
+    assert pick(int8) is Kernel.MOSAIC_GPU_RAGGED
     assert pick(odd) is Kernel.TRITON_RAGGED
+    assert pick(f32) is Kernel.TRITON_RAGGED
     assert pick(bf16, decode_only=True) is Kernel.TRITON_DECODE
     monkeypatch.setattr(support, "gpu_capability", lambda device=None: (8, 0))  # Ampere
     assert pick(bf16) is Kernel.TRITON_RAGGED

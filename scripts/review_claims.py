@@ -13,7 +13,9 @@ For each claim (synthetic, from the `pijax.claims` generator, or `--claims FILE`
    answers with FAKE policy and fee-schedule lookups (clearly labelled: synthetic tables, no real
    data), and the model writes the investigator's narrative; the second turn reuses the first
    turn's KV (see "cached" in the summary);
-3. prints the findings, the narrative and a latency summary.
+3. prints the findings, the narrative and a latency summary; for generated claims (whose truth
+   is the rules' answer), the review figures too: claim id exact, flags match, per-flag precision
+   and recall, action accuracy, exact match, the narrative citing each flagged line's policy.
 
 On the random-weight preset the text is noise (the findings still parse when they finish: that is
 the schema constraint at work); the embedded default model writes readable reviews.
@@ -36,8 +38,9 @@ import grpc
 import jsonschema
 from absl import app, flags
 
+from pijax.claims import evaluate
 from pijax.claims.codes import POLICIES, PROCEDURES, FlagCode
-from pijax.claims.corpus import generate_examples
+from pijax.claims.corpus import Example, generate_examples
 from pijax.claims.prompt import policy_scaffold, render_claim_segment, render_policy_segment
 from pijax.serving.client import Completion, InferenceClient, pb
 
@@ -95,6 +98,7 @@ class Case:
     policy_text: str  # the shared scaffold, identical for every claim
     claim_text: str
     truth: dict | None = None  # rule-derived findings, when the corpus generator made the claim
+    example: Example | None = None  # the generated claim and its truth (for the figures)
 
 
 class CallKind(enum.StrEnum):
@@ -149,7 +153,7 @@ def _cases(opts: Options) -> list[Case]:
             for c in items[: opts.num_claims]
         ]
     return [
-        Case(e.claim.claim_id, policy, render_claim_segment(e.claim), e.findings_json())
+        Case(e.claim.claim_id, policy, render_claim_segment(e.claim), e.findings_json(), e)
         for e in generate_examples(opts.seed, opts.num_claims, split="demo")
     ]
 
@@ -402,6 +406,30 @@ def summary(results: Sequence[Result], wall_s: float) -> str:
     return "\n".join(out)
 
 
+def review_figures(results: Sequence[Result]) -> str:
+    """The reviewer's figures over the generated claims (their truth is the rules'): claim id
+    exact, flags, per-flag precision and recall, action, exact match, the findings narrative
+    citing each flagged line's policy; and whether the agent's narrative after the tool turn
+    cites them too. Empty when the claims came from a file (no truth)."""
+    scored = [r for r in results if r.case.example is not None and not r.error]
+    if not scored:
+        return ""
+    examples = [r.case.example for r in scored]
+    report = evaluate.summarize([r.findings_text for r in scored], examples)
+    out = [f"\n--- review figures against the rules' answers ({len(scored)} claims) ---"]
+    out.append(evaluate.format_report(report))
+    agent = [
+        evaluate.narrative_cites(r.narrative, ex) for r, ex in zip(scored, examples, strict=True)
+    ]
+    agent = [a for a in agent if a is not None]
+    if agent:
+        out.append(
+            f"agent narrative after the tool turn cites every flagged line and its policy: "
+            f"{sum(agent)}/{len(agent)} claims with flags"
+        )
+    return "\n".join(out)
+
+
 def _pct(calls: Sequence[CallStats], field: str, q: int) -> float:
     values = sorted(getattr(c, field) for c in calls)
     if len(values) == 1:
@@ -433,6 +461,9 @@ def run(opts: Options, out=sys.stdout) -> list[Result]:
         client.close()
     for n, res in enumerate(results, 1):
         print_result(res, n, len(results), out)
+    figures = review_figures(results)
+    if figures:
+        print(figures, file=out)
     print(summary(results, wall), file=out)
     return results
 

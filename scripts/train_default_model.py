@@ -27,6 +27,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from pijax.claims import evaluate, train
+from pijax.claims.chat_template import write_chat_template
 from pijax.claims.corpus import generate_examples
 from pijax.claims.prompt import BOS, END, PAD, policy_scaffold, render_prompt
 from pijax.model.hf_io import save_hf_checkpoint
@@ -66,7 +67,7 @@ flags.DEFINE_float(
     "Stop training after this many minutes (the "
     "learning-rate decay is scheduled to finish by then).",
 )
-flags.DEFINE_integer("vocab_size", 2048, "BPE vocabulary size (special tokens included).")
+flags.DEFINE_integer("vocab_size", 1024, "BPE vocabulary size (special tokens included).")
 flags.DEFINE_integer("hidden_size", 192, "Model width.")
 flags.DEFINE_integer("intermediate_size", 512, "MLP hidden width.")
 flags.DEFINE_integer("num_layers", 4, "Decoder layers.")
@@ -77,6 +78,21 @@ flags.DEFINE_integer("eval_claims", 64, "Held-out claims to evaluate (0 skips ev
 flags.DEFINE_integer("eval_max_new_tokens", 512, "Answer budget per held-out claim.")
 flags.DEFINE_bool("constrained_eval", True, "Also evaluate with JSON-schema constrained decoding.")
 flags.DEFINE_integer("log_every", 10, "Steps between loss log lines.")
+flags.DEFINE_bool(
+    "eval_only", False, "Only evaluate the checkpoint in --out_dir again (eval.json, README.md)."
+)
+flags.DEFINE_integer(
+    "curriculum_steps", 0, "The first steps train on the shorter half of the claims (curriculum)."
+)
+flags.DEFINE_integer(
+    "checkpoint_every",
+    0,
+    "Steps between intermediate checkpoints written to --checkpoint_dir (0: none), so a run "
+    "stopped early still leaves a model.",
+)
+flags.DEFINE_string(
+    "checkpoint_dir", None, "Where intermediate checkpoints go (default --out_dir)."
+)
 
 
 def tokenizer_config(max_len: int) -> dict:
@@ -125,12 +141,16 @@ def run_eval(out: Path, seed: int, num_claims: int, max_new_tokens: int, constra
     t = time.monotonic()
     report = evaluate.evaluate_constrained(llm, prompts, examples, max_new_tokens)
     result["constrained"] = report.to_json()
+    result["constrained"]["goals"] = report.goals()
+    print("eval constrained:\n" + evaluate.format_report(report))
     result["constrained"]["seconds"] = round(time.monotonic() - t, 1)
     return result
 
 
 def main(argv):
     del argv
+    if FLAGS.eval_only:
+        return eval_only(Path(FLAGS.out_dir))
     t0 = time.monotonic()
     cfg = train.TrainConfig(
         steps=FLAGS.steps,
@@ -150,6 +170,8 @@ def main(argv):
         num_heads=FLAGS.num_heads,
         num_kv_heads=FLAGS.num_kv_heads,
         log_every=FLAGS.log_every,
+        checkpoint_every=FLAGS.checkpoint_every,
+        curriculum_steps=FLAGS.curriculum_steps,
     )
     out = Path(FLAGS.out_dir)
     with tempfile.TemporaryDirectory() as staging:
@@ -158,19 +180,34 @@ def main(argv):
         if FLAGS.init_from:
             report_path = Path(FLAGS.init_from) / "train_report.json"
             previous = json.loads(report_path.read_text()) if report_path.is_file() else None
-        result = train.train(
-            cfg, tok_path, log=lambda m: logging.info("%s", m), init_from=FLAGS.init_from
-        )
         (Path(staging) / "tokenizer_config.json").write_text(
             json.dumps(tokenizer_config(cfg.max_position_embeddings), indent=2) + "\n"
         )
-        save_hf_checkpoint(
-            result.model_config,
-            nnx.state(result.model, nnx.Param),
+
+        def write_checkpoint(directory: Path, model) -> None:
+            save_hf_checkpoint(
+                model.config,
+                nnx.state(model, nnx.Param),
+                tok_path,
+                directory,
+                FLAGS.checkpoint_dtype,
+            )
+            write_chat_template(directory)  # its default system message: the policy scaffold
+
+        def on_checkpoint(step: int, model, tok) -> None:
+            directory = Path(FLAGS.checkpoint_dir or out)
+            write_checkpoint(directory, model)
+            (directory / "checkpoint_step.txt").write_text(f"{step}\n")
+            logging.info("checkpoint at step %d: %s", step, directory)
+
+        result = train.train(
+            cfg,
             tok_path,
-            out,
-            FLAGS.checkpoint_dtype,
+            log=lambda m: logging.info("%s", m),
+            init_from=FLAGS.init_from,
+            on_checkpoint=on_checkpoint if FLAGS.checkpoint_every else None,
         )
+        write_checkpoint(out, result.model)
     train_done = time.monotonic()
     weights = out / "model.safetensors"
     report = {
@@ -232,6 +269,19 @@ def main(argv):
     )
 
 
+def eval_only(out: Path) -> None:
+    """Evaluate the checkpoint in `out` again (eval.json, the model card), without training."""
+    report = json.loads((out / "train_report.json").read_text())
+    t = time.monotonic()
+    ev = run_eval(
+        out, FLAGS.seed, FLAGS.eval_claims, FLAGS.eval_max_new_tokens, FLAGS.constrained_eval
+    )
+    _write_json(out / "eval.json", ev)
+    report["eval_seconds"] = round(time.monotonic() - t, 1)
+    _write_json(out / "train_report.json", report)
+    (out / "README.md").write_text(model_card(report, ev))
+
+
 def model_card(report: dict, ev: dict | None) -> str:
     m = report["model"]
     lines = [
@@ -245,7 +295,7 @@ def model_card(report: dict, ev: dict | None) -> str:
         "",
         f"- {report['num_params']:,} parameters: {m['num_hidden_layers']} layers, width "
         f"{m['hidden_size']}, {m['num_attention_heads']} heads / {m['num_key_value_heads']} kv "
-        f"heads, vocabulary {m['vocab_size']} (byte-level BPE)",
+        f"heads, vocabulary {m['vocab_size']} (byte-level BPE, one token per digit)",
         f"- trained {report['steps']} steps ({report['examples_seen']:,} claims) in "
         f"{report['train_seconds'] / 60:.1f} min on {report['machine']['cpu_count']} CPU cores",
         f"- `model.safetensors`: {report['checkpoint_bytes'] / 2**20:.1f} MiB "
@@ -267,18 +317,45 @@ def model_card(report: dict, ev: dict | None) -> str:
         "followed by `<|end|>`.",
     ]
     if ev is not None:
-        lines += ["", f"Held-out evaluation ({ev['num_claims']} claims, greedy, `eval.json`):", ""]
+        lines += [
+            "",
+            f"Held-out evaluation ({ev['num_claims']} claims of the `heldout` split, never "
+            "trained on; greedy; `eval.json`; `pijax.claims.evaluate`):",
+            "",
+        ]
         for mode in ("unconstrained", "constrained"):
             r = ev[mode]
             if "skipped" in r:
                 lines.append(f"- {mode}: skipped ({r['skipped']})")
-            else:
+                continue
+            lines.append(
+                f"- {mode}: schema-valid {_pct(r['schema_valid_share'])}, claim id exact "
+                f"{_pct(r.get('claim_id_share'))}, flags match {_pct(r['flags_match_share'])}, "
+                f"action {_pct(r['action_match_share'])}, narrative cites flagged lines "
+                f"{_pct(r.get('narrative_cites_share'))}, exact {_pct(r['exact_match_share'])}"
+            )
+        r = ev.get("constrained", {})
+        if "per_flag" in r:
+            lines += ["", "Per flag type (constrained): true / predicted, precision, recall", ""]
+            for code, f in r["per_flag"].items():
                 lines.append(
-                    f"- {mode}: schema-valid {r['schema_valid_share']:.0%}, flags match "
-                    f"{r['flags_match_share']:.0%}, action match "
-                    f"{r['action_match_share']:.0%}, exact {r['exact_match_share']:.0%}"
+                    f"- {code}: {f['support']} / {f['predicted']}, {_pct(f['precision'])}, "
+                    f"{_pct(f['recall'])}"
+                )
+        if "goals" in r:
+            lines += ["", "Goals (held-out, greedy, constrained):", ""]
+            for name, g in r["goals"].items():
+                m = g["measured"]
+                gap = "" if g["met"] or m is None else f", short by {g['goal'] - m:.0%}"
+                lines.append(
+                    f"- {name} >= {g['goal']:.0%}: {_pct(m)} "
+                    f"({'met' if g['met'] else 'missed'}{gap})"
                 )
     return "\n".join(lines) + "\n"
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -12,6 +12,7 @@ provider or payer data is used or produced.
   schema     the findings JSON schema (`configs/schemas/findings.schema.json`) and its checks
   bpe        the byte-level BPE tokenizer trained on the corpus
   train      the training loop of the embedded default model
-  evaluate   held-out evaluation (schema-valid share, flag-match share) and a reference decoder
+  evaluate   held-out evaluation (claim id, flags and per-flag precision/recall, action,
+             narrative citations, exact match; the goals) and a reference decoder
   samples    a ready-made sample review prompt
 """

@@ -1,9 +1,15 @@
 """Evaluate a claim-review model on held-out synthetic claims.
 
-Two measures, both against the rules' ground truth (`rules.review`):
+What a reviewer would measure, against the rules' ground truth (`rules.review`):
   * schema-valid share: the answer parses as JSON and validates against the findings schema;
-  * flag-match share: the set of (flag code, line) pairs equals the true set.
-Exact match (the whole findings object, narrative included) is reported beside them.
+  * claim id exact: the answer names the claim it reviewed;
+  * flag-match share: the set of (flag code, line) pairs equals the true set; and per flag type,
+    precision and recall over (code, line) pairs;
+  * action accuracy: the recommended action equals the rules' action;
+  * narrative cites: the narrative names every truly flagged line with its policy reference
+    (over the claims that have flags);
+  * exact match: the whole findings object, narrative included.
+`EvalReport.goals()` holds them against `GOALS` (the default model's targets).
 
 The evaluations run through the offline API (`pijax.LLM`), greedy, all prompts at once:
 unconstrained, and with the findings schema as structured output
@@ -22,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pijax.claims.codes import FlagCode
 from pijax.claims.corpus import Example
 from pijax.claims.prompt import answer_text, render_findings_json
 from pijax.claims.schema import findings_schema, is_valid_findings
@@ -54,6 +61,19 @@ def dense_greedy(
 
 # --- scoring ------------------------------------------------------------------------------------
 
+# The goals of the default model's held-out review (greedy, constrained decoding): what a reviewer
+# needs from it. `per_flag_recall`/`per_flag_precision` hold for every flag type with at least
+# `PER_FLAG_MIN_SUPPORT` held-out instances.
+GOALS = {
+    "claim_id_share": 0.99,
+    "flags_match_share": 0.85,
+    "per_flag_precision": 0.85,
+    "per_flag_recall": 0.85,
+    "action_match_share": 0.90,
+    "narrative_cites_share": 0.90,
+}
+PER_FLAG_MIN_SUPPORT = 20
+
 
 @dataclasses.dataclass(frozen=True)
 class Score:
@@ -62,6 +82,29 @@ class Score:
     flags_match: bool
     action_match: bool
     exact_match: bool
+    claim_id_match: bool = False
+    # The narrative names every truly flagged line ("Line 3") and its policy reference; None for
+    # a claim with no true flags (nothing to cite).
+    narrative_cites: bool | None = None
+    predicted_flags: frozenset[tuple[str, int]] = frozenset()  # (code, line) the answer flags
+
+
+def narrative_cites(narrative: object, example: Example) -> bool | None:
+    """Whether `narrative` names each truly flagged line with its policy reference (the reference
+    after the line's mention, before the next line's); None when the claim has no flags."""
+    flags = example.findings.flags
+    if not flags:
+        return None
+    if not isinstance(narrative, str):
+        return False
+    for flag in flags:
+        at = narrative.find(f"Line {flag.line}:")
+        if at < 0:
+            return False
+        end = narrative.find("Line ", at + 1)
+        if flag.policy_reference not in narrative[at : end if end > 0 else None]:
+            return False
+    return True
 
 
 def score_answer(text: str, example: Example) -> Score:
@@ -76,9 +119,30 @@ def score_answer(text: str, example: Example) -> Score:
         keys = frozenset((f["code"], f["line"]) for f in obj["flags"])
         flags_match = keys == example.findings.flag_keys()
     except (KeyError, TypeError):
-        flags_match = False
-    action = isinstance(obj, dict) and obj.get("recommended_action") == truth["recommended_action"]
-    return Score(True, valid, flags_match, action, obj == truth)
+        keys, flags_match = frozenset(), False
+    is_obj = isinstance(obj, dict)
+    action = is_obj and obj.get("recommended_action") == truth["recommended_action"]
+    claim_id = is_obj and obj.get("claim_id") == truth["claim_id"]
+    cites = narrative_cites(obj.get("narrative") if is_obj else None, example)
+    return Score(True, valid, flags_match, action, obj == truth, claim_id, cites, keys)
+
+
+def per_flag_figures(scores: Sequence[Score], examples: Sequence[Example]) -> dict[str, dict]:
+    """Precision and recall of each flag type over (code, line) pairs, with its true count."""
+    out = {}
+    for code in FlagCode:
+        tp = fp = fn = 0
+        for s, ex in zip(scores, examples, strict=True):
+            want = {k for k in ex.findings.flag_keys() if k[0] == code.value}
+            got = {k for k in s.predicted_flags if k[0] == code.value}
+            tp, fp, fn = tp + len(want & got), fp + len(got - want), fn + len(want - got)
+        out[code.value] = {
+            "support": tp + fn,
+            "predicted": tp + fp,
+            "precision": round(tp / (tp + fp), 4) if tp + fp else None,
+            "recall": round(tp / (tp + fn), 4) if tp + fn else None,
+        }
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +154,36 @@ class EvalReport:
     action_match_share: float
     exact_match_share: float
     samples: list[dict]  # a few (claim id, answer, truth) for reading
+    claim_id_share: float = 0.0
+    narrative_cites_share: float | None = None  # over the claims with at least one true flag
+    per_flag: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    def goals(self) -> dict[str, dict]:
+        """Each goal of `GOALS`: the measured figure, the goal, whether it holds. The per-flag
+        goals use the worst flag type with at least `PER_FLAG_MIN_SUPPORT` true instances."""
+        figures: dict[str, float | None] = {
+            k: getattr(self, k)
+            for k in ("claim_id_share", "flags_match_share", "action_match_share")
+        }
+        figures["narrative_cites_share"] = self.narrative_cites_share
+        for kind in ("precision", "recall"):
+            values = [
+                (f[kind] or 0.0)
+                for f in self.per_flag.values()
+                if f["support"] >= PER_FLAG_MIN_SUPPORT
+            ]
+            figures[f"per_flag_{kind}"] = min(values) if values else None
+        return {
+            k: {
+                "measured": figures[k],
+                "goal": goal,
+                "met": figures[k] is not None and figures[k] >= goal,
+            }
+            for k, goal in GOALS.items()
+        }
 
 
 def summarize(
@@ -104,6 +195,7 @@ def summarize(
     def share(field: str) -> float:
         return round(sum(getattr(s, field) for s in scores) / max(n, 1), 4)
 
+    cites = [s.narrative_cites for s in scores if s.narrative_cites is not None]
     samples = [
         {
             "claim_id": ex.claim.claim_id,
@@ -120,7 +212,33 @@ def summarize(
         share("action_match"),
         share("exact_match"),
         samples,
+        claim_id_share=share("claim_id_match"),
+        narrative_cites_share=round(sum(cites) / len(cites), 4) if cites else None,
+        per_flag=per_flag_figures(scores, examples),
     )
+
+
+def format_report(report: EvalReport) -> str:
+    """The reviewer's figures in a few lines (the goals first, then each flag type)."""
+
+    def pct(x):
+        return "n/a" if x is None else f"{x:.0%}"
+
+    lines = [
+        f"{report.num_claims} claims: schema-valid {pct(report.schema_valid_share)}, claim id "
+        f"exact {pct(report.claim_id_share)}, flags match {pct(report.flags_match_share)}, "
+        f"action {pct(report.action_match_share)}, exact {pct(report.exact_match_share)}, "
+        f"narrative cites flagged lines {pct(report.narrative_cites_share)}"
+    ]
+    for code, f in report.per_flag.items():
+        lines.append(
+            f"  {code:<19} true {f['support']:>3} predicted {f['predicted']:>3} precision "
+            f"{pct(f['precision'])} recall {pct(f['recall'])}"
+        )
+    for name, g in report.goals().items():
+        state = "met" if g["met"] else "MISSED"
+        lines.append(f"  goal {name} >= {g['goal']:.0%}: {pct(g['measured'])} ({state})")
+    return "\n".join(lines)
 
 
 def engine_texts(

@@ -65,7 +65,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     context_loss_weight: float = 0.3  # loss weight of the claim tokens (answer tokens: 1)
     time_budget_s: float | None = None  # stop (after decaying) once training took this long
-    vocab_size: int = 2048
+    vocab_size: int = 1024  # one token per digit leaves few merges to learn: ~1020 are used
     hidden_size: int = 192
     intermediate_size: int = 512
     num_layers: int = 4
@@ -75,6 +75,8 @@ class TrainConfig:
     tokenizer_examples: int = 4000
     data_offset: int = 0  # index of the first training claim (a continued run takes fresh ones)
     log_every: int = 10
+    curriculum_steps: int = 0  # the first steps train on the shorter half of the claims
+    checkpoint_every: int = 0  # steps between `on_checkpoint` calls (0: none before the end)
 
     def __post_init__(self):
         for name in (
@@ -153,13 +155,17 @@ def encode_examples(tok: tokenizers.Tokenizer, examples: Sequence[Example]) -> E
 
 
 def batches(
-    data: Sequence[Encoded], batch_size: int, seed: int, pad_id: int
+    data: Sequence[Encoded], batch_size: int, seed: int, pad_id: int, short_first: int = 0
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Endless (tokens, loss mask) batches of similar length, in a seeded order per epoch.
 
     `mask[b, t] = 1` where token t is an answer token, i.e. predicted from position t-1.
+    `short_first`: a curriculum; the first epoch opens with up to this many batches of the
+    shorter half of the lengths (fewer lines: the answer format and the copying of the claim id
+    and codes are learned on cheap steps before the long claims come).
     """
     rng = random.Random(seed)
+    epoch = 0
     while True:
         order = list(range(len(data)))
         rng.shuffle(order)
@@ -175,6 +181,12 @@ def batches(
             length = max(by_bucket)
             plan = [(length, (order * batch_size)[:batch_size])]
         rng.shuffle(plan)
+        if epoch == 0 and short_first:
+            median = sorted(length for length, _ in plan)[len(plan) // 2]
+            short = [i for i, (length, _) in enumerate(plan) if length <= median][:short_first]
+            chosen = set(short)
+            plan = [plan[i] for i in short] + [p for i, p in enumerate(plan) if i not in chosen]
+        epoch += 1
         for length, idx in plan:
             tokens = np.full((batch_size, length), pad_id, np.int32)
             mask = np.zeros((batch_size, length), np.float32)
@@ -286,11 +298,14 @@ def train(
     tokenizer_path: str | Path,
     log: Callable[[str], None] = print,
     init_from: str | Path | None = None,
+    on_checkpoint: Callable[[int, LlamaModel, tokenizers.Tokenizer], None] | None = None,
 ) -> TrainResult:
     """Corpus -> tokenizer (saved to `tokenizer_path`) -> trained model.
 
     With `init_from` (an HF checkpoint directory this function wrote), training continues from
     its weights and tokenizer; the model shape flags of `cfg` are then ignored.
+    `on_checkpoint(step, model, tokenizer)` is called every `cfg.checkpoint_every` steps with the
+    model holding the weights so far (so a run stopped early still leaves a checkpoint).
     """
     examples = generate_examples(cfg.seed, cfg.total_examples, split="train", start=cfg.data_offset)
     if init_from is None:
@@ -335,7 +350,7 @@ def train(
     )
 
     pad_id = special_token_ids(tok)[PAD]
-    stream = batches(data, cfg.batch_size, cfg.seed, pad_id)
+    stream = batches(data, cfg.batch_size, cfg.seed, pad_id, short_first=cfg.curriculum_steps)
     prefix = jnp.asarray(corpus.prefix)
     losses: list[tuple[int, float]] = []
     window: list[float] = []
@@ -376,6 +391,9 @@ def train(
                 f"tok/s {tokens_seen / (time.monotonic() - start):.0f}"
             )
             window = []
+        if on_checkpoint and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            nnx.update(model, params)
+            on_checkpoint(step + 1, model, tok)
     else:
         step = cfg.steps
     bar.close()

@@ -12,7 +12,13 @@ from flax import nnx
 from pijax.claims import train
 from pijax.claims.bpe import train_tokenizer, training_texts
 from pijax.claims.corpus import generate_examples
-from pijax.claims.evaluate import score_answer, summarize
+from pijax.claims.evaluate import (
+    GOALS,
+    format_report,
+    narrative_cites,
+    score_answer,
+    summarize,
+)
 from pijax.claims.prompt import policy_scaffold, render_findings_json, render_prompt, render_target
 
 
@@ -107,6 +113,72 @@ def test_score_answer(examples):
     assert score_answer('{"claim_id": "CLM', ex).parsed is False
     report = summarize([truth, "nonsense"], [ex, ex])
     assert report.schema_valid_share == 0.5 and report.flags_match_share == 0.5
+
+
+def test_reviewer_figures_per_flag_claim_id_and_narrative(examples):
+    flagged = [e for e in examples if len(e.findings.flags) >= 2][:2]
+    clean = next(e for e in examples if not e.findings.flags)
+    assert len(flagged) == 2
+    right = [render_findings_json(e.findings, e.narrative) for e in flagged]
+    # A wrong answer for the first claim: another claim id, its first flag dropped and one
+    # invented (MODIFIER_MISUSE on line 99), the narrative citing nothing.
+    obj = json.loads(right[0])
+    dropped = obj["flags"].pop(0)
+    obj["flags"].append(dict(dropped, code="MODIFIER_MISUSE", line=99))
+    obj["claim_id"] = "CLM-000000"
+    obj["narrative"] = "Pay it."
+    answers = [json.dumps(obj), right[1], render_findings_json(clean.findings, clean.narrative)]
+    report = summarize(answers, [*flagged, clean])
+    assert report.claim_id_share == pytest.approx(2 / 3, abs=1e-4)
+    assert report.flags_match_share == pytest.approx(2 / 3, abs=1e-4)
+    assert report.narrative_cites_share == 0.5  # two claims with flags, one cited
+    true_counts: dict[str, int] = {}
+    for e in (*flagged, clean):
+        for f in e.findings.flags:
+            true_counts[f.code.value] = true_counts.get(f.code.value, 0) + 1
+    for code, fig in report.per_flag.items():
+        assert fig["support"] == true_counts.get(code, 0), code
+    d = report.per_flag[dropped["code"]]
+    assert d["recall"] == pytest.approx((d["support"] - 1) / d["support"], abs=1e-4)
+    m = report.per_flag["MODIFIER_MISUSE"]
+    assert m["predicted"] >= 1 and m["precision"] < 1
+    goals = report.goals()
+    assert set(goals) == set(GOALS)
+    assert not goals["claim_id_share"]["met"] and goals["claim_id_share"]["goal"] == 0.99
+    text = format_report(report)
+    assert "claim id exact 67%" in text and "MISSED" in text and dropped["code"] in text
+
+
+def test_narrative_cites_each_flagged_line_with_its_reference(examples):
+    ex = next(e for e in examples if len(e.findings.flags) >= 2)
+    assert narrative_cites(ex.narrative, ex) is True
+    first = ex.findings.flags[0]
+    assert narrative_cites(ex.narrative.replace(f"Line {first.line}:", "Row:"), ex) is False
+    # The reference must be named with its own line, not only somewhere in the text.
+    wrong = ex.narrative.replace(first.policy_reference, "PI-XXX-00", 1)
+    if first.policy_reference not in wrong.split(f"Line {first.line}:")[1].split("Line ")[0]:
+        assert narrative_cites(wrong, ex) is False
+    assert narrative_cites(None, ex) is False
+    clean = next(e for e in examples if not e.findings.flags)
+    assert narrative_cites("anything", clean) is None
+
+
+def test_curriculum_opens_with_short_batches(tokenizer, examples):
+    data = train.encode_examples(tokenizer, examples).rows
+    lengths = sorted(train._bucket(len(d.ids)) for d in data)
+    plain = train.batches(data, 2, seed=3, pad_id=0)
+    short = train.batches(data, 2, seed=3, pad_id=0, short_first=4)
+    firsts = [next(short)[0].shape[1] for _ in range(4)]
+    assert max(firsts) <= lengths[len(lengths) // 2]
+    # The same batches in the first epoch, only reordered.
+    counts: dict[int, int] = {}
+    for n in lengths:
+        counts[n] = counts.get(n, 0) + 1
+    epoch = sum(c // 2 for c in counts.values())
+    short = train.batches(data, 2, seed=3, pad_id=0, short_first=4)
+    a = sorted(next(plain)[0].tobytes() for _ in range(epoch))
+    b = sorted(next(short)[0].tobytes() for _ in range(epoch))
+    assert a == b
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ SMALL_SCHEMA = {
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(max_model_len=1024, max_num_seqs=4, num_pages=257)  # no source: the default model
+    return LLM(max_model_len=2048, max_num_seqs=4, num_pages=513)  # no source: the default model
 
 
 def findings_schema_text() -> str:

@@ -98,8 +98,29 @@ class ModelConfig:
     architecture: str = "LlamaForCausalLM"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Sliding-window attention (Mistral, Qwen2): a token sees the `sliding_window` latest
+    # positions (itself included) in layers `max_window_layers` and up; None = full attention.
+    sliding_window: int | None = None
+    max_window_layers: int = 0
+
+    def layer_window(self, layer: int) -> int | None:
+        """The attention window of `layer`, or None for full causal attention."""
+        return self.sliding_window if layer >= self.max_window_layers else None
 
     def __post_init__(self):
+        _require(
+            self.sliding_window is None
+            or (isinstance(self.sliding_window, int) and self.sliding_window > 0),
+            "sliding_window",
+            "None or a positive integer",
+            self.sliding_window,
+        )
+        _require(
+            isinstance(self.max_window_layers, int) and self.max_window_layers >= 0,
+            "max_window_layers",
+            "an integer >= 0",
+            self.max_window_layers,
+        )
         for name in (
             "vocab_size",
             "hidden_size",
@@ -143,15 +164,7 @@ class ModelConfig:
                 f"{source}: architectures={archs!r} is not supported; "
                 f"allowed: {list(SUPPORTED_ARCHITECTURES)}"
             )
-        if arch == "MistralForCausalLM" and get("sliding_window", None) not in (None, 0):
-            window, max_pos = get("sliding_window"), get("max_position_embeddings")
-            if window < max_pos:
-                # Sliding-window attention is not implemented yet; running a model whose window
-                # is shorter than its context would silently attend too far.
-                raise ConfigError(
-                    f"{source}: sliding_window={window} < max_position_embeddings={max_pos} is "
-                    "not supported yet; allowed: null or >= max_position_embeddings"
-                )
+        sliding_window, max_window_layers = _sliding_window(cfg, arch, get, source)
         num_heads = get("num_attention_heads")
         hidden = get("hidden_size")
         rope_scaling = None
@@ -190,6 +203,8 @@ class ModelConfig:
             architecture=arch,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            sliding_window=sliding_window,
+            max_window_layers=max_window_layers,
         )
 
     def to_hf_dict(self) -> dict:
@@ -220,7 +235,46 @@ class ModelConfig:
         }
         if self.rope_scaling is not None:
             d["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        if self.sliding_window is not None:
+            d["sliding_window"] = self.sliding_window
+            if self.architecture == "Qwen2ForCausalLM":
+                d["use_sliding_window"] = True
+                d["max_window_layers"] = self.max_window_layers
         return d
+
+
+def _sliding_window(cfg: dict, arch: str, get, source: str) -> tuple[int | None, int]:
+    """(window, first windowed layer) of an HF config, or a `ConfigError` for a layout we do not
+    run. Mistral: `sliding_window` on every layer. Qwen2: only with `use_sliding_window`, on
+    layers `max_window_layers` and up (or as its `layer_types` says, when that is a suffix).
+    A window at least as long as the context is full attention. Llama has none."""
+    if arch == "LlamaForCausalLM":
+        return None, 0
+    window = cfg.get("sliding_window")
+    if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
+        window = None
+    if window in (None, 0):
+        return None, 0
+    if not isinstance(window, int) or window < 0:
+        raise ConfigError(
+            f"{source}: sliding_window must be null or a positive integer; got {window!r}"
+        )
+    if window >= get("max_position_embeddings"):
+        return None, 0
+    num_layers = get("num_hidden_layers")
+    first = 0 if arch == "MistralForCausalLM" else int(cfg.get("max_window_layers", 28))
+    types = cfg.get("layer_types")
+    if types is not None:
+        sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+        if sliding != list(range(num_layers - len(sliding), num_layers)):
+            raise ConfigError(
+                f"{source}: layer_types must put every sliding_attention layer after the "
+                f"full_attention ones; got {types!r}"
+            )
+        first = num_layers - len(sliding)
+    if first >= num_layers:
+        return None, 0
+    return window, first
 
 
 @dataclasses.dataclass(frozen=True)

@@ -87,8 +87,16 @@ def _linear(din, dout, bias, dtype, rngs, scale=None):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, impl: AttentionImpl, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype,
+        impl: AttentionImpl,
+        rngs: nnx.Rngs,
+        window: int | None = None,
+    ):
         h, d = cfg.hidden_size, cfg.head_dim
+        self.window = window  # sliding window in positions (None: full causal attention)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.q_proj = _linear(h, cfg.num_heads * d, cfg.attention_bias, dtype, rngs)
         self.k_proj = _linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, rngs)
@@ -123,6 +131,7 @@ class Attention(nnx.Module):
             impl=self.impl,
             k_scales=ks,
             v_scales=vs,
+            sliding_window=self.window,
         )
         out = out.reshape(x.shape[0], self.num_heads * self.head_dim)
         return self.o_proj(out), LayerKV(kp, vp, ks, vs)
@@ -141,6 +150,10 @@ class Attention(nnx.Module):
             pk, pv = (jnp.broadcast_to(t, (b, *t.shape[1:])) for t in past)
             keys, values = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
             causal = jnp.concatenate([jnp.ones((length, pk.shape[1]), bool), causal], 1)
+        if self.window is not None:  # key column c sits `offset + row - c` positions back
+            offset = causal.shape[1] - length
+            rows = jnp.arange(length)[:, None] + offset
+            causal &= jnp.arange(causal.shape[1])[None, :] > rows - self.window
         group = self.num_heads // self.num_kv_heads
         qg = q.reshape(b, length, self.num_kv_heads, group, self.head_dim).astype(jnp.float32)
         s = jnp.einsum("bqkgd,blkd->bkgql", qg, keys.astype(jnp.float32)) * self.sm_scale
@@ -161,9 +174,11 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, impl: AttentionImpl, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, dtype, impl: AttentionImpl, rngs: nnx.Rngs, layer: int = 0
+    ):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, dtype, impl, rngs)
+        self.self_attn = Attention(cfg, dtype, impl, rngs, window=cfg.layer_window(layer))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype, rngs)
 
@@ -215,7 +230,7 @@ class LlamaModel(nnx.Module):
             rngs=rngs,
         )
         self.layers = nnx.List(
-            [DecoderLayer(cfg, dtype, attention_impl, rngs) for _ in range(cfg.num_layers)]
+            [DecoderLayer(cfg, dtype, attention_impl, rngs, layer=i) for i in range(cfg.num_layers)]
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = (

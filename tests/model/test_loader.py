@@ -323,11 +323,11 @@ BAD_CHECKPOINTS = [
         r"config\.json.*rope_type='yarn' is not supported",
     ),
     (
-        "mistral_sliding_window",
+        "mistral_bad_sliding_window",  # a window is supported (test_sliding_window.py)
         lambda p: _config(
-            p, lambda c: {**c, "architectures": ["MistralForCausalLM"], "sliding_window": 16}
+            p, lambda c: {**c, "architectures": ["MistralForCausalLM"], "sliding_window": -16}
         ),
-        r"config\.json.*sliding_window=16",
+        r"config\.json.*sliding_window must be null or a positive integer; got -16",
     ),
     (
         "missing_weights",

@@ -16,6 +16,11 @@ the group's query heads, so every head of a GQA group shares each K/V tile). A p
    `p @ v` with wgmma (p from registers, v from shared memory);
 4. normalizes, writes the tile back through shared memory with a TMA store.
 
+Split-K as in `ragged.py`: with `num_splits > 1` (static, from the grid size: a decode step of a
+few long sequences) the grid gains a `split` axis, each program walks its share of the tile's
+K/V range and writes a normalized float32 partial with its log-sum-exp, and the wrapper merges
+them (`common.combine_splits`).
+
 Programs start at the tile's sliding-window edge and stop at its causal frontier, so a decode
 token reads its context once and only pages its sequence owns are read.
 
@@ -25,8 +30,6 @@ the per-key scales (gathered per sequence by the wrapper, one contiguous row per
 multiply the logits' and the probabilities' columns, as in the Triton kernels.
 
 What this first version does NOT do (see `support.SUPPORTED` for what dispatch sends here):
-  * split-K: a few long sequences get `kv_heads x tiles` programs only (the Triton kernel
-    splits; on Hopper, `tuning.HOPPER_KERNEL` decides which one runs, by measurement);
   * warp specialization / multi-stage pipelining: each K/V tile's copies are issued and waited
     for before its compute (the FlashAttention-3 structure of JAX's `attention_mgpu.py`, a
     producer warpgroup keeping two stages in flight, is the next step), and p goes to the PV
@@ -44,7 +47,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pijax.kernels.paged_attention import common
+from pijax.kernels.paged_attention import common, tuning
 
 ROWS = 64  # wgmma M per warpgroup: one query tile
 BLOCK_KV = 128  # keys per K/V tile (a multiple of 64: the PV wgmma's contraction tile) ...
@@ -116,10 +119,13 @@ def _body(
     sliding_window,
     interpret: bool,
     quantized: bool,
+    num_splits: int,
 ):
     plgpu = _mgpu()
     bkv = block_kv(k_ref.shape[3])
-    ks_ref, vs_ref, o_ref = rest if quantized else (None, None, rest[0])
+    ks_ref, vs_ref = rest[:2] if quantized else (None, None)
+    outs = rest[2:] if quantized else rest
+    o_ref, lse_ref = outs if num_splits > 1 else (outs[0], None)
     page_size, head_dim = k_ref.shape[1], k_ref.shape[3]
     dtype = q_ref.dtype
     wgmma_layout = plgpu.Layout.WGMMA
@@ -146,11 +152,13 @@ def _body(
             return ref[...]
         return plgpu.load(ref, (), layout=wgmma_layout.reduce(0))
 
-    def scoped(q_smem, k_smem, v_smem, p_smem, q_bar, k_bars, v_bars, *quant):
+    def scoped(q_smem, k_smem, v_smem, p_smem, q_bar, k_bars, v_bars, *extra):
+        quant, split_bufs = (extra[:6], extra[6:]) if quantized else ((), extra)
         head, tile = lax.axis_index("kv"), lax.axis_index("tile")
         seq, count, first_pos = seq_ref[tile], count_ref[tile], pos_ref[tile]
         lo, hi = common.kv_range(first_pos, count, kv_lens_ref[seq], sliding_window)
-        blk_lo, blk_hi = lax.div(lo, bkv), common.cdiv(hi, bkv)
+        split = lax.axis_index("split") if num_splits > 1 else 0
+        blk_lo, blk_hi = common.split_blocks(lo, hi, bkv, split, num_splits)
 
         plgpu.copy_gmem_to_smem(q_ref.at[head, tile], q_smem, q_bar.at[0])
         plgpu.barrier_wait(q_bar.at[0])
@@ -235,13 +243,21 @@ def _body(
             layout(jnp.full((ROWS,), common.M_INIT, jnp.float32), reduced),
             layout(jnp.zeros((ROWS,), jnp.float32), reduced),
         )
-        acc, _, denom = lax.fori_loop(blk_lo, blk_hi, step, carry)
+        acc, m, denom = lax.fori_loop(blk_lo, blk_hi, step, carry)
         seen = denom > 0
         scale = jnp.where(seen, 1.0 / jnp.where(seen, denom, 1.0), 0.0)
         out = acc * lax.broadcast_in_dim(scale, acc.shape, [0])
-        q_smem[...] = out.astype(dtype)  # the query tile's buffer holds the output tile
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[head, tile])
+        if num_splits == 1:
+            q_smem[...] = out.astype(dtype)  # the query tile's buffer holds the output tile
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, o_ref.at[0, head, tile])
+        else:  # a normalized float32 partial and its log-sum-exp, merged by the wrapper
+            o_smem, lse_smem = split_bufs
+            o_smem[...] = out
+            lse_smem[...] = common.log_sum_exp(m, denom)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, head, tile])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[split, head, tile])
         plgpu.wait_smem_to_gmem(0)
 
     def transforms(dt, width):
@@ -272,6 +288,16 @@ def _body(
         plgpu.Barrier(num_barriers=pages_per_block),
         plgpu.Barrier(num_barriers=pages_per_block),
         *quant,
+        *(
+            [
+                plgpu.SMEM(
+                    (ROWS, head_dim), jnp.float32, transforms=transforms(jnp.float32, head_dim)
+                ),
+                plgpu.SMEM((ROWS,), jnp.float32),
+            ]
+            if num_splits > 1
+            else []
+        ),
     )
 
 
@@ -285,7 +311,10 @@ def pl_ds(start, size):
     return _pl().ds(start, size)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "interpret"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("sm_scale", "soft_cap", "sliding_window", "num_splits", "interpret"),
+)
 def ragged_paged_attention_mgpu(
     q,
     k_pages,
@@ -300,10 +329,14 @@ def ragged_paged_attention_mgpu(
     v_scales=None,
     soft_cap=None,
     sliding_window=None,
+    num_splits: int | None = None,
     interpret: bool = False,
 ):
     """Same contract as `reference.ragged_paged_attention_reference`, for the shapes
-    `support.SUPPORTED[Kernel.MOSAIC_GPU_RAGGED]` lists (bf16/f16 queries and pages)."""
+    `support.SUPPORTED[Kernel.MOSAIC_GPU_RAGGED]` lists.
+
+    `num_splits=None` picks the split-K factor from the grid size (`tuning.splits`), as the
+    Triton ragged kernel does."""
     plgpu = _mgpu()
     if plgpu is None:
         raise NotImplementedError("this JAX has no Pallas Mosaic GPU backend")
@@ -331,6 +364,8 @@ def ragged_paged_attention_mgpu(
         q, tm, num_kv_heads=num_kv_heads, tokens_per_tile=tokens_per_tile, group_pad=group_pad
     )
     num_tiles = q_tiles.shape[1]
+    sizes = tuning.block_sizes("interpret" if interpret else "gpu")
+    num_splits = num_splits or tuning.splits(num_kv_heads * num_tiles, sizes)
     width = -(-block_tables.shape[1] // pages_per_block) * pages_per_block
     block_tables = jnp.pad(block_tables, ((0, 0), (0, width - block_tables.shape[1])))
 
@@ -343,16 +378,21 @@ def ragged_paged_attention_mgpu(
         sliding_window=sliding_window,
         interpret=interpret,
         quantized=quantized,
+        num_splits=num_splits,
     )
     # `interpret` is passed only when set, so a JAX whose `plgpu.kernel` lacks it still lowers.
     extra = dict(interpret=_interpret_params()()) if interpret else {}
-    kernel = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct(q_tiles.shape, q.dtype),
-        grid=(num_kv_heads, num_tiles),
-        grid_names=("kv", "tile"),
-        **extra,
-    )
+    part = (num_splits, *q_tiles.shape)
+    if num_splits == 1:  # the final output straight from the kernel, in q's dtype
+        out_type = [jax.ShapeDtypeStruct(part, q.dtype)]
+        grid, names = (num_kv_heads, num_tiles), ("kv", "tile")
+    else:
+        out_type = [
+            jax.ShapeDtypeStruct(part, jnp.float32),
+            jax.ShapeDtypeStruct(part[:-1], jnp.float32),
+        ]
+        grid, names = (num_kv_heads, num_tiles, num_splits), ("kv", "tile", "split")
+    kernel = plgpu.kernel(body, out_type=out_type, grid=grid, grid_names=names, **extra)
     args = [tm.seq, tm.count, tm.first_pos, kv_lens, block_tables, q_tiles, k_pages, v_pages]
     if quantized:
         # Each sequence's scales gathered through its block table, kv-head-major:
@@ -365,7 +405,11 @@ def ragged_paged_attention_mgpu(
             return x.reshape(x.shape[0], -1, num_kv_heads).transpose(2, 0, 1)
 
         args += [by_sequence(k_scales), by_sequence(v_scales)]
-    out_tiles = kernel(*args)
+    outs = kernel(*args)
+    if num_splits == 1:
+        out_tiles = outs[0][0]
+    else:
+        out_tiles = common.combine_splits(outs[0], outs[1][..., None]).astype(q.dtype)
     return common.scatter_output_tiles(
         out_tiles,
         tm,

@@ -65,6 +65,8 @@ def test_lowers_for_cuda(head_dim):
         [(1, 16, "bfloat16"), (3, 32, "int8"), (8, 64, "float8_e4m3fn"), (16, 8, "int8")]
     ):
         extra = dict(soft_cap=30.0, sliding_window=40) if i == 1 else {}
+        # the default split count (split-K for these small grids) and one unsplit
+        extra["num_splits"] = 1 if i == 2 else None
         lower(case_for(head_dim, group, page_size, pages=pages), **extra)
 
 
@@ -76,10 +78,12 @@ def test_lowers_full_grid():
         lower(case_for(head_dim, group, page_size, pages=pages))
 
 
-def check_interpreted(case, **kw):
+def check_interpreted(case, num_splits=None, **kw):
     kw = dict(sm_scale=case.q.shape[-1] ** -0.5, **kw)
     try:
-        out = mosaic_gpu.interpret_fn()(*case.args(), **kw, **case.scale_kwargs())
+        out = mosaic_gpu.interpret_fn()(
+            *case.args(), **kw, **case.scale_kwargs(), num_splits=num_splits
+        )
     finally:
         mosaic_gpu.reset_interpreter()
     k, v = case.k_pages, case.v_pages
@@ -101,6 +105,13 @@ def test_interpreter_decode_and_prefill_gqa4():
 @needs_interpreter
 def test_interpreter_window_soft_cap_gqa3_mixed():
     check_interpreted(case_for(64, 3, 32, seed=4), soft_cap=5.0, sliding_window=37)
+
+
+@needs_interpreter
+def test_interpreter_split_k_long_decodes():
+    # Two long decodes and a prefill chunk, cut into 3 partitions each, merged by lse.
+    seqs = [(1, 300), (1, 45), (4, 200)]
+    check_interpreted(case_for(64, 4, 16, seqs=seqs, seed=6, pages="int8"), num_splits=3)
 
 
 @needs_interpreter

@@ -292,6 +292,11 @@ class CacheConfig:
     session_ttl_s: float = 600.0
     session_max_pages_fraction: float = 0.25  # share of the pool that idle sessions may pin
     audit_log_path: str | None = None
+    # A quantized cache starts only with a passing gate report for the model and dtype
+    # (scripts/kv_quant_eval.py), checked by Engine.from_source; skip_kv_quant_gate overrides it
+    # (logged as a warning).
+    kv_quant_gate_report: str | None = None
+    skip_kv_quant_gate: bool = False
 
     def __post_init__(self):
         _require(
@@ -322,6 +327,12 @@ class CacheConfig:
         object.__setattr__(self, "kv_cache_dtype", KVCacheDType.parse(self.kv_cache_dtype))
         _require(self.session_ttl_s > 0, "session_ttl_s", "> 0 seconds", self.session_ttl_s)
         _require(
+            isinstance(self.skip_kv_quant_gate, bool),
+            "skip_kv_quant_gate",
+            "True or False",
+            self.skip_kv_quant_gate,
+        )
+        _require(
             0 <= self.session_max_pages_fraction <= 1,
             "session_max_pages_fraction",
             "in [0, 1]",
@@ -341,6 +352,10 @@ class SchedulerConfig:
     priority_aging_steps: int = 64  # a waiting request gains one priority class per this many steps
     # Baseline only: reserve KV for prompt + max_tokens at admission, as contiguous engines do.
     reserve_full_length: bool = False
+    # Overlapped scheduling: the host schedules and builds step N+1 while the device runs step
+    # N; decodes take their input token from step N's output on the device, and stop checks
+    # run one step late (outputs are identical either way). False: the synchronous loop.
+    overlap_scheduling: bool = False
 
     def __post_init__(self):
         _require(self.max_num_seqs >= 1, "max_num_seqs", "an integer >= 1", self.max_num_seqs)
@@ -464,6 +479,8 @@ _CACHE_KEYS = {
     "session_ttl_s",
     "session_max_pages_fraction",
     "audit_log_path",
+    "kv_quant_gate_report",
+    "skip_kv_quant_gate",
 }
 _SCHED_KEYS = {
     "max_num_seqs",
@@ -473,6 +490,7 @@ _SCHED_KEYS = {
     "max_waiting",
     "priority_aging_steps",
     "reserve_full_length",
+    "overlap_scheduling",
 }
 _ENGINE_KEYS = {"dtype", "mesh_shape", "attention_impl", "compilation_cache_dir", "seed"}
 

@@ -150,8 +150,16 @@ class Engine:
 
     @classmethod
     def from_source(cls, source: str, config: EngineConfig | None = None) -> Engine:
-        """Build from an HF checkpoint dir, a converted orbax checkpoint dir, or a preset name."""
+        """Build from an HF checkpoint dir, a converted orbax checkpoint dir, or a preset name.
+        A quantized KV cache needs a passing gate report for `source` (`quant_gate`), or
+        `skip_kv_quant_gate=True` (logged): `LLM`, `serve.py` and every other caller come here."""
+        from pijax.quant_gate import enforce_gate
+
         config = config or EngineConfig()
+        cache = config.cache
+        enforce_gate(
+            cache.kv_cache_dtype, source, cache.kv_quant_gate_report, cache.skip_kv_quant_gate
+        )
         use_compilation_cache(resolve_compilation_cache_dir(config.compilation_cache_dir))
         mesh = make_mesh(config.mesh_shape)
         model = load_model(

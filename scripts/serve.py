@@ -21,6 +21,7 @@ registered in zone `policy` (`--register_claims_policy`), which `scripts/review_
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from pathlib import Path
@@ -230,6 +231,14 @@ def main(argv):
         )
     except GateError as e:
         raise app.UsageError(str(e)) from None
+    engine_config = dataclasses.replace(  # the engine checks the gate again, as for every caller
+        engine_config,
+        cache=dataclasses.replace(
+            engine_config.cache,
+            kv_quant_gate_report=FLAGS.kv_quant_gate_report,
+            skip_kv_quant_gate=FLAGS.skip_kv_quant_gate,
+        ),
+    )
     prefixes = trusted_prefixes()
     http = None  # checked before loading the model: (host, port, chat template, default scopes)
     if FLAGS.http_port:

@@ -62,7 +62,7 @@ class ServerConfig:
     trusted_zones: tuple[str, ...] = ()  # zones known besides those named in the key file
     drain_grace_s: float = 30.0
     warmup: bool = True
-    session_idle_timeout_s: float = 3600.0
+    session_idle_timeout_s: float | None = None  # None: the engine's session TTL (the only one)
     max_sessions_per_tenant: int = 1024
     limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
 
@@ -110,7 +110,7 @@ class InferenceServer:
             self.metrics,
             self.state,
             config.limits,
-            SessionRegistry(config.session_idle_timeout_s, config.max_sessions_per_tenant),
+            SessionRegistry(_session_ttl_s(engine, config), config.max_sessions_per_tenant),
         )
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -215,6 +215,18 @@ class InferenceServer:
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
+
+
+def _session_ttl_s(engine, config: ServerConfig) -> float:
+    """One session TTL, the engine's: the server forgets a session exactly when the engine
+    unpins its KV, so a client is never told a session exists that has lost its cache."""
+    ttl = float(engine.config.cache.session_ttl_s)
+    if config.session_idle_timeout_s is not None and config.session_idle_timeout_s != ttl:
+        raise ServerConfigError(
+            f"session_idle_timeout_s must be None (the engine's session_ttl_s={ttl:g}) or equal "
+            f"to it; got {config.session_idle_timeout_s} (set the engine's session_ttl_s instead)"
+        )
+    return ttl
 
 
 def _schema_compiler(engine, config: ServerConfig) -> SchemaCompiler | None:

@@ -483,6 +483,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             tenant=principal.tenant,
             permitted_zones=sorted(principal.permitted_zones(self.state.known_zones)),
             admin=principal.admin,
+            session_ttl_seconds=self.sessions.idle_timeout_s,
         )
 
     @_rpc("EndSession")

@@ -209,8 +209,8 @@ def test_engine_greedy_tiled_equals_reference():
 
 
 def test_engine_greedy_tiled_equals_reference_int8_pool():
-    assert engine_greedy("tiled", kv_cache_dtype="int8") == engine_greedy(
-        "reference", kv_cache_dtype="int8"
+    assert engine_greedy("tiled", kv_cache_dtype="int8", skip_kv_quant_gate=True) == engine_greedy(
+        "reference", kv_cache_dtype="int8", skip_kv_quant_gate=True
     )
 
 

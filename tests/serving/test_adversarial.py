@@ -405,3 +405,43 @@ def test_key_file_grants_urgency():
     for bad in (-101, 101, 1.5, True, "0"):
         with pytest.raises(KeyFileError, match="min_priority must be an integer in"):
             KeyStore.from_dict({"k": {"tenant": "a", "min_priority": bad}})
+
+
+# --- one session TTL, the KV-quant gate at every entry point --------------------------------------
+
+
+def test_server_reports_the_engines_session_ttl(server, llm):
+    ttl = llm.engine.config.cache.session_ttl_s
+    info = server.stub.ModelInfo(pb.ModelInfoRequest(), metadata=auth(), timeout=RPC_TIMEOUT_S)
+    assert info.session_ttl_seconds == ttl
+    assert server.server.servicer.sessions.idle_timeout_s == ttl
+
+
+def test_a_second_session_ttl_is_refused(llm, keys_file):
+    from pijax.serving.server import InferenceServer, ServerConfig, ServerConfigError
+
+    ttl = llm.engine.config.cache.session_ttl_s
+    with pytest.raises(ServerConfigError, match="session_idle_timeout_s must be None"):
+        InferenceServer(
+            llm.engine, ServerConfig(api_keys_path=keys_file, session_idle_timeout_s=ttl + 1)
+        )
+
+
+def test_quantized_cache_needs_the_gate_in_the_engine(caplog):
+    from pijax import LLM
+    from pijax.quant_gate import GateError
+
+    with pytest.raises(GateError, match="needs a passing quality-gate report"):
+        LLM("tiny-random", kv_cache_dtype="int8", num_pages=8, max_model_len=64)
+    with caplog.at_level(logging.WARNING, logger="pijax.quant_gate"):
+        llm = LLM(
+            "tiny-random",
+            kv_cache_dtype="int8",
+            skip_kv_quant_gate=True,
+            num_pages=8,
+            max_model_len=64,
+            max_num_seqs=2,
+            max_num_batched_tokens=16,
+        )
+    assert llm.engine.config.cache.kv_cache_dtype.value == "int8"
+    assert any("WITHOUT a quality gate" in r.getMessage() for r in caplog.records)

@@ -135,7 +135,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "architecture", "vocab_size", "context_length", "page_size", "kv_cache_dtype", "mesh_shape", "mesh_axes", "num_pages", "max_num_seqs", "eos_token_ids", "tenant", "permitted_zones", "admin")
+    __slots__ = ("model", "architecture", "vocab_size", "context_length", "page_size", "kv_cache_dtype", "mesh_shape", "mesh_axes", "num_pages", "max_num_seqs", "eos_token_ids", "tenant", "permitted_zones", "admin", "session_ttl_seconds")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class ModelInfoResponse(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     PERMITTED_ZONES_FIELD_NUMBER: _ClassVar[int]
     ADMIN_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     vocab_size: int
@@ -164,7 +165,8 @@ class ModelInfoResponse(_message.Message):
     tenant: str
     permitted_zones: _containers.RepeatedScalarFieldContainer[str]
     admin: bool
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., page_size: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., mesh_shape: _Optional[_Iterable[int]] = ..., mesh_axes: _Optional[_Iterable[str]] = ..., num_pages: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tenant: _Optional[str] = ..., permitted_zones: _Optional[_Iterable[str]] = ..., admin: _Optional[bool] = ...) -> None: ...
+    session_ttl_seconds: float
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., page_size: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., mesh_shape: _Optional[_Iterable[int]] = ..., mesh_axes: _Optional[_Iterable[str]] = ..., num_pages: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tenant: _Optional[str] = ..., permitted_zones: _Optional[_Iterable[str]] = ..., admin: _Optional[bool] = ..., session_ttl_seconds: _Optional[float] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
     __slots__ = ("session_id",)

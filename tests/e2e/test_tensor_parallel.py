@@ -2,7 +2,8 @@
 head over the extra devices, and the vocabulary is sharded; greedy tokens equal one device's.
 
 (1, 4) on tiny-random (2 kv heads, 4 query heads) and (1, 8) on tiny-random-4kv (4 kv heads,
-8 query heads), on 8 fake CPU devices; JAX fixes its device count at start-up, so the check runs
+8 query heads), on 8 fake CPU devices, and the interpreted Pallas kernels with an int8 pool
+on (1, 4); JAX fixes its device count at start-up, so the check runs
 in a subprocess.
 """
 
@@ -61,6 +62,18 @@ SCRIPT = textwrap.dedent("""
             ))
             r["tokens"] = [o.token_ids for o in llm.generate(prompts, params)]
             result[f"{model} {mesh}"] = r
+    # The Pallas kernels (interpreted) under dispatch's shard_map over the model axis, with
+    # replicated kv heads and an int8 pool (scales sharded like the pages).
+    for mesh, impl in [((1, 1), "reference"), ((1, 4), "pallas_interpret")]:
+        llm = LLM("tiny-random", mesh_shape=mesh, attention_impl=impl, kv_cache_dtype="int8",
+                  skip_kv_quant_gate=True,
+                  num_pages=64, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256)
+        # Read the layout before generating: each step donates the pool it is given.
+        heads = llm.engine.kv_pool[0].k_scale.addressable_shards[0].data.shape[2]
+        result[f"int8 {mesh}"] = {
+            "scale_shard_heads": heads,
+            "tokens": [o.token_ids for o in llm.generate(prompts[:2], params)],
+        }
     print("RESULT" + json.dumps(result))
 """)
 
@@ -95,3 +108,6 @@ def test_model_axis_beyond_kv_heads_matches_one_device():
         assert tp["lm_head_spec"] == ["None", "model"]
         # Explicit num_pages: the same page count whatever the mesh.
         assert tp["num_pages"] == one["num_pages"]
+    kernel, ref = r["int8 (1, 4)"], r["int8 (1, 1)"]
+    assert kernel["tokens"] == ref["tokens"]
+    assert kernel["scale_shard_heads"] == 1 and ref["scale_shard_heads"] == 2

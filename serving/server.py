@@ -154,6 +154,13 @@ class InferenceServer:
                 self.metrics, self.config.metrics_port, self.config.metrics_host
             )
             self.metrics_port = self._metrics_http.server_port
+            if not _is_loopback(self.config.metrics_host):
+                log.warning(
+                    "metrics endpoint on %s, not loopback: it has no authentication and its "
+                    "histograms move with every request; expose it to monitoring only, never "
+                    "to tenants",
+                    self.config.metrics_host,
+                )
         if self.config.warmup:
             from pijax.engine import progress_bar  # a bar on a terminal, else nothing
 
@@ -215,6 +222,15 @@ class InferenceServer:
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _session_ttl_s(engine, config: ServerConfig) -> float:

@@ -241,9 +241,10 @@ def test_unknown_and_forbidden_zones_get_the_same_answer(server):
 
 
 def test_metrics_bind_to_loopback_by_default():
-    from pijax.serving.server import ServerConfig
+    from pijax.serving.server import ServerConfig, _is_loopback
 
     assert ServerConfig(insecure_dev_mode=True).metrics_host == "127.0.0.1"
+    assert _is_loopback("::1") and not _is_loopback("0.0.0.0")
 
 
 # --- ids ------------------------------------------------------------------------------------------

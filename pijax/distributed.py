@@ -116,10 +116,17 @@ class ChannelStats:
 class Cluster:
     """This process's place in a multi-process run, and the step channel."""
 
-    def __init__(self, process_id: int, num_processes: int, failure_exit_s: float = 2.0):
+    def __init__(
+        self,
+        process_id: int,
+        num_processes: int,
+        failure_exit_s: float = 2.0,
+        exit_fn: Callable[[int], None] = os._exit,
+    ):
         self.process_id = process_id
         self.num_processes = num_processes
         self.failure_exit_s = failure_exit_s
+        self._exit = exit_fn  # os._exit: no atexit handlers, no waiting on dead collectives
         self.stats = ChannelStats()
         self._workers: dict[int, socket.socket] = {}
         self._leader: socket.socket | None = None
@@ -225,7 +232,7 @@ class Cluster:
                 hook(reason)
             except Exception:  # a failing hook must not stop the exit
                 log.exception("failure hook")
-        timer = threading.Timer(self.failure_exit_s, os._exit, args=(FAILURE_EXIT_CODE,))
+        timer = threading.Timer(self.failure_exit_s, self._exit, args=(FAILURE_EXIT_CODE,))
         timer.daemon = True
         timer.start()
 
@@ -238,7 +245,8 @@ class Cluster:
             kind, payload, sent = _recv(self._leader)
         except (OSError, ConnectionError) as e:
             log.error("leader disconnected from the step channel (%s): exiting", e)
-            os._exit(FAILURE_EXIT_CODE)
+            self._exit(FAILURE_EXIT_CODE)
+            return None
         if kind == _STOP:
             return None
         self.stats.latency_s += max(0.0, time.time() - sent)

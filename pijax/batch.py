@@ -30,6 +30,7 @@ from jaxtyping import Array, Int
 
 from pijax.kv_pool import NULL_PAGE
 from pijax.model.metadata import AttentionMetadata
+from pijax.request import PENDING_TOKEN
 from pijax.sampling import SamplingInput
 from pijax.scheduler import StepPlan
 
@@ -98,6 +99,9 @@ class StepInput:
     tokens: Int[Array, "T"]
     positions: Int[Array, "T"]
     logits_indices: Int[Array, "S"]  # row of each sequence's last new token
+    # Overlapped scheduling: >= 0 where the row's token is still on the device: the index of
+    # its sequence in the previous step's results (the step reads it there); -1 elsewhere.
+    prev_index: Int[Array, "T"]
     meta: AttentionMetadata
     sampling: SamplingInput
 
@@ -108,9 +112,12 @@ def build_step_input(
     buckets: Buckets,
     vocab_size: int,
     bitmasks: dict[str, np.ndarray] | None = None,
+    prev_index: dict[str, int] | None = None,
 ) -> StepInput:
     """Numpy arrays for one step, from the plan record alone (no block manager, no live
-    request). `bitmasks` maps request id -> allowed-token bitmask row."""
+    request). `bitmasks` maps request id -> allowed-token bitmask row; `prev_index` maps the
+    id of a request whose last token is pending on the device to its row in the previous
+    step's results."""
     seqs = plan.seqs
     widths = [len(s.block_ids) for s in seqs]
     T, S, W = buckets.pick(plan.num_tokens, len(seqs), max(widths, default=1))
@@ -134,6 +141,9 @@ def build_step_input(
         table = np.asarray(s.block_ids, np.int32)
         pos = np.arange(start, start + n, dtype=np.int32)
         tokens[t : t + n] = s.token_ids
+        if s.token_ids[-1] == PENDING_TOKEN:  # only the last token can be pending
+            batch.prev_index[t + n - 1] = prev_index[s.request_id]
+            tokens[t + n - 1] = 0
         positions[t : t + n] = pos
         slot_mapping[t : t + n] = table[pos // page_size] * page_size + pos % page_size
         kv_lens[i] = start + n
@@ -160,6 +170,7 @@ def empty_step_input(T: int, S: int, W: int, words: int) -> StepInput:
         tokens=np.zeros(T, np.int32),
         positions=np.zeros(T, np.int32),
         logits_indices=np.zeros(S, np.int32),
+        prev_index=np.full(T, -1, np.int32),
         meta=AttentionMetadata(
             slot_mapping=np.zeros(T, np.int32),
             kv_lens=np.zeros(S, np.int32),

@@ -74,6 +74,14 @@ class StepProbe(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
+class _InFlight:
+    """A dispatched step whose results have not been read yet."""
+
+    plan: StepPlan
+    packed: jax.Array  # the device result (StepFunction.unpack reads it)
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineStats:
     num_running: int
     num_waiting: int
@@ -130,8 +138,16 @@ class Engine:
             scale_sharding(mesh) if quantized else None,
         )
         self._step = wrap_step(  # multi-host: the leader sends each step's input to the workers
-            StepFunction(model.graphdef, mesh, tuple(layer_sh for _ in self.kv_pool))
+            StepFunction(
+                model.graphdef,
+                mesh,
+                tuple(layer_sh for _ in self.kv_pool),
+                max_seqs=self.buckets.max_seqs,
+            )
         )
+        self._inflight: _InFlight | None = None  # the dispatched step not yet read back
+        # Overlap needs the step to read the previous result on the device: single-host only.
+        self._overlap = config.scheduler.overlap_scheduling and isinstance(self._step, StepFunction)
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._texts: dict[str, OutputText] = {}  # output text, for stop strings and deltas
@@ -331,31 +347,81 @@ class Engine:
         return self._output(req, [], "")
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self._inflight is not None
 
     # --- the loop -------------------------------------------------------------------------------
 
     def step(self, probe: StepProbe | None = None) -> list[RequestOutput]:
-        """One step. A `probe` runs it through a variant of the step function (e.g. the
-        quantization gate's pool comparison) and sees the plan and the batch; tokens and
-        everything else are as without it."""
+        """One step: schedule, build, dispatch; then read the results of the step before.
+
+        Synchronous (`overlap_scheduling` off, or a probe): a step's results are read right
+        after its dispatch. Overlapped: they are read after the NEXT step has been dispatched,
+        so the host schedules and builds step N+1 while the device runs step N; N+1's decodes
+        take their input token from N's result on the device (`prev_index`), and stop checks
+        run one step late: a token computed past a stop is dropped (`_undo_in_flight`), so the
+        outputs are the synchronous loop's. A step after one that sampled a constrained token
+        waits for it (its mask needs that token). A `probe` runs the step through a variant of
+        the step function (e.g. the quantization gate's pool comparison)."""
         self.kv.housekeeping()
+        outputs = []
+        if self._inflight is not None and (probe is not None or not self._may_overlap()):
+            outputs += self._read_results()
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            return []
+            return outputs + self._read_results()
+        prev = self._inflight
         batch = build_step_input(
             plan,
             self.blocks.page_size,
             self.buckets,
             self.model_config.vocab_size,
             self._bitmasks(plan),
+            None if prev is None else {s.request_id: i for i, s in enumerate(prev.plan.seqs)},
         )
         if probe is None:
-            packed, self.kv_pool = self._step(self.model.params, self.kv_pool, batch)
+            packed, self.kv_pool = self._step(
+                self.model.params, self.kv_pool, batch, None if prev is None else prev.packed
+            )
         else:
             packed, self.kv_pool = probe(self._step, plan, self.model.params, self.kv_pool, batch)
-        sampled = StepFunction.unpack(np.asarray(packed), len(plan.seqs))
-        return [self._emit(req) for req in self.scheduler.update(plan, sampled)]
+        self.scheduler.advance(plan)
+        self._inflight = _InFlight(plan, packed)
+        if prev is not None:
+            outputs += self._resolve(prev)  # step N's results, read while step N+1 runs
+        if probe is not None or not self._overlap:
+            outputs += self._read_results()
+        return outputs
+
+    def _may_overlap(self) -> bool:
+        """Whether the next step may be scheduled before the in-flight one's results are read."""
+        if not self._overlap:
+            return False
+        for s in self._inflight.plan.seqs:
+            req = self._requests.get(s.request_id)
+            if s.samples and req is not None and req.constraint is not None:
+                return False
+        return True
+
+    def _read_results(self) -> list[RequestOutput]:
+        done, self._inflight = self._inflight, None
+        return [] if done is None else self._resolve(done)
+
+    def _resolve(self, done: _InFlight) -> list[RequestOutput]:
+        sampled = StepFunction.unpack(np.asarray(done.packed), len(done.plan.seqs))
+        return [self._emit(req, i) for req, i in self.scheduler.resolve(done.plan, sampled)]
+
+    def _undo_in_flight(self, req: Request) -> None:
+        """A request finishing (a stop found one step late, or an abort) while the in-flight step
+        computes for it: undo that step's `advance` for it. Its token is discarded (the
+        scheduler skips removed requests), and its pages are freed only after everything queued
+        on the device before them, so the next owner's writes land after the discarded ones."""
+        if self._inflight is None:
+            return
+        for s in self._inflight.plan.seqs:
+            if s.request_id == req.request_id:
+                req.num_computed_tokens -= s.num_new_tokens
+                if s.samples:
+                    req.drop_pending_tokens(1)
 
     def warmup(self, on_shape: Callable[[int, int, int], None] | None = None) -> int:
         """Compile the step for every bucket shape the batch builder can produce, so serving
@@ -388,12 +454,14 @@ class Engine:
                 out[s.request_id] = row
         return out or None
 
-    def _emit(self, req: Request) -> RequestOutput:
+    def _emit(self, req: Request, index: int) -> RequestOutput:
+        """Stop checks and the streamed delta for output token `index` (later slots may be
+        pending on the device: they do not count here)."""
         now = time.monotonic()
         if req.timings.first_token is None:
             req.timings.first_token = now
         req.timings.token_times.append(now)
-        token = req.output_token_ids[-1]
+        token = req.output_token_ids[index]
         p = req.params
         if req.constraint is not None:
             req.constraint.accept(token)
@@ -409,18 +477,22 @@ class Engine:
                 reason = FinishReason.STOP
             elif req.constraint is not None and req.constraint.is_stopped():
                 reason = FinishReason.STOP
-            elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            elif (
+                index + 1 >= p.max_tokens
+                or len(req.prompt_token_ids) + index + 1 >= self.max_model_len
+            ):
                 reason = FinishReason.LENGTH
         if reason is not None and cut is None:
             text.add(self._detok[req.request_id].flush(), check_stops=False)
         new_text = text.take(final=reason is not None)  # holds back a possible stop prefix
         if reason is not None:
             self._finish(req, reason)
-        return self._output(req, [token], new_text)
+        return self._output(req, [token], new_text, index)
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         if req.is_finished:
             return
+        self._undo_in_flight(req)
         self.scheduler.remove(req, keep_session=reason is not FinishReason.ABORT)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
@@ -431,13 +503,19 @@ class Engine:
         if text is not None:
             req.output_text = text.text  # the whole text, once, for the final output
 
-    def _output(self, req: Request, new_ids: list[int], new_text: str) -> RequestOutput:
-        """A delta carries only what is new; the final output everything (see RequestOutput)."""
+    def _output(
+        self, req: Request, new_ids: list[int], new_text: str, index: int | None = None
+    ) -> RequestOutput:
+        """A delta carries only what is new; the final output everything (see RequestOutput).
+        `index`: the output slot of the delta's token (later ones may be pending)."""
         done = req.is_finished
         logprobs = None
         if req.params.logprobs:
             lp = req.output_logprobs
-            logprobs = list(lp) if done else lp[len(lp) - len(new_ids) :]
+            if done:
+                logprobs = list(lp)
+            else:
+                logprobs = lp[index : index + 1] if index is not None else lp[len(lp) :]
         return RequestOutput(
             request_id=req.request_id,
             new_token_ids=new_ids,

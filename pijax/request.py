@@ -15,6 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
+PENDING_TOKEN = -1  # an output slot whose token is still on the device (overlapped scheduling)
+
 
 class InvalidRequestError(ValueError):
     """A request field is outside its allowed values. The message names the field."""
@@ -270,6 +272,22 @@ class Request:
         if done < len(self.output_token_ids):
             ids.extend(self.output_token_ids[done:])
         return ids
+
+    def set_output_token(self, index: int, token: int, logprob: float) -> None:
+        """Fill output slot `index` (a `PENDING_TOKEN` placeholder of overlapped scheduling)."""
+        self.output_token_ids[index] = token
+        self.output_logprobs[index] = logprob
+        at = len(self.prompt_token_ids) + index
+        if at < len(self._all_token_ids):
+            self._all_token_ids[at] = token
+
+    def drop_pending_tokens(self, n: int) -> None:
+        """Remove the last `n` output slots (placeholders past a stop, or of an abort)."""
+        if n:
+            del self.output_token_ids[-n:]
+            del self.output_logprobs[-n:]
+            keep = len(self.prompt_token_ids) + len(self.output_token_ids)
+            del self._all_token_ids[keep:]
 
     @property
     def num_tokens(self) -> int:

@@ -35,11 +35,12 @@ Policy, each in its own small method:
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 from pijax.config import SchedulerConfig
 from pijax.kv_cache_manager import KVCacheManager
-from pijax.request import Request, RequestStatus, SamplingParams
+from pijax.request import PENDING_TOKEN, Request, RequestStatus, SamplingParams
 
 GROWTH_RATIO_INIT = 0.5
 GROWTH_RATIO_MIN = 0.15
@@ -204,6 +205,8 @@ class Scheduler:
         )
 
     def _chunk_size(self, req: Request, budget: int) -> int:
+        if len(req.output_token_ids) >= req.params.max_tokens:
+            return 0  # all its tokens exist (the last may be pending on the device): done
         n = req.num_uncomputed_tokens
         if not self.config.enable_chunked_prefill and n > budget:
             return 0  # without chunking a prefill runs whole or waits
@@ -314,18 +317,37 @@ class Scheduler:
     # --- results --------------------------------------------------------------------------------
 
     def update(self, plan: StepPlan, sampled: list[tuple[int, float]]) -> list[Request]:
-        """Advance computed counts, publish completed blocks, append each sampled token.
-        Returns the requests that got a token, in plan order. A request removed since `plan`
-        was scheduled (aborted) is skipped."""
+        """`advance` then `resolve`: the synchronous loop's one call per step."""
+        self.advance(plan)
+        return [req for req, _ in self.resolve(plan, sampled)]
+
+    def advance(self, plan: StepPlan) -> None:
+        """The step is dispatched: its tokens count as computed, and each sampling sequence gets
+        a `PENDING_TOKEN` output slot, so the next step can be scheduled before the device's
+        results are read (the slot's token then comes from the device, see `batch.py`)."""
+        for s in plan.seqs:
+            req = self._live.get(s.request_id)
+            if req is None:
+                continue
+            req.num_computed_tokens += s.num_new_tokens
+            if s.samples:
+                req.output_token_ids.append(PENDING_TOKEN)
+                req.output_logprobs.append(math.nan)
+
+    def resolve(
+        self, plan: StepPlan, sampled: list[tuple[int, float]]
+    ) -> list[tuple[Request, int]]:
+        """The step's results are read: fill each sampled slot, publish completed blocks (only
+        now: their tokens are known). Returns (request, output index of its new token) in plan
+        order. A request removed since `plan` was scheduled (finished, aborted) is skipped."""
         got_token = []
         for s, (token, logprob) in zip(plan.seqs, sampled, strict=True):
             req = self._live.get(s.request_id)
             if req is None:
                 continue
-            req.num_computed_tokens += s.num_new_tokens
-            self.kv.commit_computed(req)
             if s.samples:
-                req.output_token_ids.append(token)
-                req.output_logprobs.append(logprob)
-                got_token.append(req)
+                index = s.start + s.num_new_tokens - len(req.prompt_token_ids)
+                req.set_output_token(index, token, logprob)
+                got_token.append((req, index))
+            self.kv.commit_computed(req)
         return got_token

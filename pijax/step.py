@@ -67,6 +67,7 @@ def _step_impl(
     logits_sharding,
     param_leaves,
     kv_pool: KVPool,
+    prev: Int[Array, "2 SM"],
     buf: Int[Array, "N"],
     layout,
 ):
@@ -75,14 +76,19 @@ def _step_impl(
     batch = unpack_step_input(buf, layout)
     params = jax.tree_util.tree_unflatten(params_def, param_leaves)
     model = nnx.merge(graphdef, params)
-    logits, kv_pool = model(
-        batch.tokens, batch.positions, kv_pool, batch.meta, batch.logits_indices
+    # Overlapped scheduling: a decode's input token is the previous step's output, read here on
+    # the device rather than through the host.
+    tokens = jnp.where(
+        batch.prev_index >= 0, prev[0, jnp.maximum(batch.prev_index, 0)], batch.tokens
     )
+    logits, kv_pool = model(tokens, batch.positions, kv_pool, batch.meta, batch.logits_indices)
     # The LM head is vocab-parallel: gather the logits once, then sample on every device alike.
     logits = jax.lax.with_sharding_constraint(logits, logits_sharding)
     tokens, logprobs = sample(logits, batch.sampling)
     packed = jnp.stack([tokens, jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
-    return packed, kv_pool
+    # One results shape for every bucket (`max_seqs` columns), so the next step's `prev` input
+    # adds no compilations.
+    return jnp.pad(packed, ((0, 0), (0, prev.shape[1] - packed.shape[1]))), kv_pool
 
 
 class StepFunction:
@@ -97,8 +103,10 @@ class StepFunction:
     of arrays, flattened once per params object rather than re-sorting the state's keys per step.
     """
 
-    def __init__(self, graphdef: nnx.GraphDef, mesh: Mesh, pool_shardings):
+    def __init__(self, graphdef: nnx.GraphDef, mesh: Mesh, pool_shardings, max_seqs: int = 0):
         self.compile_count = 0
+        self._max_seqs = max_seqs  # results are padded to this many sequences (0: no padding)
+        self._no_prev: dict = {}  # the `prev` input of a step with nothing pending
         self._graphdef = graphdef
         self._mesh = mesh
         self._pool_shardings = pool_shardings
@@ -121,20 +129,27 @@ class StepFunction:
             _JITTED[key] = jax.jit(
                 functools.partial(_step_impl, self._graphdef, params_def, self._replicated),
                 donate_argnums=(1,),
-                static_argnums=(3,),
+                static_argnums=(4,),
                 out_shardings=(self._replicated, self._pool_shardings),
             )
         self._jitted = _JITTED[key]
         self._params, self._leaves, self._params_def = params, leaves, params_def
 
-    def __call__(self, params, kv_pool: KVPool, batch: StepInput):
-        """Dispatches asynchronously; returns (device result, new pool)."""
+    def __call__(self, params, kv_pool: KVPool, batch: StepInput, prev: jax.Array | None = None):
+        """Dispatches asynchronously; returns (device result, new pool). `prev`: the previous
+        step's device result, where `batch.prev_index` reads pending tokens from."""
         if params is not self._params:
             self._bind(params)
+        if prev is None:
+            cols = self._max_seqs or batch.logits_indices.shape[0]
+            if cols not in self._no_prev:
+                zeros = np.zeros((2, cols), np.int32)
+                self._no_prev[cols] = jax.device_put(zeros, self._replicated)
+            prev = self._no_prev[cols]
         buf, layout = pack_step_input(batch)
         buf = jax.device_put(buf, self._replicated)  # the step's one host->device transfer
         before = _TRACE_COUNT
-        out = self._jitted(self._leaves, kv_pool, buf, layout)
+        out = self._jitted(self._leaves, kv_pool, prev, buf, layout)
         self.compile_count += _TRACE_COUNT - before
         return out
 

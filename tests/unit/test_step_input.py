@@ -67,6 +67,7 @@ def test_pack_unpack_round_trips_every_field_bit_for_bit(seed):
 
 def test_engine_step_is_one_host_to_device_transfer(tiny_llm, monkeypatch):
     engine = tiny_llm.engine
+    tiny_llm.generate([[1, 2]], SamplingParams(max_tokens=2))  # one-time device constants
     engine.add_request("one-transfer", [5, 6, 7, 8, 9], SamplingParams(max_tokens=3))
     puts = []
     real = jax.device_put

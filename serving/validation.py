@@ -88,7 +88,10 @@ def max_token_bytes(tokenizer) -> int:
     if not callable(get_vocab):
         return DEFAULT_MAX_TOKEN_BYTES
     vocab = get_vocab(with_added_tokens=True)
-    return max((len(t.encode("utf-8")) for t in vocab), default=DEFAULT_MAX_TOKEN_BYTES)
+    longest = max((len(t.encode("utf-8")) for t in vocab), default=DEFAULT_MAX_TOKEN_BYTES)
+    # A normalizer may shrink text before it is split (NFKC, stripped accents): allow for a
+    # 4x shrink (the widest UTF-8 character) so only texts that can never fit are refused.
+    return longest * 4 if getattr(tok, "normalizer", None) is not None else longest
 
 
 def max_message_bytes(model: ModelLimits, limits: RequestLimits) -> int:

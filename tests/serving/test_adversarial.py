@@ -446,3 +446,18 @@ def test_quantized_cache_needs_the_gate_in_the_engine(caplog):
         )
     assert llm.engine.config.cache.kv_cache_dtype.value == "int8"
     assert any("WITHOUT a quality gate" in r.getMessage() for r in caplog.records)
+
+
+def test_longest_token_bound_holds_for_a_tokenizer_json(tmp_path):
+    from pijax.model.tokenizer import Tokenizer
+    from pijax.testing import make_tokenizer_json
+
+    tok = Tokenizer.from_file(make_tokenizer_json(tmp_path / "tokenizer.json"))
+    bound = max_token_bytes(tok)
+    assert bound >= 2
+    texts = (tok.decode([i]) for i in range(tok.vocab_size))
+    # (a token holding part of a UTF-8 character decodes to U+FFFD, not to its bytes)
+    worst = max(len(t.encode("utf-8")) for t in texts if "\ufffd" not in t)
+    assert worst <= bound
+    text = "claim 4471 billed twice; " * 40
+    assert len(text.encode()) / bound <= len(tok.encode(text, add_bos=False))

@@ -30,9 +30,10 @@ the per-key scales (gathered per sequence by the wrapper, one contiguous row per
 multiply the logits' and the probabilities' columns, as in the Triton kernels.
 
 What this first version does NOT do (see `support.SUPPORTED` for what dispatch sends here):
-  * warp specialization / multi-stage pipelining: each K/V tile's copies are issued and waited
-    for before its compute (the FlashAttention-3 structure of JAX's `attention_mgpu.py`, a
-    producer warpgroup keeping two stages in flight, is the next step), and p goes to the PV
+  * warp specialization: one warpgroup both issues the copies and computes. K/V tiles are
+    double-buffered where SMEM allows (`stages`): tile i+1's copies are in flight while tile i
+    is computed on; the FlashAttention-3 structure of JAX's `attention_mgpu.py` (a producer
+    warpgroup, two consumer warpgroups, deeper pipelines) is the next step. p goes to the PV
     wgmma through SMEM rather than registers;
   * head dims that are not multiples of 64, float32 queries (the Triton kernels take those).
 It has never run on a GPU (none was available); its CPU checks are the Mosaic GPU interpreter
@@ -97,9 +98,17 @@ def reset_interpreter() -> None:
         reset()
 
 
-def interpret_fn():
-    """The kernel run by the Mosaic GPU interpreter on CPU (same signature)."""
-    return functools.partial(ragged_paged_attention_mgpu, interpret=True)
+def interpret_fn(detect_races: bool = False):
+    """The kernel run by the Mosaic GPU interpreter on CPU (same signature). With
+    `detect_races`, the interpreter tracks SMEM/GMEM accesses by vector clocks and
+    `races_found()` says afterwards whether two unordered accesses touched the same bytes."""
+    return functools.partial(ragged_paged_attention_mgpu, interpret=True, detect_races=detect_races)
+
+
+def races_found() -> bool:
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+
+    return bool(ipc.get_races().races_found)
 
 
 def _body(
@@ -120,6 +129,7 @@ def _body(
     interpret: bool,
     quantized: bool,
     num_splits: int,
+    slots: int,
 ):
     plgpu = _mgpu()
     bkv = block_kv(k_ref.shape[3])
@@ -169,39 +179,64 @@ def _body(
         row_pos = first_pos + row_tok
         row_live = row_tok < count
 
-        def step(blk, carry):
-            acc, m, denom = carry
-            # Quantized pools land in 8-bit tiles and are widened into k_smem / v_smem below.
-            k_dst, v_dst = (quant[0], quant[1]) if quantized else (k_smem, v_smem)
+        # Copies land in `slots` staging buffers (the pool's dtype: quantized pools are widened
+        # into k_smem / v_smem after they arrive; float pools are read by wgmma in place).
+        k_stage, v_stage = (quant[0], quant[1]) if quantized else (k_smem, v_smem)
+
+        def issue(blk, slot):
+            """Start the TMA copies of K/V tile `blk` (and its scales) into `slot`."""
             for i in range(pages_per_block):
                 page = bt_ref[seq, blk * pages_per_block + i]
-                dst = pl_ds(i * page_size, page_size)
-                plgpu.copy_gmem_to_smem(k_ref.at[page, :, head], k_dst.at[dst], k_bars.at[i])
-                plgpu.copy_gmem_to_smem(v_ref.at[page, :, head], v_dst.at[dst], v_bars.at[i])
+                dst = (slot, pl_ds(i * page_size, page_size))
+                bar = slot * pages_per_block + i
+                plgpu.copy_gmem_to_smem(k_ref.at[page, :, head], k_stage.at[dst], k_bars.at[bar])
+                plgpu.copy_gmem_to_smem(v_ref.at[page, :, head], v_stage.at[dst], v_bars.at[bar])
             if quantized:  # this tile's scales: one contiguous row per kind (see the wrapper)
                 keys = (head, seq, pl_ds(blk * bkv, bkv))
-                plgpu.copy_gmem_to_smem(ks_ref.at[keys], quant[2], quant[4].at[0])
-                plgpu.copy_gmem_to_smem(vs_ref.at[keys], quant[3], quant[5].at[0])
+                plgpu.copy_gmem_to_smem(ks_ref.at[keys], quant[2].at[slot], quant[4].at[slot])
+                plgpu.copy_gmem_to_smem(vs_ref.at[keys], quant[3].at[slot], quant[5].at[slot])
+
+        if slots == 2:  # prologue: the first tile's copies
+
+            @_pl().when(blk_lo < blk_hi)
+            def _():
+                issue(blk_lo, 0)
+
+        def step(blk, carry):
+            acc, m, denom = carry
+            if slots == 2:
+                slot = lax.rem(blk - blk_lo, 2)
+
+                @_pl().when(blk + 1 < blk_hi)
+                def _():  # the next tile streams in while this one is computed on
+                    issue(blk + 1, 1 - slot)
+
+            else:
+                slot = 0
+                issue(blk, slot)
             for i in range(pages_per_block):
-                plgpu.barrier_wait(k_bars.at[i])
+                plgpu.barrier_wait(k_bars.at[slot * pages_per_block + i])
             if quantized:
                 # Dequantize in the kernel: the 8-bit tile is cast to q's dtype through
                 # registers (exact for int8 and e4m3 in bf16) into the tile wgmma reads; the
                 # per-key scales multiply the logits' and the probabilities' columns.
-                k_smem[...] = widen(k_dst[...])
-                plgpu.barrier_wait(quant[4].at[0])
+                k_tile, v_tile = k_smem, v_smem
+                k_tile[...] = widen(k_stage[slot])
+                plgpu.barrier_wait(quant[4].at[slot])
                 plgpu.commit_smem()
+            else:
+                k_tile, v_tile = k_stage.at[slot], v_stage.at[slot]
 
             def qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_tile, (1, 0)))
                 return acc_ref[...]
 
             if interpret:  # JAX 0.10's interpreter cannot apply `transpose_ref` in a wgmma
-                s = common.dot_nt(q_smem[...], k_smem[...])
+                s = common.dot_nt(q_smem[...], k_tile[...])
             else:
                 s = _pl().run_scoped(qk, plgpu.ACC(shape, jnp.float32))
             if quantized:
-                s = s * lax.broadcast_in_dim(vector(quant[2]), shape, [1])
+                s = s * lax.broadcast_in_dim(vector(quant[2].at[slot]), shape, [1])
             s = s * sm_scale
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
@@ -216,11 +251,11 @@ def _body(
             denom = denom * correction + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
             for i in range(pages_per_block):
-                plgpu.barrier_wait(v_bars.at[i])
+                plgpu.barrier_wait(v_bars.at[slot * pages_per_block + i])
             if quantized:
-                plgpu.barrier_wait(quant[5].at[0])
-                p = p * lax.broadcast_in_dim(vector(quant[3]), shape, [1])
-                v_smem[...] = widen(v_dst[...])
+                plgpu.barrier_wait(quant[5].at[slot])
+                p = p * lax.broadcast_in_dim(vector(quant[3].at[slot]), shape, [1])
+                v_tile[...] = widen(v_stage[slot])
 
             # p goes through shared memory (wgmma's A operand from SMEM) rather than registers:
             # JAX 0.10's interpreter runs wgmma on SMEM operands only, and this way the device
@@ -229,7 +264,7 @@ def _body(
             plgpu.commit_smem()
 
             def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p_smem, v_smem)
+                plgpu.wgmma(acc_ref, p_smem, v_tile)
                 return acc_ref[...]
 
             # A fresh accumulator added in registers (rather than `run_state` over `acc`,
@@ -270,23 +305,25 @@ def _body(
     quant = []
     if quantized:
         page_dtype = k_ref.dtype
+        staged = (slots, bkv, head_dim)
         quant = [
-            plgpu.SMEM((bkv, head_dim), page_dtype, transforms=transforms(page_dtype, head_dim)),
-            plgpu.SMEM((bkv, head_dim), page_dtype, transforms=transforms(page_dtype, head_dim)),
-            plgpu.SMEM((bkv,), jnp.float32),
-            plgpu.SMEM((bkv,), jnp.float32),
-            plgpu.Barrier(num_barriers=1),
-            plgpu.Barrier(num_barriers=1),
+            plgpu.SMEM(staged, page_dtype, transforms=transforms(page_dtype, head_dim)),
+            plgpu.SMEM(staged, page_dtype, transforms=transforms(page_dtype, head_dim)),
+            plgpu.SMEM((slots, bkv), jnp.float32),
+            plgpu.SMEM((slots, bkv), jnp.float32),
+            plgpu.Barrier(num_barriers=slots),
+            plgpu.Barrier(num_barriers=slots),
         ]
+    kv_tile = (bkv, head_dim) if quantized else (slots, bkv, head_dim)
     _pl().run_scoped(
         scoped,
         plgpu.SMEM((ROWS, head_dim), dtype, transforms=transforms(dtype, head_dim)),
-        plgpu.SMEM((bkv, head_dim), dtype, transforms=transforms(dtype, head_dim)),
-        plgpu.SMEM((bkv, head_dim), dtype, transforms=transforms(dtype, head_dim)),
+        plgpu.SMEM(kv_tile, dtype, transforms=transforms(dtype, head_dim)),
+        plgpu.SMEM(kv_tile, dtype, transforms=transforms(dtype, head_dim)),
         plgpu.SMEM((ROWS, bkv), dtype, transforms=transforms(dtype, bkv)),
         plgpu.Barrier(num_barriers=1),
-        plgpu.Barrier(num_barriers=pages_per_block),
-        plgpu.Barrier(num_barriers=pages_per_block),
+        plgpu.Barrier(num_barriers=slots * pages_per_block),
+        plgpu.Barrier(num_barriers=slots * pages_per_block),
         *quant,
         *(
             [
@@ -301,6 +338,24 @@ def _body(
     )
 
 
+SMEM_BUDGET = 200 * 1024  # bytes; Hopper gives a block up to 227 KB
+
+
+def stages(head_dim: int, bkv: int, itemsize: int, quantized: bool, num_splits: int) -> int:
+    """K/V staging buffers: 2 (the next tile's copies overlap this tile's compute) when they fit
+    in SMEM beside the query, probability and output tiles, else 1."""
+
+    def smem(slots: int) -> int:
+        tile = bkv * head_dim
+        total = ROWS * head_dim * itemsize + ROWS * bkv * itemsize  # q (and output), p
+        total += 2 * slots * tile * (1 if quantized else itemsize)  # K, V staging
+        total += 2 * tile * itemsize + 2 * slots * bkv * 4 if quantized else 0  # widened, scales
+        total += ROWS * head_dim * 4 + ROWS * 4 if num_splits > 1 else 0  # f32 partial, lse
+        return total
+
+    return 2 if smem(2) <= SMEM_BUDGET else 1
+
+
 def _pl():
     from jax.experimental import pallas as pl
 
@@ -313,7 +368,14 @@ def pl_ds(start, size):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sm_scale", "soft_cap", "sliding_window", "num_splits", "interpret"),
+    static_argnames=(
+        "sm_scale",
+        "soft_cap",
+        "sliding_window",
+        "num_splits",
+        "interpret",
+        "detect_races",
+    ),
 )
 def ragged_paged_attention_mgpu(
     q,
@@ -331,6 +393,7 @@ def ragged_paged_attention_mgpu(
     sliding_window=None,
     num_splits: int | None = None,
     interpret: bool = False,
+    detect_races: bool = False,
 ):
     """Same contract as `reference.ragged_paged_attention_reference`, for the shapes
     `support.SUPPORTED[Kernel.MOSAIC_GPU_RAGGED]` lists.
@@ -379,9 +442,10 @@ def ragged_paged_attention_mgpu(
         interpret=interpret,
         quantized=quantized,
         num_splits=num_splits,
+        slots=stages(head_dim, bkv, jnp.dtype(q.dtype).itemsize, quantized, num_splits),
     )
     # `interpret` is passed only when set, so a JAX whose `plgpu.kernel` lacks it still lowers.
-    extra = dict(interpret=_interpret_params()()) if interpret else {}
+    extra = dict(interpret=_interpret_params()(detect_races=detect_races)) if interpret else {}
     part = (num_splits, *q_tiles.shape)
     if num_splits == 1:  # the final output straight from the kernel, in q's dtype
         out_type = [jax.ShapeDtypeStruct(part, q.dtype)]

@@ -78,12 +78,16 @@ def test_lowers_full_grid():
         lower(case_for(head_dim, group, page_size, pages=pages))
 
 
-def check_interpreted(case, num_splits=None, **kw):
+def check_interpreted(case, num_splits=None, detect_races=False, **kw):
     kw = dict(sm_scale=case.q.shape[-1] ** -0.5, **kw)
     try:
-        out = mosaic_gpu.interpret_fn()(
+        out = mosaic_gpu.interpret_fn(detect_races=detect_races)(
             *case.args(), **kw, **case.scale_kwargs(), num_splits=num_splits
         )
+        jax.block_until_ready(out)
+        # Double-buffered TMA copies vs the wgmma reads of the other slot, SMEM stores vs
+        # the TMA store of the output: unordered accesses would show up here.
+        assert not (detect_races and mosaic_gpu.races_found()), "the interpreter found a race"
     finally:
         mosaic_gpu.reset_interpreter()
     k, v = case.k_pages, case.v_pages
@@ -108,10 +112,19 @@ def test_interpreter_window_soft_cap_gqa3_mixed():
 
 
 @needs_interpreter
+def test_interpreter_split_k_no_races():
+    # A long decode over 3 double-buffered K/V tiles, cut into 2 partitions, race-checked.
+    case = case_for(64, 2, 32, seqs=[(1, 300)], seed=7, pages="int8")
+    check_interpreted(case, num_splits=2, detect_races=True)
+
+
+@needs_interpreter
+@pytest.mark.slow
 def test_interpreter_split_k_long_decodes():
     # Two long decodes and a prefill chunk, cut into 3 partitions each, merged by lse.
     seqs = [(1, 300), (1, 45), (4, 200)]
-    check_interpreted(case_for(64, 4, 16, seqs=seqs, seed=6, pages="int8"), num_splits=3)
+    case = case_for(64, 4, 16, seqs=seqs, seed=6, pages="int8")
+    check_interpreted(case, num_splits=3, detect_races=True)
 
 
 @needs_interpreter

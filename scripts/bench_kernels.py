@@ -594,15 +594,19 @@ def write_report(meta: dict, rows: list[dict], out_dir: pathlib.Path) -> pathlib
     return stem
 
 
-def run_grid(kind: str, iters: int, out_dir, only: str = "", on_shape=None):
+def run_grid(kind: str, iters: int, out_dir, only: str = "", on_shape=None, deadline=None):
     """Measure every shape of grid `kind` (names containing `only`); write the report. Returns
-    (meta, rows, report stem). `on_shape(name)` is called after each shape (progress)."""
+    (meta, rows, report stem). `on_shape(name)` is called after each shape (progress); shapes
+    not started by `deadline` (a `time.monotonic()` value) are listed in meta["not_reached"]."""
     backend = jax.default_backend()
     backend = "gpu" if backend in ("cuda", "rocm") else backend
     bandwidth = copy_bandwidth(iters)
-    rows = []
+    rows, not_reached = [], []
     for shape in grid(kind, backend):
         if only not in shape.name:
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            not_reached.append(shape.name)
             continue
         rows += run_shape(shape, backend, bandwidth, iters)
         if on_shape:
@@ -618,6 +622,7 @@ def run_grid(kind: str, iters: int, out_dir, only: str = "", on_shape=None):
         iters=iters,
         when=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         note=NOT_A_FIGURE if backend == "cpu" else "accelerator run",
+        not_reached=not_reached,
     )
     stem = write_report(meta, rows, pathlib.Path(out_dir))
     return meta, rows, stem

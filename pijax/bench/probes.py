@@ -24,6 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pijax.engine import Engine
+from pijax.kernels import dispatch
+from pijax.kernels.impl import AttentionImpl
+from pijax.kernels.paged_attention import tiled
 from pijax.kv_pool import bytes_per_token
 from pijax.request import PromptSegment, SamplingParams, Scope
 from pijax.workload import POLICY_ZONE, Workload
@@ -116,9 +119,16 @@ def decode_roofline(engine: Engine, ceilings: dict, contexts: list[int], step_s:
     rate = ceilings["matmul_tflops"][engine.config.dtype.value] * 1e12
     floor = max(bytes_moved / bw, flops / rate)
     # What the step actually computes: the batch is padded to its bucket (tokens T, block-table
-    # width W); the CPU reference attention gathers the W*page_size context rows for every token.
+    # width W). The reference attention gathers the W*page_size context rows for every token; the
+    # tiled path gathers each sequence's own pages once, rounded up to its context chunk.
     page = engine.blocks.page_size
     T, S, W = engine.buckets.pick(d, d, -(-max(contexts) // page))
+    impl = dispatch.resolve(engine.config.attention_impl)
+    if impl is AttentionImpl.TILED:
+        chunk = max(1, min(tiled.KV_CHUNK // page, W)) * page
+        gathered = sum(-(-c // chunk) * chunk for c in contexts)
+    else:
+        gathered = T * W * page
     return {
         "sequences": d,
         "mean_context": float(np.mean(contexts)),
@@ -133,7 +143,8 @@ def decode_roofline(engine: Engine, ceilings: dict, contexts: list[int], step_s:
         "measured_step_s": step_s,
         "floor_over_measured": floor / step_s,
         "bucket": {"tokens": T, "seqs": S, "width": W},
-        "padded_kv_bytes_gathered": T * W * page * costs["kv_bytes_per_token"],
+        "attention": impl.value,
+        "kv_bytes_gathered": gathered * costs["kv_bytes_per_token"],
     }
 
 

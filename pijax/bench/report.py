@@ -175,8 +175,10 @@ def probes_section(p: dict) -> str:
             f"moved, {r['flops'] / 1e9:.2f} GFLOP) vs measured step {_f(r['measured_step_s'], 's')}"
             f" → floor/measured = {_f(r['floor_over_measured'], 'x')}. "
             "The step actually runs the "
-            f"bucket T={r['bucket']['tokens']}, W={r['bucket']['width']} pages; the reference "
-            f"attention gathers {r['padded_kv_bytes_gathered'] / 1e6:.1f} MB of KV for it."
+            f"bucket T={r['bucket']['tokens']}, W={r['bucket']['width']} pages; its "
+            f"{r.get('attention', 'reference')} attention gathers "
+            f"{r.get('kv_bytes_gathered', r.get('padded_kv_bytes_gathered', 0)) / 1e6:.1f} MB "
+            "of KV for it."
         )
     return "\n".join(lines)
 

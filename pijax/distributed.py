@@ -186,10 +186,12 @@ class Cluster:
         """Run `hook(reason)` (from a watchdog thread) if a worker dies."""
         self._hooks.append(hook)
 
-    def send_step(self, batch) -> None:
+    def send_step(self, batch, chained: bool = False) -> None:
+        """Send one step's input; `chained`: the step reads the previous step's device result
+        (overlapped scheduling), which each worker holds as its own last output."""
         if self._failed:
             raise RuntimeError(f"multi-host run failed: {self._failed}")
-        payload = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = pickle.dumps((batch, chained), protocol=pickle.HIGHEST_PROTOCOL)
         start = time.perf_counter()
         with self._lock:
             for pid, conn in self._workers.items():
@@ -239,8 +241,8 @@ class Cluster:
     # --- worker -----------------------------------------------------------------------------
 
     def receive(self):
-        """The next step input, or None when the leader says stop. A vanished leader ends the
-        process with `FAILURE_EXIT_CODE`."""
+        """The next (step input, chained), or None when the leader says stop. A vanished leader
+        ends the process with `FAILURE_EXIT_CODE`."""
         try:
             kind, payload, sent = _recv(self._leader)
         except (OSError, ConnectionError) as e:
@@ -342,10 +344,15 @@ class _LeaderStep:
 
     def __init__(self, inner, c: Cluster):
         self._inner, self._cluster = inner, c
+        self._last = None  # the last step's device result
 
-    def __call__(self, params, kv_pool, batch):
-        self._cluster.send_step(batch)
-        return self._inner(params, kv_pool, batch)
+    def __call__(self, params, kv_pool, batch, prev=None):
+        if prev is not None and prev is not self._last:
+            raise ValueError("multi-host: a step may only chain on the step dispatched before it")
+        self._cluster.send_step(batch, chained=prev is not None)
+        packed, kv_pool = self._inner(params, kv_pool, batch, prev)
+        self._last = packed
+        return packed, kv_pool
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -369,8 +376,10 @@ def run_worker(engine) -> int:
         raise RuntimeError("run_worker is for processes other than 0 of a multi-host run")
     step = engine._step
     steps, packed = 0, None
-    while (batch := c.receive()) is not None:
-        packed, engine.kv_pool = step(engine.model.params, engine.kv_pool, batch)
+    while (msg := c.receive()) is not None:
+        batch, chained = msg
+        prev = packed if chained else None
+        packed, engine.kv_pool = step(engine.model.params, engine.kv_pool, batch, prev)
         steps += 1
     if packed is not None:
         jax.block_until_ready(packed)

@@ -178,7 +178,7 @@ def num_pages_for_budget(
 
 
 def _device_free_bytes() -> int:
-    dev = jax.devices()[0]
+    dev = jax.local_devices()[0]  # multi-host: the first device of this process
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))

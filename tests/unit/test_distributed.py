@@ -37,13 +37,15 @@ def test_steps_arrive_in_order_then_stop():
     leader, worker = _pair(exits, hooks)
     rng = np.random.default_rng(0)
     batches = [{"tokens": rng.integers(0, 1000, size=n), "n": n} for n in (16, 64, 32)]
-    for b in batches:
-        leader.send_step(b)
+    for i, b in enumerate(batches):
+        leader.send_step(b, chained=i > 0)
     leader.stop_workers()
-    got = []
-    while (b := worker.receive()) is not None:
-        got.append(b)
+    got, chained = [], []
+    while (msg := worker.receive()) is not None:
+        got.append(msg[0])
+        chained.append(msg[1])
     assert [g["n"] for g in got] == [16, 64, 32]
+    assert chained == [False, True, True]
     for g, b in zip(got, batches, strict=True):
         np.testing.assert_array_equal(g["tokens"], b["tokens"])
     s = leader.stats.summary()

@@ -20,6 +20,7 @@ from pijax.workload import generate_workload  # noqa: E402
 pytestmark = pytest.mark.reference
 
 
+@pytest.mark.slow
 def test_hf_baseline_runs_the_request_list(tmp_path):
     preset = load_bench_preset("smoke")
     model = load_model(preset.model, dtype=DType.FLOAT32, mesh=make_mesh((1, 1)))

@@ -45,6 +45,7 @@ def server_target():
     thread.join(30)
 
 
+@pytest.mark.slow
 def test_smoke_workload_over_grpc(server_target):
     target, engine = server_target
     preset = load_bench_preset("smoke")

@@ -35,6 +35,7 @@ def test_bos_starts_the_prompt_not_every_text_segment(tiny_llm):
     assert segs[0][1] == Scope(ScopeKind.SHARED, "policy") and segs[1][1] == Scope()
 
 
+@pytest.mark.slow
 def test_batch_invariance_alone_vs_batch_of_16(tiny_llm):
     prompts = mixed_prompts(16)
     batched = tiny_llm.generate(prompts, GREEDY)
@@ -43,6 +44,7 @@ def test_batch_invariance_alone_vs_batch_of_16(tiny_llm):
         assert alone.token_ids == batched[i].token_ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page_size", [8, 32])
 def test_page_size_does_not_change_tokens(tiny_llm, page_size):
     prompts = mixed_prompts(6, seed=1)

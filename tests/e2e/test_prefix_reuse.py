@@ -61,6 +61,7 @@ def engine():
     return eng
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["private", "tenant", "session:case-1"])
 def test_other_tenant_reuses_nothing_of_a_claim(engine, scope):
     session = "case-1" if scope.startswith("session") else None
@@ -109,6 +110,7 @@ def test_audit_records_match_actual_reuses(engine):
     assert all("tokens" not in r and "token_ids" not in r for r in records)
 
 
+@pytest.mark.slow
 def test_greedy_identical_with_and_without_reuse_and_across_chunk_sizes():
     prompts = [claim("private"), claim("tenant")]
     results = []

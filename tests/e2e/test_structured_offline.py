@@ -38,6 +38,7 @@ def findings_schema_text() -> str:
     return (resources.files("pijax.configs") / "schemas" / "findings.schema.json").read_text()
 
 
+@pytest.mark.slow
 def test_json_schema_output_validates_on_the_default_model(llm):
     schema = json.loads(findings_schema_text())
     prompts = [sample_review_prompt(), "Write anything at all:"]

@@ -108,6 +108,7 @@ def check_interpret(kernel, case, tol):
     assert np.all(got[int(case.cu_q_lens[case.num_seqs]) :] == 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kernel,head_dim,group,page_size,pages",
     [

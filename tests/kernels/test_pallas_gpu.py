@@ -190,6 +190,7 @@ def test_decode_f32(group, head_dim, page_size):
     check_final(decode.paged_decode_attention, case, jnp.float32, sm_scale=head_dim**-0.5)
 
 
+@pytest.mark.slow
 def test_decode_bf16_int8_window():
     case = decode_case(4, 64, 16, dtype=jnp.bfloat16, seed=9)
     check_final(decode.paged_decode_attention, case, jnp.bfloat16, sm_scale=0.125)

@@ -51,6 +51,7 @@ def test_tiled_matches_reference(group, head_dim, page_size):
     assert np.all(got[total:] == 0), "padded rows must be zero"
 
 
+@pytest.mark.slow
 def test_tiled_long_prefill_many_tiles_and_chunks():
     """Prefills spanning several query tiles and context chunks, beside decodes, in one step."""
     page_size = 16
@@ -81,6 +82,7 @@ def test_tiled_many_decodes_more_than_one_batch():
     assert_close(got, want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("soft_cap,window", [(30.0, None), (None, 7), (5.0, 20), (None, 300)])
 def test_tiled_soft_cap_and_window(soft_cap, window):
     seqs = [*mixed_seqs(16), (90, 400)]
@@ -98,6 +100,7 @@ def test_tiled_soft_cap_and_window(soft_cap, window):
     assert_close(got, want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant_dtype", [jnp.int8, jnp.float8_e4m3fn])
 def test_tiled_quantized_pages(quant_dtype):
     seqs = mixed_seqs(16)
@@ -117,6 +120,7 @@ def test_tiled_quantized_pages(quant_dtype):
     assert_close(got, want)
 
 
+@pytest.mark.slow
 def test_tiled_bf16_queries():
     seqs = mixed_seqs(16)
     case = make_case(
@@ -151,6 +155,7 @@ def test_tiled_all_sequences_padded():
     assert np.all(np.asarray(out) == 0)
 
 
+@pytest.mark.slow
 def test_tiled_padding_gathers_nothing():
     """Keys nobody owns never reach the output: NaN in the null page and in every page outside
     the live tables (padded table entries, padded sequences) changes nothing."""

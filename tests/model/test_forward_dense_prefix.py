@@ -5,12 +5,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from pijax.config import ModelConfig
 from pijax.model.llama import LlamaModel
 
 
+@pytest.mark.slow
 def test_shared_prefix_matches_concatenated_rows_and_gradients():
     cfg = ModelConfig(
         vocab_size=64,

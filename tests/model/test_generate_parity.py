@@ -28,6 +28,7 @@ NEW_TOKENS = 10
 PROMPT_LENGTHS = [3, 16, 17, 45]  # inside a page, exactly a page, one past, several pages
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", HF_ARCHS)
 def test_greedy_tokens_and_logprobs_match_transformers(arch, tmp_path):
     path = make_hf_checkpoint(tmp_path, arch, seed=5)

@@ -165,6 +165,7 @@ def test_sharded_safetensors_with_index(tmp_path, saved, mesh1):
     assert_trees_equal(lm.params, params)
 
 
+@pytest.mark.slow
 def test_tied_embeddings_and_qkv_bias(tmp_path, mesh1, tokens):
     cfg = tiny_model_config(
         tie_word_embeddings=True, attention_bias=True, architecture="Qwen2ForCausalLM"

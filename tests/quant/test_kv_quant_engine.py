@@ -97,6 +97,7 @@ def test_int8_teacher_forced_top1_agreement_with_full_precision(runs):
     assert np.mean(np.exp(ref_lp)) > 0.1  # the peaked distributions the docstring promises
 
 
+@pytest.mark.slow
 def test_pool_comparison_of_a_pool_with_itself_is_exact(sharp):
     """The step's probe variant against a reference pool of the engine's own dtype: the same
     computation, so KL 0, every argmax agrees, attention error exactly 0; and the tokens are
@@ -122,6 +123,7 @@ def test_pool_comparison_of_a_pool_with_itself_is_exact(sharp):
         assert (err2 == 0).all() and (ref2 > 0).all()
 
 
+@pytest.mark.slow
 def test_gate_figures_through_the_engine(sharp, runs):
     """`quant_gate.evaluate` over a full-precision and an int8 engine: its greedy tokens are the
     engines' own, and its teacher-forced top-1 agreement is the one measured above with
@@ -179,6 +181,7 @@ def test_int8_prefix_reuse_gives_identical_greedy_tokens(sharp, runs):
     assert results[0] == results[1]
 
 
+@pytest.mark.slow
 def test_int8_greedy_identical_under_forced_preemption(sharp, runs, monkeypatch):
     # Admission that projects no growth, so the pool runs out and preemption happens.
     monkeypatch.setattr("pijax.scheduler.GROWTH_RATIO_INIT", 0.0)
@@ -192,6 +195,7 @@ def test_int8_greedy_identical_under_forced_preemption(sharp, runs, monkeypatch)
     assert [o.token_ids for o in got] == [o.token_ids for o in roomy]
 
 
+@pytest.mark.slow
 def test_fp8_pool_on_the_cpu_reference_path(sharp, runs):
     """fp8 e4m3 pages (3 mantissa bits: coarser than int8) through the engine: the pool holds
     float8 with written scales and greedy decoding mostly follows full precision."""

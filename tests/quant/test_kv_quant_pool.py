@@ -54,6 +54,7 @@ def with_outlier_channels(key, shape, channels=(3, 17), gain=60.0):
     return x.at[..., list(channels)].multiply(gain)
 
 
+@pytest.mark.slow
 def test_round_trip_within_half_a_scale_step_with_outlier_channels():
     x = with_outlier_channels(jax.random.key(0), (64, 4, 64))  # [tokens, kv heads, head dim]
     q, scale = quantize_int8(x)
@@ -81,6 +82,7 @@ def test_fp8_round_trip_within_half_an_ulp_with_outlier_channels():
     assert float(jnp.max(err / jnp.abs(x))) > 0.01  # coarser than int8 near its scale: a real bound
 
 
+@pytest.mark.slow
 def test_quantized_write_stores_per_token_per_head_scales():
     shape = (4, 16, 2, 32)  # pages, page size, kv heads, head dim
     k_new = with_outlier_channels(jax.random.key(2), (5, 2, 32))

@@ -45,6 +45,7 @@ def model(request, tmp_path_factory):
     server.stop()
 
 
+@pytest.mark.slow
 def test_streamed_equals_offline(model):
     _, llm, server = model
     prompt = "Claim 4471 billed CPT 99215 with modifier 25."

@@ -205,6 +205,7 @@ def engine_greedy(impl: str, **overrides) -> list[list[int]]:
     return [o.token_ids for o in llm.generate(ENGINE_PROMPTS, params)]
 
 
+@pytest.mark.slow
 def test_engine_greedy_tiled_equals_reference():
     """Greedy decoding is a sharp check: one wrong attention row in a prefill chunk or a decode
     step changes a later argmax. The 64-token budget forces chunked prefill beside decodes."""
@@ -213,6 +214,7 @@ def test_engine_greedy_tiled_equals_reference():
     assert all(len(t) == 8 for t in tiled_out)
 
 
+@pytest.mark.slow
 def test_engine_greedy_tiled_equals_reference_int8_pool():
     assert engine_greedy("tiled", kv_cache_dtype="int8", skip_kv_quant_gate=True) == engine_greedy(
         "reference", kv_cache_dtype="int8", skip_kv_quant_gate=True

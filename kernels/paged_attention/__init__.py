@@ -2,7 +2,8 @@
 
 | module        | what                                                   | runs on                  |
 | ------------- | ------------------------------------------------------ | ------------------------ |
-| reference.py  | the contract and its pure-JAX implementation           | everywhere (CPU engine)  |
+| reference.py  | the contract and its pure-JAX implementation           | everywhere (the oracle)  |
+| tiled.py      | XLA, K/V gathered once per (sequence, query tile)      | CPU engine (`auto`)      |
 | ragged.py     | mixed prefill + decode, Triton lowering                | GPU; interpret on CPU    |
 | decode.py     | pure decode, split-K over context + combine pass       | GPU; interpret on CPU    |
 | mosaic_gpu.py | mixed batch, TMA + wgmma, split-K (Hopper)             | sm_90+; MGPU interpreter |

@@ -66,6 +66,12 @@ BUDGETS = flags.DEFINE_list(
     ["90", "150", "90", "150"],
     "seconds per step (correctness, kernels, generate, engine); a step stops at its budget",
 )
+KERNEL_GRID = flags.DEFINE_enum(
+    "kernel_grid",
+    "quick",
+    ["quick", "full"],
+    "bench_kernels grid for step b (full: the issue's whole grid, for a longer TPU/GPU session)",
+)
 ENGINE_PRESET = flags.DEFINE_string(
     "engine_preset", None, "bench preset for step d (default gpu-1b-quick; dry run: smoke)"
 )
@@ -238,7 +244,7 @@ def step_correctness(ctx: dict, budget: float) -> dict:
 
 def step_kernels(ctx: dict, budget: float) -> dict:
     dry_run = ctx["dry_run"]
-    kind, only = ("small", "decode-b4-c40-int8") if dry_run else ("quick", "")
+    kind, only = ("small", "decode-b4-c40-int8") if dry_run else (KERNEL_GRID.value, "")
     meta, rows, stem = bench_kernels.run_grid(
         kind,
         1 if dry_run else 10,

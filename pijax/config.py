@@ -354,8 +354,9 @@ class SchedulerConfig:
     reserve_full_length: bool = False
     # Overlapped scheduling: the host schedules and builds step N+1 while the device runs step
     # N; decodes take their input token from step N's output on the device, and stop checks
-    # run one step late (outputs are identical either way). False: the synchronous loop.
-    overlap_scheduling: bool = False
+    # run one step late (outputs are identical either way). False: the synchronous loop (for
+    # debugging, and the baseline). Multi-host runs are always synchronous.
+    overlap_scheduling: bool = True
 
     def __post_init__(self):
         _require(self.max_num_seqs >= 1, "max_num_seqs", "an integer >= 1", self.max_num_seqs)

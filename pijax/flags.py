@@ -84,6 +84,11 @@ ENGINE_FLAGS: tuple[_Flag, ...] = (
     _Flag("max_model_len", flags.DEFINE_integer, "Prompt + completion tokens per request."),
     _Flag("max_waiting", flags.DEFINE_integer, "Queued requests before refusing new ones."),
     _Flag(
+        "overlap_scheduling",
+        flags.DEFINE_bool,
+        "Schedule step N+1 while the device runs step N (default on; off: synchronous loop).",
+    ),
+    _Flag(
         "audit_log",
         flags.DEFINE_string,
         "Append the prefix-reuse audit log to this file.",

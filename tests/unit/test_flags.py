@@ -55,6 +55,7 @@ def test_every_override_flag_is_a_key_the_config_parser_accepts():
         "memory_fraction": "0.3",
         "enable_prefix_reuse": "true",
         "enable_chunked_prefill": "true",
+        "overlap_scheduling": "true",
         "max_num_batched_tokens": "2048",
         "max_model_len": "2048",
     }

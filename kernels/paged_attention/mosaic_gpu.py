@@ -10,10 +10,11 @@ the group's query heads, so every head of a GQA group shares each K/V tile). A p
 1. TMA-copies its query tile into swizzled shared memory;
 2. walks its sequence's block table `block_kv` keys at a time (`block_kv // page_size` pages):
    each page of its kv head, `k_pages[page, :, head, :]` (a strided 2-D slab of the pool in its
-   stored layout), is one TMA copy into a slice of the K (V) tile, each on its own barrier;
+   stored layout), is one TMA copy into a slice of the K (V) tile, each on its own barrier,
+   into one of two staging slots so the next tile's copies overlap this tile's compute;
 3. computes `q @ k.T` with wgmma into a register accumulator, masks (causal frontier, row
    liveness, sliding window), runs one online-softmax step in registers, and accumulates
-   `p @ v` with wgmma (p from registers, v from shared memory);
+   `p @ v` with wgmma (p staged through shared memory, v read there in place);
 4. normalizes, writes the tile back through shared memory with a TMA store.
 
 Split-K as in `ragged.py`: with `num_splits > 1` (static, from the grid size: a decode step of a

@@ -5,10 +5,14 @@
         for out in engine.step():
             print(out.request_id, out.new_text)
 
-One `step()` = schedule on the host, build the fixed-shape batch, run the jitted step on device,
-fold the sampled tokens back in, and emit deltas. All validation happens in `add_request`, before
-anything is queued: a bad request raises `InvalidRequestError` (a `ValueError`) naming the field,
-and nothing already accepted is disturbed.
+One `step()` = schedule on the host (an immutable `StepPlan`), build the fixed-shape batch from
+it, dispatch the jitted step (one host->device transfer), fold the sampled tokens back in, and emit
+deltas. With `overlap_scheduling` (the default) the results read back in a `step()` are those of
+the step dispatched by the call before, so the host prepares step N+1 while the device runs step
+N (see `Engine.step`); outputs are the same either way. Structured output (`SamplingParams
+.json_schema`, `regex`, `grammar`) is compiled here too. All validation happens in `add_request`,
+before anything is queued: a bad request raises `InvalidRequestError` (a `ValueError`) naming the
+field, and nothing already accepted is disturbed.
 """
 
 from __future__ import annotations

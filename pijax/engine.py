@@ -383,9 +383,9 @@ class Engine:
             None if prev is None else {s.request_id: i for i, s in enumerate(prev.plan.seqs)},
         )
         if probe is None:
-            packed, self.kv_pool = self._step(
-                self.model.params, self.kv_pool, batch, None if prev is None else prev.packed
-            )
+            # `prev` only when overlapping (a multi-host leader's step takes three arguments).
+            args = () if prev is None else (prev.packed,)
+            packed, self.kv_pool = self._step(self.model.params, self.kv_pool, batch, *args)
         else:
             packed, self.kv_pool = probe(self._step, plan, self.model.params, self.kv_pool, batch)
         self.scheduler.advance(plan)

@@ -59,12 +59,14 @@ DRY_RUN = flags.DEFINE_bool(
 )
 OUT_ROOT = flags.DEFINE_string("out_root", str(ROOT / "benchmarks" / "results"), "results root")
 STEPS = flags.DEFINE_list(
-    "steps", ["correctness", "kernels", "generate", "engine"], "steps to run, in order"
+    "steps",
+    ["correctness", "kernels", "generate", "engine"],
+    "steps to run, in order (also: tests, the kernel tests' fast lane on this machine)",
 )
 BUDGETS = flags.DEFINE_list(
     "budgets_s",
-    ["90", "150", "90", "150"],
-    "seconds per step (correctness, kernels, generate, engine); a step stops at its budget",
+    ["90", "150", "90", "150", "300"],
+    "seconds per step (correctness, kernels, generate, engine, tests); a step stops at its budget",
 )
 KERNEL_GRID = flags.DEFINE_enum(
     "kernel_grid",
@@ -332,11 +334,20 @@ def step_engine(ctx: dict, budget: float) -> dict:
     return dict(ok=res["rc"] == 0 and results.exists(), summary=summary, **res)
 
 
+def step_tests(ctx: dict, budget: float) -> dict:
+    """Optional (not in the default --steps): the kernel tests' fast lane on this machine."""
+    argv = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not slow", "tests/kernels"]
+    res = _subprocess("tests", argv, ctx["out_dir"], budget)
+    last = res["tail"].strip().splitlines()[-1:] or [""]
+    return dict(ok=res["rc"] == 0, summary=f"rc {res['rc']}: {last[0][:200]}", **res)
+
+
 STEP_FNS = {
     "correctness": step_correctness,
     "kernels": step_kernels,
     "generate": step_generate,
     "engine": step_engine,
+    "tests": step_tests,
 }
 
 

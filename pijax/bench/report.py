@@ -134,7 +134,7 @@ def goals_table(goals: list[dict]) -> str:
     for g in goals:
         v = g["measured"]
         pct = "waste" in g["goal"] or "share" in g["goal"]
-        unit = "%" if pct else ("" if "compil" in g["goal"] else "x")
+        unit = "%" if pct else ("" if g["goal"].startswith("compilations") else "x")
         met = {True: "yes", False: "**no**", None: "–"}[g["met"]]
         rows.append(f"| {g['goal']} | {g['target']} | {_f(v, unit)} | {met} |")
     return "\n".join(rows)

@@ -35,6 +35,7 @@ from pijax.config import EngineConfig, resolve_compilation_cache_dir
 from pijax.distributed import wrap_step
 from pijax.kernels import dispatch
 from pijax.kernels.impl import AttentionImpl
+from pijax.kernels.support import AttentionShape
 from pijax.kv_cache_manager import KVCacheManager
 from pijax.kv_pool import KVPool, allocate_pool, num_pages_for_budget, pool_sharding, scale_sharding
 from pijax.model.loader import LoadedModel, load_model
@@ -101,6 +102,25 @@ class EngineStats:
     prefix_tokens_saved: int
 
 
+def _check_attention_supported(config: EngineConfig, mcfg, mesh, kv_pool) -> None:
+    """An explicit kernel impl refuses an unsupported shape here, at start-up, with the message
+    the first step would give (shape and supported set); `auto` falls back per shape instead."""
+    impl = AttentionImpl.parse(config.attention_impl)
+    if impl not in (AttentionImpl.PALLAS, AttentionImpl.PALLAS_INTERPRET):
+        return
+    kv_shards = mesh.shape["model"]
+    shape = AttentionShape(
+        num_heads=mcfg.num_heads // kv_shards,
+        num_kv_heads=mcfg.num_kv_heads // kv_shards,
+        head_dim=mcfg.head_dim,
+        page_size=config.cache.page_size,
+        q_dtype=np.dtype(config.dtype.jnp).name,
+        kv_dtype=kv_pool[0].k.dtype.name,
+        sliding_window=mcfg.sliding_window is not None,
+    )
+    dispatch.check_supported(config.attention_impl, shape)
+
+
 class Engine:
     def __init__(self, model: LoadedModel, config: EngineConfig, mesh: jax.sharding.Mesh):
         self.config = config
@@ -117,6 +137,7 @@ class Engine:
         )
         # mesh_config: kv heads as the mesh runs them (replicated when fewer than the model axis).
         self.kv_pool = allocate_pool(model.mesh_config, cache, num_pages, config.dtype.jnp, mesh)
+        _check_attention_supported(config, model.mesh_config, mesh, self.kv_pool)
         self.blocks = BlockManager(num_pages, cache.page_size)
         self.kv = KVCacheManager(
             self.blocks,

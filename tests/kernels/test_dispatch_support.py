@@ -102,3 +102,21 @@ def test_config_imports_no_pallas():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_engine_start_up_refuses_an_explicit_kernel_on_an_unsupported_shape(monkeypatch):
+    """With a support table that lacks tiny-random's head dim (32), `pallas_interpret` fails at
+    LLM(...), before any request, naming the shape and the supported set; the same engine with
+    `auto` starts (it would fall back per shape)."""
+    import dataclasses
+
+    from pijax import LLM
+
+    row = support.SUPPORTED[Kernel.TRITON_RAGGED]
+    monkeypatch.setitem(
+        support.SUPPORTED, Kernel.TRITON_RAGGED, dataclasses.replace(row, head_dims=(64,))
+    )
+    limits = dict(num_pages=64, max_model_len=128, max_num_batched_tokens=32)
+    with pytest.raises(ValueError, match=r"head_dim 32.*head_dim in \(64,\)"):
+        LLM("tiny-random", attention_impl="pallas_interpret", **limits)
+    assert LLM("tiny-random", attention_impl="auto", **limits).engine is not None

@@ -15,7 +15,8 @@ without bound (measured: 30 s, 1.8 GB and climbing), and a thread cannot be stop
 3. The grammar is then validated, and its matcher built and asked for a first mask, in a worker
    process (`CompileSandbox`) with a hard time budget (killed at `compile_timeout_s`), a hard
    memory budget (`RLIMIT_AS` = its size after start-up + `compile_memory_mib`), and killed as
-   soon as the caller cancels (the client went away). Only a grammar that passed is compiled in
+   soon as the caller cancels (the client went away); it runs at a lower CPU priority (nice 10)
+   than the server. Only a grammar that passed is compiled in
    the serving process, where it then costs what it cost in the worker. Grammars that failed are
    remembered by content digest (`refused_cache_size`), so repeating a hostile schema costs a
    dictionary lookup.
@@ -44,6 +45,9 @@ import threading
 import time
 
 log = logging.getLogger(__name__)
+
+
+WORKER_NICENESS = 10
 
 
 class SchemaLimitError(Exception):
@@ -295,6 +299,10 @@ def _worker_main() -> None:
     import numpy as np
 
     _die_with_parent()
+    try:  # a hostile grammar may burn this worker's whole budget: serving threads come first
+        os.nice(WORKER_NICENESS)
+    except OSError:
+        pass
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     init = _recv(stdin)
     tok = _ll_tokenizer(init["spec"])

@@ -171,6 +171,9 @@ class Engine:
             )
         )
         self._inflight: _InFlight | None = None  # the dispatched step not yet read back
+        # Timing hook (the bench's overlap probe): called with each step's device result right
+        # after its dispatch returns. None (the default) costs one attribute check per step.
+        self.on_dispatch: Callable[[jax.Array], None] | None = None
         # Overlap needs the step to read the previous result on the device: single-host only.
         self._overlap = config.scheduler.overlap_scheduling and isinstance(self._step, StepFunction)
         self._requests: dict[str, Request] = {}
@@ -409,6 +412,8 @@ class Engine:
             packed, self.kv_pool = self._step(self.model.params, self.kv_pool, batch, *args)
         else:
             packed, self.kv_pool = probe(self._step, plan, self.model.params, self.kv_pool, batch)
+        if self.on_dispatch is not None:
+            self.on_dispatch(packed)
         self.scheduler.advance(plan)
         self._inflight = _InFlight(plan, packed)
         if prev is not None:

@@ -12,12 +12,19 @@
   scaffold prefilled once before), so TTFT includes queueing behind the others' prefills.
 * `decode_roofline`: floor = max(bytes moved / bandwidth, FLOPs / matmul rate) for a decode
   step of D sequences at their context lengths; bytes moved = weights read once + KV read.
+* `overlap_idle_probe`: the same steady decode batch with overlapped scheduling on and off; per
+  step the dispatch and ready times (`StepTimer`), and the share of wall time the device sat
+  idle between a step's result and the next step's dispatch.
 """
 
 from __future__ import annotations
 
 import math
+import queue
+import sys
+import threading
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -371,3 +378,152 @@ def prefill_flops_probe(
         "matmul_tflops": rate / 1e12,
         "achieved_over_matmul_rate": achieved / rate,
     }
+
+
+# --- overlapped scheduling: device idle between steps -----------------------------------------
+
+
+class StepTimer:
+    """Dispatch and ready times of each step, for `Engine.on_dispatch`.
+
+    The engine calls it with a step's device result right after the dispatch returns (stamped
+    as `dispatch`). A waiter thread blocks on each result in turn and stamps when it is ready;
+    nothing else waits for it, so the engine's loop and outputs are those of an unmeasured run.
+    `ready` is late by the waiter's wake-up (it needs the GIL: `overlap_idle_probe` shortens
+    the switch interval while it measures), so idle gaps read short by about that much; the
+    dispatch stamp comes after the call returns, so they read long by the call's own time.
+    `ready_at_dispatch[i]`: step i-1's result was already ready when step i was dispatched (the
+    device had run dry), checked without waiting.
+    """
+
+    def __init__(self):
+        self.dispatch: list[float] = []
+        self.ready: list[float] = []
+        self.ready_at_dispatch: list[bool] = []
+        self._last: jax.Array | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._wait, name="step-timer", daemon=True)
+        self._thread.start()
+
+    def __call__(self, packed: jax.Array) -> None:
+        self.dispatch.append(time.perf_counter())
+        if self._last is not None:
+            self.ready_at_dispatch.append(self._last.is_ready())
+        self._last = packed
+        self._queue.put(packed)
+
+    def _wait(self) -> None:
+        while (packed := self._queue.get()) is not None:
+            packed.block_until_ready()
+            self.ready.append(time.perf_counter())
+
+    def close(self) -> None:
+        """Waits for every dispatched step's result."""
+        self._queue.put(None)
+        self._thread.join()
+        self._last = None
+
+    def summary(self) -> dict:
+        """idle = sum over consecutive steps of max(0, dispatch[N+1] - ready[N]); wall = first
+        dispatch to last ready; idle_share = idle / wall."""
+        d, r = self.dispatch, self.ready
+        gaps = [max(0.0, d[i + 1] - r[i]) for i in range(len(d) - 1)]
+        wall = r[-1] - d[0]
+        return {
+            "steps": len(d),
+            "wall_s": wall,
+            "idle_s": sum(gaps),
+            "idle_share": min(1.0, sum(gaps) / wall) if wall > 0 else 0.0,
+            "step_s_median": float(np.median(np.diff(r))) if len(r) > 1 else None,
+            "idle_gap_s_median": float(np.median(gaps)) if gaps else None,
+            "ran_dry_share": (
+                float(np.mean(self.ready_at_dispatch)) if self.ready_at_dispatch else 0.0
+            ),
+        }
+
+
+def steady_decode_timing(
+    engine: Engine,
+    *,
+    decodes: int,
+    prompt_tokens: int,
+    steps: int,
+    seed: int = 13,
+    switch_interval_s: float = 1e-4,
+) -> tuple[dict, dict[str, list[int]]]:
+    """`decodes` private random prompts of `prompt_tokens` tokens, greedy; once every one has its
+    first token, the next `steps` engine steps are timed (`StepTimer`); then they run to the end.
+    Returns (the timer's summary, each request's output tokens). Leaves the engine empty."""
+    rng = np.random.default_rng(seed)
+    vocab = min(256, engine.model_config.vocab_size)
+    budget = engine.config.scheduler.max_num_batched_tokens
+    settle = -(-decodes * prompt_tokens // budget) + 2  # steps until every prefill is done
+    max_tokens = settle + steps + 4  # nobody finishes inside the timed window
+    if decodes > engine.config.scheduler.max_num_seqs:
+        raise ValueError(
+            f"decodes must be <= max_num_seqs={engine.config.scheduler.max_num_seqs}; got {decodes}"
+        )
+    ids = [f"overlap-{i}" for i in range(decodes)]
+    for rid in ids:
+        engine.add_request(
+            rid,
+            rng.integers(0, vocab, prompt_tokens).tolist(),
+            SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
+        )
+    tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+    finished: set[str] = set()
+
+    def step() -> None:
+        for o in engine.step():
+            tokens[o.request_id] += o.new_token_ids
+            if o.finished:
+                finished.add(o.request_id)
+
+    while not all(tokens.values()):
+        step()
+    timer = StepTimer()
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(switch_interval_s)
+    engine.on_dispatch = timer
+    try:
+        for _ in range(steps):
+            step()
+    finally:
+        engine.on_dispatch = None
+        timer.close()
+        sys.setswitchinterval(old_interval)
+    in_window = len(finished)
+    while engine.has_unfinished_requests():
+        step()
+    summary = timer.summary()
+    summary["finished_in_window"] = in_window
+    return summary, tokens
+
+
+def overlap_idle_probe(
+    make_engine: Callable[[bool], Engine],
+    *,
+    decodes: int = 16,
+    prompt_tokens: int = 64,
+    steps: int = 64,
+    seed: int = 13,
+) -> dict:
+    """The device's idle share of wall time between steps in steady decode, overlapped
+    (`overlap_scheduling=True`) and synchronous, on the same requests in one run.
+    `make_engine(overlap)` returns a warm engine. `idle_share` is the overlapped figure (the
+    goal: <= 5%), `sync_idle_share` the synchronous loop's; `outputs_equal`: both modes produced
+    the same tokens."""
+    out: dict = {"decodes": decodes, "prompt_tokens": prompt_tokens, "steps": steps}
+    tokens = {}
+    for mode, overlap in (("sync", False), ("overlap", True)):
+        engine = make_engine(overlap)
+        if engine.config.scheduler.overlap_scheduling != overlap:
+            raise ValueError(f"make_engine({overlap}) returned an engine with the other mode")
+        out[mode], tokens[mode] = steady_decode_timing(
+            engine, decodes=decodes, prompt_tokens=prompt_tokens, steps=steps, seed=seed
+        )
+        del engine
+    out["idle_share"] = out["overlap"]["idle_share"]
+    out["sync_idle_share"] = out["sync"]["idle_share"]
+    out["outputs_equal"] = tokens["overlap"] == tokens["sync"]
+    return out

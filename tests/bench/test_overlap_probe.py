@@ -1,0 +1,67 @@
+"""The overlap probe: a steady decode batch timed per step with overlapped scheduling on and off.
+No timing is asserted: only that both idle shares are fractions of the run, that every timed step
+has its dispatch and ready stamps, and that the two modes produce the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from pijax.bench import probes
+from pijax.config import engine_config_from_overrides
+from pijax.engine import Engine
+
+OPTS = dict(
+    max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, page_size=16, num_pages=64
+)
+
+
+@pytest.fixture(scope="module")
+def result():
+    sync = Engine.from_source("tiny-random", engine_config_from_overrides(**OPTS))
+    made = []
+
+    def make_engine(overlap: bool) -> Engine:
+        # One model for both modes, as the bench suite does.
+        config = engine_config_from_overrides(**OPTS, overlap_scheduling=overlap)
+        engine = Engine(sync.model, config, sync.mesh)
+        made.append(engine)
+        return engine
+
+    out = probes.overlap_idle_probe(make_engine, decodes=6, prompt_tokens=20, steps=12)
+    return out, made
+
+
+def test_shares_are_fractions_for_both_modes(result):
+    out, _ = result
+    for mode in ("sync", "overlap"):
+        m = out[mode]
+        assert m["steps"] == 12, mode  # every timed step was stamped at dispatch
+        assert 0.0 <= m["idle_share"] <= 1.0, (mode, m)
+        assert 0.0 <= m["ran_dry_share"] <= 1.0, (mode, m)
+        assert m["wall_s"] > 0 and 0.0 <= m["idle_s"] <= m["wall_s"], (mode, m)
+        assert m["finished_in_window"] == 0, mode  # the window is steady decode only
+    assert out["idle_share"] == out["overlap"]["idle_share"]
+    assert out["sync_idle_share"] == out["sync"]["idle_share"]
+
+
+def test_outputs_equal_between_modes_and_hook_removed(result):
+    out, made = result
+    assert out["outputs_equal"] is True
+    assert [e.config.scheduler.overlap_scheduling for e in made] == [False, True]
+    for engine in made:
+        assert engine.on_dispatch is None
+        assert not engine.has_unfinished_requests()
+
+
+def test_timer_pairs_each_dispatch_with_its_ready():
+    import jax.numpy as jnp
+
+    timer = probes.StepTimer()
+    for i in range(3):
+        timer(jnp.full((4,), i) * 2)
+    timer.close()
+    assert len(timer.dispatch) == len(timer.ready) == 3
+    assert len(timer.ready_at_dispatch) == 2
+    assert all(r >= d for d, r in zip(timer.dispatch, timer.ready, strict=True))
+    s = timer.summary()
+    assert s["steps"] == 3 and 0.0 <= s["idle_share"] <= 1.0

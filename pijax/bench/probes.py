@@ -434,7 +434,7 @@ class StepTimer:
             "wall_s": wall,
             "idle_s": sum(gaps),
             "idle_share": min(1.0, sum(gaps) / wall) if wall > 0 else 0.0,
-            "step_s_median": float(np.median(np.diff(r))) if len(r) > 1 else None,
+            "period_s_median": float(np.median(np.diff(r))) if len(r) > 1 else None,
             "idle_gap_s_median": float(np.median(gaps)) if gaps else None,
             "ran_dry_share": (
                 float(np.mean(self.ready_at_dispatch)) if self.ready_at_dispatch else 0.0

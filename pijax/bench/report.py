@@ -167,6 +167,19 @@ def probes_section(p: dict) -> str:
             f"- unloaded TTFT (scaffold + claim, one at a time), **{name}**: "
             f"p50 {_f(ut['ttft_p50_s'], 's')} over {ut['requests']} requests."
         )
+    ov = p.get("overlap")
+    if ov:
+        o, sy = ov["overlap"], ov["sync"]
+        lines.append(
+            f"- overlap: {ov['decodes']} sequences in steady decode, {ov['steps']} steps timed "
+            f"(dispatch and ready stamps). Device idle between steps: overlapped "
+            f"{_f(o['idle_share'], '%')} of {_f(o['wall_s'], 's')}, synchronous "
+            f"{_f(sy['idle_share'], '%')} of {_f(sy['wall_s'], 's')}; median ready-to-ready "
+            f"{_f(o['period_s_median'], 's')} vs {_f(sy['period_s_median'], 's')}; result already "
+            f"ready at the next dispatch in {_f(o['ran_dry_share'], '%')} vs "
+            f"{_f(sy['ran_dry_share'], '%')} of steps; same tokens: "
+            f"{'yes' if ov['outputs_equal'] else '**no**'}."
+        )
     r = p.get("roofline")
     if r:
         lines.append(

@@ -65,3 +65,19 @@ def test_timer_pairs_each_dispatch_with_its_ready():
     assert all(r >= d for d, r in zip(timer.dispatch, timer.ready, strict=True))
     s = timer.summary()
     assert s["steps"] == 3 and 0.0 <= s["idle_share"] <= 1.0
+
+
+def test_goal_rows_and_report_line(result):
+    from pijax.bench.report import goals_table, probes_section
+    from pijax.bench.suite import goals
+
+    out, _ = result
+    rows = {g["goal"]: g for g in goals({"configs": {}, "probes": {"overlap": out}})}
+    row = rows["overlap: device idle share of wall time between steps, steady decode"]
+    assert row["measured"] == out["idle_share"]
+    assert row["met"] == (out["idle_share"] <= 0.05)
+    ref = [g for name, g in rows.items() if name.startswith("(reference) synchronous loop")]
+    assert len(ref) == 1 and ref[0]["measured"] == out["sync_idle_share"]
+    line = probes_section({"overlap": out})
+    assert "overlapped" in line and "synchronous" in line and "same tokens: yes" in line
+    assert f"{100 * out['sync_idle_share']:.1f}%" in goals_table(list(rows.values()))

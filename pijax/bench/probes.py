@@ -506,24 +506,59 @@ def overlap_idle_probe(
     decodes: int = 16,
     prompt_tokens: int = 64,
     steps: int = 64,
+    repeats: int = 3,
     seed: int = 13,
 ) -> dict:
     """The device's idle share of wall time between steps in steady decode, overlapped
     (`overlap_scheduling=True`) and synchronous, on the same requests in one run.
-    `make_engine(overlap)` returns a warm engine. `idle_share` is the overlapped figure (the
-    goal: <= 5%), `sync_idle_share` the synchronous loop's; `outputs_equal`: both modes produced
-    the same tokens."""
-    out: dict = {"decodes": decodes, "prompt_tokens": prompt_tokens, "steps": steps}
-    tokens = {}
+
+    `make_engine(overlap)` returns a warm engine (one per mode). The modes alternate, `repeats`
+    times, each repeat on new prompts; a mode's `idle_share` pools its repeats (all idle time
+    over all timed wall time), and `runs` keeps each repeat's figures. `idle_share` is the
+    overlapped figure (the goal: <= 5%), `sync_idle_share` the synchronous loop's;
+    `outputs_equal`: both modes produced the same tokens in every repeat."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1; got {repeats}")
+    out: dict = {
+        "decodes": decodes,
+        "prompt_tokens": prompt_tokens,
+        "steps": steps,
+        "repeats": repeats,
+    }
+    engines = {}
     for mode, overlap in (("sync", False), ("overlap", True)):
-        engine = make_engine(overlap)
-        if engine.config.scheduler.overlap_scheduling != overlap:
+        engines[mode] = make_engine(overlap)
+        if engines[mode].config.scheduler.overlap_scheduling != overlap:
             raise ValueError(f"make_engine({overlap}) returned an engine with the other mode")
-        out[mode], tokens[mode] = steady_decode_timing(
-            engine, decodes=decodes, prompt_tokens=prompt_tokens, steps=steps, seed=seed
-        )
-        del engine
+    runs: dict[str, list[dict]] = {"sync": [], "overlap": []}
+    equal = True
+    for rep in range(repeats):
+        tokens = {}
+        for mode, engine in engines.items():
+            summary, tokens[mode] = steady_decode_timing(
+                engine,
+                decodes=decodes,
+                prompt_tokens=prompt_tokens,
+                steps=steps,
+                seed=seed + rep,
+            )
+            runs[mode].append(summary)
+        equal = equal and tokens["overlap"] == tokens["sync"]
+    del engines
+    for mode, rs in runs.items():
+        wall = sum(r["wall_s"] for r in rs)
+        idle = sum(r["idle_s"] for r in rs)
+        out[mode] = {
+            "steps": sum(r["steps"] for r in rs),
+            "wall_s": wall,
+            "idle_s": idle,
+            "idle_share": min(1.0, idle / wall) if wall > 0 else 0.0,
+            "period_s_median": float(np.median([r["period_s_median"] for r in rs])),
+            "ran_dry_share": float(np.mean([r["ran_dry_share"] for r in rs])),
+            "finished_in_window": sum(r["finished_in_window"] for r in rs),
+            "runs": rs,
+        }
     out["idle_share"] = out["overlap"]["idle_share"]
     out["sync_idle_share"] = out["sync"]["idle_share"]
-    out["outputs_equal"] = tokens["overlap"] == tokens["sync"]
+    out["outputs_equal"] = equal
     return out

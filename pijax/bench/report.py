@@ -140,6 +140,11 @@ def goals_table(goals: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def _shares(mode: dict) -> str:
+    """Each repeat's idle share, as `a / b / c` (the overlap probe)."""
+    return " / ".join(_f(r["idle_share"], "%") for r in mode.get("runs", [mode]))
+
+
 def probes_section(p: dict) -> str:
     lines = []
     for name, la in p.get("long_arrival", {}).items():
@@ -172,9 +177,10 @@ def probes_section(p: dict) -> str:
         o, sy = ov["overlap"], ov["sync"]
         lines.append(
             f"- overlap: {ov['decodes']} sequences in steady decode, {ov['steps']} steps timed "
-            f"(dispatch and ready stamps). Device idle between steps: overlapped "
-            f"{_f(o['idle_share'], '%')} of {_f(o['wall_s'], 's')}, synchronous "
-            f"{_f(sy['idle_share'], '%')} of {_f(sy['wall_s'], 's')}; median ready-to-ready "
+            f"(dispatch and ready stamps), {ov.get('repeats', 1)} repeat(s) per mode, "
+            f"alternating. Device idle between steps: overlapped {_f(o['idle_share'], '%')} of "
+            f"{_f(o['wall_s'], 's')} ({_shares(o)}), synchronous {_f(sy['idle_share'], '%')} of "
+            f"{_f(sy['wall_s'], 's')} ({_shares(sy)}); median ready-to-ready "
             f"{_f(o['period_s_median'], 's')} vs {_f(sy['period_s_median'], 's')}; result already "
             f"ready at the next dispatch in {_f(o['ran_dry_share'], '%')} vs "
             f"{_f(sy['ran_dry_share'], '%')} of steps; same tokens: "

@@ -27,7 +27,7 @@ def result():
         made.append(engine)
         return engine
 
-    out = probes.overlap_idle_probe(make_engine, decodes=6, prompt_tokens=20, steps=12)
+    out = probes.overlap_idle_probe(make_engine, decodes=6, prompt_tokens=20, steps=12, repeats=2)
     return out, made
 
 
@@ -35,7 +35,10 @@ def test_shares_are_fractions_for_both_modes(result):
     out, _ = result
     for mode in ("sync", "overlap"):
         m = out[mode]
-        assert m["steps"] == 12, mode  # every timed step was stamped at dispatch
+        assert m["steps"] == 24, mode  # every timed step was stamped at dispatch
+        assert [r["steps"] for r in m["runs"]] == [12, 12], mode
+        for r in m["runs"]:
+            assert 0.0 <= r["idle_share"] <= 1.0, (mode, r)
         assert 0.0 <= m["idle_share"] <= 1.0, (mode, m)
         assert 0.0 <= m["ran_dry_share"] <= 1.0, (mode, m)
         assert m["wall_s"] > 0 and 0.0 <= m["idle_s"] <= m["wall_s"], (mode, m)

@@ -442,6 +442,32 @@ class StepTimer:
         }
 
 
+def _settle_steps(decodes: int, prompt_tokens: int, budget: int) -> int:
+    """Steps until every prefill of the steady decode batch is done (with a margin)."""
+    return -(-decodes * prompt_tokens // budget) + 2
+
+
+def fit_steady_decode(
+    engine: Engine, decodes: int, prompt_tokens: int, steps: int
+) -> tuple[int, int, int]:
+    """(decodes, prompt_tokens, steps), each at most as asked, that fit the engine: no more
+    sequences than `max_num_seqs`, every sequence's prompt and output within `max_model_len`,
+    and all of them in the pool at once (so nothing is preempted while timed)."""
+    sched = engine.config.scheduler
+    page = engine.blocks.page_size
+    decodes = max(1, min(decodes, sched.max_num_seqs))
+    prompt_tokens = max(1, min(prompt_tokens, engine.max_model_len // 4))
+    per_seq = min(engine.max_model_len, engine.blocks.num_usable_pages // decodes * page)
+    settle = _settle_steps(decodes, prompt_tokens, sched.max_num_batched_tokens)
+    steps = min(steps, per_seq - prompt_tokens - settle - 4)
+    if steps < 2:
+        raise ValueError(
+            f"the engine is too small for a steady decode of {decodes} sequences "
+            f"(max_model_len={engine.max_model_len}, {engine.blocks.num_usable_pages} pages)"
+        )
+    return decodes, prompt_tokens, steps
+
+
 def steady_decode_timing(
     engine: Engine,
     *,
@@ -457,7 +483,7 @@ def steady_decode_timing(
     rng = np.random.default_rng(seed)
     vocab = min(256, engine.model_config.vocab_size)
     budget = engine.config.scheduler.max_num_batched_tokens
-    settle = -(-decodes * prompt_tokens // budget) + 2  # steps until every prefill is done
+    settle = _settle_steps(decodes, prompt_tokens, budget)
     max_tokens = settle + steps + 4  # nobody finishes inside the timed window
     if decodes > engine.config.scheduler.max_num_seqs:
         raise ValueError(
@@ -510,7 +536,8 @@ def overlap_idle_probe(
     seed: int = 13,
 ) -> dict:
     """The device's idle share of wall time between steps in steady decode, overlapped
-    (`overlap_scheduling=True`) and synchronous, on the same requests in one run.
+    (`overlap_scheduling=True`) and synchronous, on the same requests in one run. The sizes are
+    upper bounds: a small engine gets what fits it (`fit_steady_decode`; the result says which).
 
     `make_engine(overlap)` returns a warm engine (one per mode). The modes alternate, `repeats`
     times, each repeat on new prompts; a mode's `idle_share` pools its repeats (all idle time
@@ -519,17 +546,20 @@ def overlap_idle_probe(
     `outputs_equal`: both modes produced the same tokens in every repeat."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1; got {repeats}")
+    engines = {}
+    for mode, overlap in (("sync", False), ("overlap", True)):
+        engines[mode] = make_engine(overlap)
+        if engines[mode].config.scheduler.overlap_scheduling != overlap:
+            raise ValueError(f"make_engine({overlap}) returned an engine with the other mode")
+    decodes, prompt_tokens, steps = fit_steady_decode(
+        engines["sync"], decodes, prompt_tokens, steps
+    )
     out: dict = {
         "decodes": decodes,
         "prompt_tokens": prompt_tokens,
         "steps": steps,
         "repeats": repeats,
     }
-    engines = {}
-    for mode, overlap in (("sync", False), ("overlap", True)):
-        engines[mode] = make_engine(overlap)
-        if engines[mode].config.scheduler.overlap_scheduling != overlap:
-            raise ValueError(f"make_engine({overlap}) returned an engine with the other mode")
     runs: dict[str, list[dict]] = {"sync": [], "overlap": []}
     equal = True
     for rep in range(repeats):

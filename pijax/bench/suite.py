@@ -323,8 +323,7 @@ class Suite:
             )
             del engine
         out["overlap"] = probes.overlap_idle_probe(
-            lambda overlap: self.make_engine(PAGED, {"overlap_scheduling": overlap})[0],
-            decodes=min(16, self.preset.engine.get("max_num_seqs", 16)),
+            lambda overlap: self.make_engine(PAGED, {"overlap_scheduling": overlap})[0]
         )
         gc.collect()
         return out

@@ -28,11 +28,28 @@ def result():
         return engine
 
     out = probes.overlap_idle_probe(make_engine, decodes=6, prompt_tokens=20, steps=12, repeats=2)
-    return out, made
+    return out, made, sync
+
+
+def test_sizes_fit_a_small_engine(result):
+    _, _, big = result
+    small = dict(OPTS, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128, num_pages=20)
+    engine = Engine(big.model, engine_config_from_overrides(**small), big.mesh)
+    decodes, prompt, steps = probes.fit_steady_decode(engine, 16, 64, 64)
+    assert (decodes, prompt) == (4, 32)
+    settle = -(-decodes * prompt // 32) + 2
+    # 19 usable pages of 16 tokens: 4 pages (64 tokens) per sequence, the tighter limit here.
+    assert steps == 64 - prompt - settle - 4
+    assert prompt + settle + steps + 4 <= 64
+    tiny = dict(small, num_pages=6)
+    with pytest.raises(ValueError, match="too small for a steady decode"):
+        probes.fit_steady_decode(
+            Engine(big.model, engine_config_from_overrides(**tiny), big.mesh), 16, 64, 64
+        )
 
 
 def test_shares_are_fractions_for_both_modes(result):
-    out, _ = result
+    out, _, _ = result
     for mode in ("sync", "overlap"):
         m = out[mode]
         assert m["steps"] == 24, mode  # every timed step was stamped at dispatch
@@ -48,7 +65,7 @@ def test_shares_are_fractions_for_both_modes(result):
 
 
 def test_outputs_equal_between_modes_and_hook_removed(result):
-    out, made = result
+    out, made, _ = result
     assert out["outputs_equal"] is True
     assert [e.config.scheduler.overlap_scheduling for e in made] == [False, True]
     for engine in made:
@@ -74,7 +91,7 @@ def test_goal_rows_and_report_line(result):
     from pijax.bench.report import goals_table, probes_section
     from pijax.bench.suite import goals
 
-    out, _ = result
+    out, _, _ = result
     rows = {g["goal"]: g for g in goals({"configs": {}, "probes": {"overlap": out}})}
     row = rows["overlap: device idle share of wall time between steps, steady decode"]
     assert row["measured"] == out["idle_share"]

@@ -31,6 +31,7 @@ def result():
     return out, made, sync
 
 
+@pytest.mark.slow
 def test_sizes_fit_a_small_engine(result):
     _, _, big = result
     small = dict(OPTS, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128, num_pages=20)
@@ -48,6 +49,7 @@ def test_sizes_fit_a_small_engine(result):
         )
 
 
+@pytest.mark.slow
 def test_shares_are_fractions_for_both_modes(result):
     out, _, _ = result
     for mode in ("sync", "overlap"):
@@ -64,6 +66,7 @@ def test_shares_are_fractions_for_both_modes(result):
     assert out["sync_idle_share"] == out["sync"]["idle_share"]
 
 
+@pytest.mark.slow
 def test_outputs_equal_between_modes_and_hook_removed(result):
     out, made, _ = result
     assert out["outputs_equal"] is True
@@ -87,6 +90,7 @@ def test_timer_pairs_each_dispatch_with_its_ready():
     assert s["steps"] == 3 and 0.0 <= s["idle_share"] <= 1.0
 
 
+@pytest.mark.slow
 def test_goal_rows_and_report_line(result):
     from pijax.bench.report import goals_table, probes_section
     from pijax.bench.suite import goals

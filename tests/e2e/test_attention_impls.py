@@ -37,6 +37,7 @@ def greedy(impl: str, **overrides) -> list[list[int]]:
     return [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
 
 
+@pytest.mark.slow
 def test_pallas_interpret_matches_reference_on_mixed_batches(monkeypatch):
     q_lens = []
     build = pijax.engine.build_step_input

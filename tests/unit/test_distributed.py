@@ -74,6 +74,9 @@ def test_a_vanished_leader_ends_the_worker():
     leader, worker = _pair(exits, hooks)
     for conn in leader._workers.values():
         leader._stopping = True  # not a worker failure: the leader itself goes away
+        # shutdown, not just close: the leader's own monitor thread is blocked in recv on this
+        # socket, and a bare close() from another thread sends no FIN while it is.
+        conn.shutdown(socket.SHUT_RDWR)
         conn.close()
     assert worker.receive() is None
     assert exits == [FAILURE_EXIT_CODE]

@@ -238,6 +238,7 @@ def test_serve_refuses_int8_without_a_gate_report_and_names_the_way_out(tmp_path
         "--kv_cache_dtype=int8",
         "--insecure_dev_mode",
         "--port=0",
+        "--http_port=0",
     ]
     for extra, needle in [
         ([], "--skip_kv_quant_gate"),

@@ -38,8 +38,8 @@ flags.DEFINE_integer("steps", 2000, "Training steps (an upper bound with --time_
 flags.DEFINE_integer("seed", 0, "Seed of the corpus, the initialization and the data order.")
 flags.DEFINE_integer("num_examples", None, "Distinct training claims (default steps * batch).")
 flags.DEFINE_integer("batch_size", 8, "Sequences per step.")
-flags.DEFINE_float("learning_rate", 2.5e-3, "Peak AdamW learning rate.")
-flags.DEFINE_integer("warmup_steps", 40, "Linear warmup steps.")
+flags.DEFINE_float("learning_rate", 4e-3, "Peak AdamW learning rate.")
+flags.DEFINE_integer("warmup_steps", 30, "Linear warmup steps.")
 flags.DEFINE_float(
     "decay_fraction", 0.3, "Last share of training that decays the learning rate linearly to 0."
 )
@@ -68,8 +68,8 @@ flags.DEFINE_float(
     "learning-rate decay is scheduled to finish by then).",
 )
 flags.DEFINE_integer("vocab_size", 1024, "BPE vocabulary size (special tokens included).")
-flags.DEFINE_integer("hidden_size", 192, "Model width.")
-flags.DEFINE_integer("intermediate_size", 512, "MLP hidden width.")
+flags.DEFINE_integer("hidden_size", 128, "Model width.")
+flags.DEFINE_integer("intermediate_size", 384, "MLP hidden width.")
 flags.DEFINE_integer("num_layers", 4, "Decoder layers.")
 flags.DEFINE_integer("num_heads", 4, "Attention heads.")
 flags.DEFINE_integer("num_kv_heads", 2, "Key/value heads (grouped-query attention).")
@@ -82,7 +82,7 @@ flags.DEFINE_bool(
     "eval_only", False, "Only evaluate the checkpoint in --out_dir again (eval.json, README.md)."
 )
 flags.DEFINE_integer(
-    "curriculum_steps", 0, "The first steps train on the shorter half of the claims (curriculum)."
+    "curriculum_steps", 150, "The first steps train on the shorter half of the claims (curriculum)."
 )
 flags.DEFINE_integer(
     "checkpoint_every",
@@ -346,7 +346,11 @@ def model_card(report: dict, ev: dict | None) -> str:
             lines += ["", "Goals (held-out, greedy, constrained):", ""]
             for name, g in r["goals"].items():
                 m = g["measured"]
-                gap = "" if g["met"] or m is None else f", short by {g['goal'] - m:.0%}"
+                gap = (
+                    ""
+                    if g["met"] or m is None
+                    else f", short by {100 * (g['goal'] - m):.0f} points"
+                )
                 lines.append(
                     f"- {name} >= {g['goal']:.0%}: {_pct(m)} "
                     f"({'met' if g['met'] else 'missed'}{gap})"

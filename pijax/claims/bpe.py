@@ -29,8 +29,12 @@ from pijax.claims.prompt import (
 #     table (" | 99213") as in the answer ('"description":"99213 is ...'); copying it is then a
 #     plain token copy, which a tiny model learns far sooner than a respelling;
 #   * a run of punctuation with at most one space either side (" | ", '":"'); or whitespace.
-# Codes as whole pre-tokens are also what lets a tiny model learn which diagnosis supports which
-# procedure.
+# Then every digit is its own pre-token (`Digits(individual_digits=True)`), so no merge ever spans
+# two digits or a digit and a letter: a claim id, a code, a date or an amount is the same tokens
+# wherever it appears (claim table, policy text, answer), one token per digit and per code
+# character, and copying it into the answer is a token-by-token copy that an induction head does
+# instead of a respelling of arbitrary BPE pieces (the cause of earlier models answering one
+# memorized claim id for every claim).
 _WORDS = (
     r"\s?[A-Za-z]+(?![A-Za-z0-9_]|[.\-][A-Za-z0-9])"
     r"|[A-Za-z0-9_](?:[A-Za-z0-9_.\-]*[A-Za-z0-9_])?"
@@ -52,11 +56,12 @@ def training_texts(examples: Iterable[Example], policy_every: int = 10) -> Itera
         yield render_target(ex.findings, ex.narrative)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 3072) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(_WORDS), behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

@@ -20,7 +20,7 @@ import functools
 import json
 
 from pijax.claims.claim import PLACES_OF_SERVICE, Claim, ClaimType, Findings, format_money
-from pijax.claims.codes import DIAGNOSES, POLICIES
+from pijax.claims.codes import BUNDLING_EDITS, DIAGNOSES, POLICIES, PROCEDURES, DxGroup
 
 BOS = "<bos>"
 EOS = "<eos>"
@@ -33,21 +33,65 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, POLICY, CLAIM, REVIEW, END)  # ids 0..6 in the 
 STOP_TOKENS = (END, EOS)
 
 
+# Short tags for the diagnosis groups: what the claim's edit-data column and the diagnosis list
+# show, so that "does this line's diagnosis support its procedure" is a comparison of tags on one
+# row rather than a table the model must have memorized.
+GROUP_TAGS: dict[DxGroup, str] = {
+    DxGroup.CIRCULATORY: "CIR",
+    DxGroup.METABOLIC: "MET",
+    DxGroup.RESPIRATORY: "RES",
+    DxGroup.MUSCULOSKELETAL: "MSK",
+    DxGroup.INJURY: "INJ",
+    DxGroup.INFECTION: "INF",
+    DxGroup.PREVENTIVE: "PRE",
+}
+
+
 @functools.cache
 def policy_scaffold() -> str:
-    """The policy text every review sees: one synthetic excerpt per policy the reviewer cites.
+    """The policy text every review sees: one synthetic excerpt per policy the reviewer cites,
+    and how to read the edit data that the claim table carries on each line.
 
     Short on purpose: it is in every training sequence, and on a 2-core CPU the training budget is
-    counted in tokens. The edit tables themselves (pairs, unit limits, diagnosis support) live in
-    `pijax.claims.codes` and are learned from the corpus rather than read from the prompt.
+    counted in tokens. The edit tables (unit limits, diagnosis support, bundling pairs, E/M codes)
+    are not listed here in full (about 800 tokens with one token per digit, attended by every
+    claim token); each claim line carries its own code's entries instead (`line_edit_data`), so a
+    flag is a lookup on the line's row, chosen by code.
     """
     out = ["Payment integrity policy excerpts (synthetic)."]
     out += [f"{p.reference} {p.title}: {p.text}" for p in POLICIES.values()]
+    out.append(
+        "Edit data on each line: E/M if the code is a visit; max = daily unit limit; "
+        "dx = diagnosis groups that support the code; in X = bundled into X on the same "
+        "date (59 ok = modifier 59 allowed). Diagnosis groups: "
+        + ", ".join(f"{tag} {g.value}" for g, tag in GROUP_TAGS.items())
+        + "."
+    )
     return "\n".join(out)
 
 
+def line_edit_data(code: str) -> str:
+    """The policy excerpt for one procedure code (what the claim table shows on its line)."""
+    proc = PROCEDURES[code]
+    parts = ["E/M"] if proc.is_em else []
+    parts.append(f"max {proc.max_units}")
+    if proc.supported_by == frozenset(DxGroup):
+        parts.append("dx all")
+    else:
+        parts.append("dx " + " ".join(t for g, t in GROUP_TAGS.items() if g in proc.supported_by))
+    for edit in BUNDLING_EDITS:
+        if edit.component == code:
+            parts.append(f"in {edit.comprehensive}" + (" 59 ok" if edit.modifier_allowed else ""))
+    return "; ".join(parts)
+
+
 def render_claim(claim: Claim) -> str:
-    """The claim as the reviewer reads it: a header, the diagnoses, a table of service lines."""
+    """The claim as the reviewer reads it: a header, the diagnoses, a table of service lines (each
+    with its diagnosis's group and the edit data of its code, `line_edit_data`), the total billed
+    and the claim id.
+
+    Per-line amounts are left out: no rule reads them, and with one token per digit they were
+    about an eighth of a claim's tokens (the training budget is counted in tokens)."""
     inst = claim.claim_type is ClaimType.INSTITUTIONAL
     header = [f"claim {claim.claim_id}", claim.claim_type.value]
     if inst:
@@ -58,7 +102,7 @@ def render_claim(claim: Claim) -> str:
         f"member {claim.member_id}, {claim.member_age} {claim.member_sex}",
     ]
     columns = (
-        ["line", "date"] + (["rev"] if inst else []) + ["code", "mod", "units", "dx", "billed"]
+        ["line", "date"] + (["rev"] if inst else []) + ["code", "mod", "units", "dx", "edit data"]
     )
     rows = [
         " | ".join(header),
@@ -71,11 +115,15 @@ def render_claim(claim: Claim) -> str:
             line.code,
             " ".join(line.modifiers) or "-",
             str(line.units),
-            line.diagnosis,
-            format_money(line.billed_cents)[1:],
+            f"{line.diagnosis} {GROUP_TAGS[DIAGNOSES[line.diagnosis].group]}",
+            line_edit_data(line.code),
         ]
         rows.append(" | ".join(cells))
-    rows.append(f"total billed {format_money(claim.total_billed_cents)}")
+    # The claim id once more, last: the answer opens by copying it, and right before
+    # `<|review|>` its digits sit a fixed number of tokens behind the answer's, a copy that
+    # one attention head at a fixed relative offset does (from the header, 100 to 500 tokens
+    # back, a small model did not learn it within the CPU budget).
+    rows.append(f"total billed {format_money(claim.total_billed_cents)} | claim {claim.claim_id}")
     return "\n".join(rows)
 
 

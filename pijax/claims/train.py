@@ -59,15 +59,15 @@ class TrainConfig:
     seed: int = 0
     num_examples: int | None = None  # distinct training claims; default steps * batch_size
     batch_size: int = 8
-    learning_rate: float = 2.5e-3
-    warmup_steps: int = 40
+    learning_rate: float = 4e-3
+    warmup_steps: int = 30
     decay_fraction: float = 0.3  # the last share of progress decays the learning rate to 0
     weight_decay: float = 0.1
     context_loss_weight: float = 0.3  # loss weight of the claim tokens (answer tokens: 1)
     time_budget_s: float | None = None  # stop (after decaying) once training took this long
     vocab_size: int = 1024  # one token per digit leaves few merges to learn: ~1020 are used
-    hidden_size: int = 192
-    intermediate_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 384
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
@@ -75,7 +75,7 @@ class TrainConfig:
     tokenizer_examples: int = 4000
     data_offset: int = 0  # index of the first training claim (a continued run takes fresh ones)
     log_every: int = 10
-    curriculum_steps: int = 0  # the first steps train on the shorter half of the claims
+    curriculum_steps: int = 150  # the first steps train on the shorter half of the claims
     checkpoint_every: int = 0  # steps between `on_checkpoint` calls (0: none before the end)
 
     def __post_init__(self):

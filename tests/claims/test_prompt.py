@@ -118,6 +118,61 @@ def test_segments_tokenize_independently(tokenizer, examples):
         assert whole == parts
 
 
+def _pieces(tokenizer, text: str) -> list[str]:
+    return [tokenizer.decode([i]) for i in tokenizer.encode(text, add_special_tokens=False).ids]
+
+
+def test_digits_are_single_tokens_and_copy_token_for_token(tokenizer, examples):
+    """Copy-friendly inputs: every digit is its own token, so a claim id, code, date or amount is
+    the same token sequence in the claim and in the answer (copying is a token-level copy)."""
+    for ex in examples[100:]:
+        prompt = render_prompt(policy_scaffold(), ex.claim)
+        answer = render_target(ex.findings, ex.narrative)
+        for text in (prompt, answer):
+            for piece in _pieces(tokenizer, text):
+                assert not (any(c.isdigit() for c in piece) and len(piece) > 1), piece
+        ids_prompt = tokenizer.encode(prompt, add_special_tokens=False).ids
+        ids_answer = tokenizer.encode(answer, add_special_tokens=False).ids
+        values = [ex.claim.claim_id]
+        for flag in ex.findings.flags:
+            line = ex.claim.lines[flag.line - 1]
+            values += [line.code, line.date, line.diagnosis]
+        for value in values:
+            span = tokenizer.encode(value, add_special_tokens=False).ids
+            assert "".join(tokenizer.decode([i]) for i in span) == value
+            assert _contains(ids_prompt, span), value
+            if value in answer:
+                assert _contains(ids_answer, span), value
+    # Code characters: a diagnosis code splits into its characters around the digits.
+    assert _pieces(tokenizer, "S93.401A") == ["S", "9", "3", ".", "4", "0", "1", "A"]
+
+
+def _contains(seq: list[int], span: list[int]) -> bool:
+    return any(seq[i : i + len(span)] == span for i in range(len(seq) - len(span) + 1))
+
+
+def test_claim_lines_carry_their_codes_edit_data(examples):
+    from pijax.claims.codes import DIAGNOSES, PROCEDURES
+    from pijax.claims.prompt import GROUP_TAGS, line_edit_data
+
+    for ex in examples[:20]:
+        text = render_claim(ex.claim)
+        for line in ex.claim.lines:
+            proc = PROCEDURES[line.code]
+            data = line_edit_data(line.code)
+            assert f"max {proc.max_units}" in data and ("E/M" in data) == proc.is_em
+            tag = GROUP_TAGS[DIAGNOSES[line.diagnosis].group]
+            assert f"| {line.diagnosis} {tag} | {data}" in text
+    # The claim id closes the claim too, right before <|review|>: the answer's first copy.
+    claim = examples[0].claim
+    assert render_claim(claim).splitlines()[-1].endswith(f" | claim {claim.claim_id}")
+    assert line_edit_data("97140") == "max 4; dx MSK INJ; in 97530 59 ok"
+    assert line_edit_data("99213") == "E/M; max 1; dx all"
+    assert line_edit_data("93010") == "max 1; dx CIR; in 93000"
+    for tag in GROUP_TAGS.values():
+        assert tag in policy_scaffold()
+
+
 def test_tokenizer_training_is_deterministic(examples, tokenizer):
     again = train_tokenizer(training_texts(examples[:100]), vocab_size=600)
     assert again.to_str() == tokenizer.to_str()

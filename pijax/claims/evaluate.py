@@ -237,6 +237,8 @@ def format_report(report: EvalReport) -> str:
         )
     for name, g in report.goals().items():
         state = "met" if g["met"] else "MISSED"
+        if g["measured"] is None and name.startswith("per_flag"):
+            state = f"not measured: no flag type with {PER_FLAG_MIN_SUPPORT}+ true instances"
         lines.append(f"  goal {name} >= {g['goal']:.0%}: {pct(g['measured'])} ({state})")
     return "\n".join(lines)
 

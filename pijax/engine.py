@@ -448,7 +448,7 @@ class Engine:
         if self._inflight is None:
             return
         for s in self._inflight.plan.seqs:
-            if s.request_id == req.request_id:
+            if s.request_id == req.request_id and s.arrival_order == req.arrival_order:
                 req.num_computed_tokens -= s.num_new_tokens
                 if s.samples:
                     req.drop_pending_tokens(1)

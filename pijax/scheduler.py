@@ -61,6 +61,9 @@ class SeqPlan:
     block_ids: tuple[int, ...]  # the request's pages holding positions [0, start + n)
     params: SamplingParams
     seed: int
+    # Which request of that id: an id is free again once its request finished, possibly while
+    # a step planned for the old one is still in flight (overlapped scheduling).
+    arrival_order: int = 0
 
     @classmethod
     def of(cls, req: Request, num_new_tokens: int, table, page_size: int) -> SeqPlan:
@@ -75,6 +78,7 @@ class SeqPlan:
             block_ids=tuple(table[: -(-end // page_size)]),
             params=req.params,
             seed=req.seed,
+            arrival_order=req.arrival_order,
         )
 
 
@@ -343,8 +347,8 @@ class Scheduler:
         got_token = []
         for s, (token, logprob) in zip(plan.seqs, sampled, strict=True):
             req = self._live.get(s.request_id)
-            if req is None:
-                continue
+            if req is None or req.arrival_order != s.arrival_order:
+                continue  # finished or aborted since (its id may already name a new request)
             if s.samples:
                 index = s.start + s.num_new_tokens - len(req.prompt_token_ids)
                 req.set_output_token(index, token, logprob)

@@ -236,7 +236,8 @@ def long_arrival_probe(
         "itl_max_during_s": max(during, default=None),
         "p99_during_over_before": (p99_during / p99_before if p99_before and p99_during else None),
         "long_prompt_ttft_s": first - arrival,
-        "steps_while_prefilling": steps_in_window,
+        # Model steps: with overlapped scheduling a step's token is read one step() call later.
+        "steps_while_prefilling": steps_in_window - int(engine.config.scheduler.overlap_scheduling),
     }
 
 

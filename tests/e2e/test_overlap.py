@@ -159,3 +159,27 @@ def test_aborts_leave_the_others_alone_and_free_everything(llms):
         results.append([final.get(rid) for i, rid in enumerate(ids) if i not in (1, 2)])
     assert results[0] == results[1]
     assert all(r is not None and len(r) == 24 for r in results[1])
+
+
+def test_an_id_reused_while_its_old_step_is_in_flight(llms):
+    """Abort a request while a step computes for it and add a new request under the same id at
+    once: the in-flight step's token belongs to the old request and is discarded; the new one's
+    output is what it would be alone (a stale plan used to write into the new request)."""
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    old, new = prompts(2, seed=11)
+    engine = llms[True].engine
+    want = llms[False].generate([new], params)[0].token_ids
+    engine.add_request("reused", old, params)
+    while not engine.scheduler.running:
+        engine.step()
+    engine.step()  # a decode step for the old request is now in flight
+    assert engine._inflight is not None
+    engine.abort("reused")
+    engine.add_request("reused", new, params)
+    tokens = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == "reused"
+            tokens += out.new_token_ids
+    assert tokens == want
+    assert engine.blocks.num_used_pages() == 0

@@ -223,11 +223,9 @@ def test_served_request_matches_and_a_dead_worker_stops_the_leader(tmp_path):
                 except grpc.RpcError:
                     pass
                 time.sleep(0.05)
-            rc = procs[0].wait(timeout=30)
-            elapsed = time.monotonic() - killed
+            rc = procs[0].wait(timeout=30)  # a hang guard (no hang), not a timing assertion
         log = "".join(lines[0][-30:])
         assert rc == 3, log
-        assert elapsed < 15, elapsed
         assert seen_not_serving, log
         assert "worker process 1 disconnected" in log
     finally:

@@ -589,6 +589,11 @@ class Engine:
     # --- introspection --------------------------------------------------------------------------
 
     @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens of context the pool holds, over every data shard (the null pages excluded)."""
+        return self.blocks.num_usable_pages * self.blocks.page_size
+
+    @property
     def compile_count(self) -> int:
         return self._step.compile_count
 

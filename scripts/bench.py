@@ -5,6 +5,7 @@
     python scripts/bench.py --preset=cpu --kv_cache_dtype=auto,int8   # KV dtypes, same bytes
     python scripts/bench.py --preset=gpu-8b --compare --sweep
     python scripts/bench.py --preset=cpu --target=HOST:PORT           # over gRPC, a running server
+    python scripts/bench.py --preset=smoke --noprobes --mesh_shapes=1x1,2x1,1x2,2x2  # meshes
 
 Writes results.json, results.md and PNG plots into --out_dir (default
 benchmarks/results/<date>-<device>-<preset>/). Presets live in configs/bench/.
@@ -80,6 +81,15 @@ flags.DEFINE_list(
     "auto,int8: capacity and throughput side by side). Choices: auto, int8, "
     "fp8_e4m3 (GPU/TPU only).",
 )
+flags.DEFINE_list(
+    "mesh_shapes",
+    [],
+    "(data, model) meshes as DxM, e.g. 1x1,2x1,1x2,2x2: each adds a configuration "
+    "paged-mesh-DxM of the full engine, the model loaded onto that mesh, at the same per-device "
+    "KV byte budget (kv_cache_memory_bytes), so the pool's capacity follows the mesh. On CPU the "
+    "script asks XLA for enough fake devices (--xla_force_host_platform_device_count) unless "
+    "XLA_FLAGS already names a count.",
+)
 flags.DEFINE_integer(
     "clients",
     None,
@@ -124,8 +134,23 @@ def default_out_dir(preset: str) -> Path:
     )
 
 
+def request_host_devices(mesh_shapes: tuple, base_mesh: tuple[int, int] | None) -> None:
+    """Enough fake CPU devices for every mesh, asked for before JAX starts its backends (XLA
+    reads XLA_FLAGS once, when the first backend is created)."""
+    from pijax.bench.meshes import devices_needed, with_host_devices
+
+    n = devices_needed([*mesh_shapes, *([base_mesh] if base_mesh else [])])
+    os.environ["XLA_FLAGS"] = with_host_devices(os.environ.get("XLA_FLAGS", ""), n)
+
+
 def main(argv):
     del argv
+    from pijax.bench.meshes import parse_mesh_shapes
+
+    mesh_shapes = parse_mesh_shapes(FLAGS.mesh_shapes)
+    if mesh_shapes and FLAGS.target:
+        raise app.UsageError("--mesh_shapes runs engines in-process; it cannot go with --target")
+    request_host_devices(mesh_shapes, engine_overrides().get("mesh_shape"))
     logging.getLogger().setLevel(logging.INFO if FLAGS.progress != "off" else logging.WARNING)
 
     from pijax.config import resolve_compilation_cache_dir
@@ -168,6 +193,7 @@ def main(argv):
             progress=progress,
             engine_overrides=engine_overrides(),
             kv_cache_dtypes=tuple(FLAGS.kv_cache_dtype[1:]),
+            mesh_shapes=mesh_shapes,
             note=FLAGS.note,
         )
         results, runs = Suite(preset, options).run()

@@ -10,6 +10,8 @@ baselines, side by side in one process and one run.
   metrics.py  percentiles and the per-configuration summary
   report.py   JSON and Markdown; plots.py the PNGs
   suite.py    which configurations run, in what order, and the ratios between them
+  meshes.py   the mesh sweep (`--mesh_shapes`): each (data, model) mesh at one per-device KV
+              budget, its capacity and throughput
 
 Absolute times on shared CPUs are noise: every figure that matters is a ratio between
 configurations measured in the same run (DESIGN.md, "Performance: how we measure").

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from pijax.bench import plots
+from pijax.bench import meshes, plots
 from pijax.bench.runner import RunResult
 
 # Keys every results.json has (the CI test checks them).
@@ -329,6 +329,18 @@ def markdown(results: dict) -> str:
         ]
     if any(name.startswith("paged-kv-") for name in results["configs"]):
         parts += ["## KV cache dtype at one memory budget", "", kv_dtype_table(results), ""]
+    if results.get("meshes"):
+        parts += [
+            "## Meshes at one per-device KV budget",
+            "",
+            meshes.mesh_table(results["meshes"]),
+            "",
+            "Capacity = `Engine.kv_capacity_tokens`, over every data shard. The `model` axis "
+            "splits each page over the kv heads (up to their number; beyond it kv heads are "
+            "replicated); the `data` axis gives each shard pages of its own. Fake CPU devices "
+            "share the cores: there, tokens/s is no performance figure.",
+            "",
+        ]
     if results.get("probes"):
         parts += ["## Probes", "", probes_section(results["probes"]), ""]
     if results.get("goals"):

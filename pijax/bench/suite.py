@@ -13,6 +13,9 @@ Configurations (all on the identical request list, the same weights and the same
   paged-first-call    (with --compare) the full engine as a user's first `generate` sees it:
                       no warm-up, an empty compilation cache, every compilation inside the run;
                       it runs first, before anything else in the process compiles a step
+  paged-kv-<dtype>    (with --kv_cache_dtype=auto,<dtype>) the full engine, that KV dtype
+  paged-mesh-<D>x<M>  (with --mesh_shapes) the full engine on a (D, M) mesh, the model loaded
+                      onto it, at the same per-device KV budget (`meshes.py`)
 
 Every engine is warmed up (`Engine.warmup()`: every bucket shape) before it is measured, and the
 run records how many compilations happened after that (it must be 0). Engines of one model and
@@ -36,7 +39,7 @@ from pathlib import Path
 import jax
 
 from pijax.bench import hf as hf_baseline
-from pijax.bench import probes
+from pijax.bench import meshes, probes
 from pijax.bench.driver import ArrivalMode, ArrivalSpec
 from pijax.bench.metrics import DEFINITIONS, ratio, summarize
 from pijax.bench.presets import BenchPreset
@@ -71,6 +74,9 @@ class SuiteOptions:
     # Further KV cache dtypes for the full engine, each a configuration `paged-kv-<dtype>` at the
     # same byte budget: e.g. ("int8",) beside the default "auto".
     kv_cache_dtypes: tuple[str, ...] = ()
+    # (data, model) meshes, each a configuration `paged-mesh-<D>x<M>` at the same per-device KV
+    # budget: e.g. ((1, 1), (2, 1), (1, 2), (2, 2)).
+    mesh_shapes: tuple[tuple[int, int], ...] = ()
 
 
 KV_PREFIX = "paged-kv-"
@@ -85,6 +91,8 @@ def config_overrides(preset: BenchPreset, name: str, common: dict | None = None)
     options common to every configuration, then what makes this configuration what it is."""
     if name.startswith(KV_PREFIX):
         extra = {"kv_cache_dtype": name[len(KV_PREFIX) :]}
+    elif (shape := meshes.mesh_of(name)) is not None:
+        extra = {"mesh_shape": shape}
     else:
         extra = {
             PAGED: {},
@@ -100,9 +108,13 @@ def config_overrides(preset: BenchPreset, name: str, common: dict | None = None)
 
 def pool_info(engine: Engine) -> dict:
     """What the configuration's KV memory bought: the same bytes hold more tokens of a smaller
-    cache dtype (scales included)."""
+    cache dtype (scales included), and the same bytes per device more tokens on a larger mesh."""
     cache = engine.config.cache
     return {
+        "mesh_shape": list(engine.config.mesh_shape),
+        "capacity_tokens": engine.kv_capacity_tokens,
+        "device_bytes": meshes.pool_device_bytes(engine.kv_pool),
+        "kv_heads_on_mesh": engine.model.mesh_config.num_kv_heads,
         "kv_cache_dtype": cache.kv_cache_dtype.value,
         "budget_bytes": cache.kv_cache_memory_bytes,
         "pool_bytes": pool_nbytes(engine.kv_pool),
@@ -121,19 +133,33 @@ class Suite:
         self.options = options
         self.progress = show_progress(options.progress)
         base = engine_config_from_overrides(**self._overrides(PAGED))
-        self.mesh = make_mesh(base.mesh_shape)
+        if options.mesh_shapes:
+            meshes.check_budget(self._overrides(PAGED))
         t = time.monotonic()
-        self.model = load_model(
-            preset.model,
-            dtype=base.dtype,
-            mesh=self.mesh,
-            attention_impl=base.attention_impl,
-            seed=base.seed,
-        )
+        self.model, self.mesh = self._load(base)
         self.model_load_s = time.monotonic() - t
         self.model_dtype = base.dtype
         self.workload = generate_workload(preset.workload)
         self._warm: dict[tuple, str] = {}  # compiled bucket grid -> the configuration that did it
+
+    def _load(self, config) -> tuple:
+        """The preset's model on `config.mesh_shape` (same source and seed on every mesh)."""
+        mesh = make_mesh(config.mesh_shape)
+        model = load_model(
+            self.preset.model,
+            dtype=config.dtype,
+            mesh=mesh,
+            attention_impl=config.attention_impl,
+            seed=config.seed,
+        )
+        return model, mesh
+
+    def _model_for(self, config) -> tuple:
+        """The loaded model and mesh for `config`: the suite's own unless its mesh differs, then
+        the model loaded onto that mesh (kept only while its configuration runs)."""
+        if tuple(config.mesh_shape) == tuple(self.mesh.devices.shape):
+            return self.model, self.mesh
+        return self._load(config)
 
     def _overrides(self, name: str) -> dict:
         return config_overrides(self.preset, name, self.options.engine_overrides)
@@ -144,9 +170,11 @@ class Suite:
         """A fresh engine for configuration `name` (and `extra` overrides that change no step
         shape, e.g. `overlap_scheduling`), warmed up, with the policy registered."""
         config = engine_config_from_overrides(**self._overrides(name), **(extra or {}))
-        engine = Engine(self.model, config, self.mesh)
+        model, mesh = self._model_for(config)
+        engine = Engine(model, config, mesh)
         engine.register_trusted_prefix(POLICY_ZONE, list(self.workload.policy), source="bench")
         key = (
+            tuple(config.mesh_shape),  # another mesh is another model and another compilation
             engine.buckets,
             engine.blocks.num_usable_pages,
             engine.blocks.page_size,
@@ -222,10 +250,13 @@ class Suite:
             PAGED,
             *(ENGINE_BASELINES if opts.compare else ()),
             *(kv_config_name(d) for d in opts.kv_cache_dtypes),
+            *(meshes.mesh_config_name(m) for m in opts.mesh_shapes),
         ]
         for name in names:
             log.info("bench: %s", name)
             results["configs"][name], runs[name] = self.run_config(name, self.workload, p.arrival)
+        if opts.mesh_shapes:
+            results["meshes"] = meshes.mesh_rows(results["configs"])
         if opts.compare and opts.hf:
             reason = hf_baseline.skip_reason(jax.default_backend())
             if reason is None:
@@ -536,6 +567,14 @@ def goals(results: dict) -> list[dict]:
         and e["summary"]["compilations_after_warmup"] is not None
     ]
     add("compilations after warm-up (all engine runs)", "== 0", sum(compiles), lambda v: v == 0)
+    data_axis = meshes.capacity_ratio(results.get("meshes", []), (2, 1), (1, 1))
+    if data_axis is not None:  # issue 16: the data axis multiplies the pool, not replicates it
+        add(
+            "data axis: KV capacity, mesh (2, 1) / (1, 1) at one per-device budget",
+            ">= 2x",
+            data_axis,
+            lambda v: v >= 2,
+        )
     return rows
 
 

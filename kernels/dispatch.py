@@ -57,6 +57,7 @@ __all__ = ["AttentionImpl", "paged_attention", "write_kv", "choose_kernel", "che
 log = logging.getLogger(__name__)
 
 MODEL_AXIS = "model"  # the mesh axis the pool's kv heads (and the query heads) are sharded on
+DATA_AXIS = "data"  # the mesh axis the pool's pages (and the batch's shards) are split on
 
 _FELL_BACK: set[tuple[Kernel, AttentionShape]] = set()  # (kernel, shape) pairs already logged
 
@@ -169,6 +170,10 @@ def paged_attention(
     impl = AttentionImpl.parse(impl)
     args = (q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs)
     kwargs = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
+    mesh = data_mesh(k_pages)
+    if mesh is not None:  # one ragged batch per data shard, over that shard's pages
+        kwargs.update(impl=impl, decode_only=decode_only)
+        return _shard_over_data(paged_attention, mesh, args, k_scales, v_scales, kwargs)
     if resolve(impl) is AttentionImpl.TILED:
         fn = tiled.ragged_paged_attention_tiled
         mesh = kv_head_mesh(k_pages)  # per kv head, like the kernels: no gathers across devices
@@ -220,6 +225,49 @@ def kv_head_mesh(k_pages):
     if mesh.shape[MODEL_AXIS] == 1 or MODEL_AXIS in mesh.manual_axes:
         return None
     return mesh
+
+
+def data_mesh(k_pages):
+    """The mesh whose `data` axis (size > 1) splits the pool's pages in this trace, or None
+    (found as `kv_head_mesh` finds its mesh; None inside a shard_map over `data`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        mesh = getattr(getattr(jax.typeof(k_pages), "sharding", None), "mesh", None)
+    if mesh is None or mesh.empty or DATA_AXIS not in mesh.axis_names:
+        return None
+    if mesh.shape[DATA_AXIS] == 1 or DATA_AXIS in mesh.manual_axes:
+        return None
+    return mesh
+
+
+def _shard_over_data(fn, mesh, args, k_scales, v_scales, kwargs):
+    """Data-parallel attention: `fn` runs per (data, model) device on its shard's token rows,
+    sequences and pages (the batch builder laid the arrays out shard by shard, with page ids
+    local to the shard) and on its kv heads. Nothing crosses shards, so no collective."""
+    quantized = k_scales is not None
+    heads = P(DATA_AXIS, MODEL_AXIS, None)
+    pages, scales = P(DATA_AXIS, None, MODEL_AXIS, None), P(DATA_AXIS, None, MODEL_AXIS)
+    rows = P(DATA_AXIS)
+
+    def local(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *scale_args):
+        ks, vs = scale_args if quantized else (None, None)
+        return fn(
+            q,
+            k_pages,
+            v_pages,
+            kv_lens,
+            block_tables,
+            cu_q_lens,
+            num_seqs[0],  # this shard's
+            k_scales=ks,
+            v_scales=vs,
+            **kwargs,
+        )
+
+    in_specs = (heads, pages, pages, rows, P(DATA_AXIS, None), rows, rows)
+    in_specs += (scales, scales) * quantized
+    extra = (k_scales, v_scales) if quantized else ()
+    return _shard_map(local, mesh, in_specs, heads)(*args, *extra)
 
 
 def _shard_over_kv_heads(kernel, mesh, args, k_scales, v_scales, kwargs):
@@ -281,6 +329,25 @@ def write_kv(
     # kernel would save re-reading K/V new rows (T*K*D, small beside the context read); whether
     # that is measurable is a GPU question (see scripts/bench_kernels.py).
     del impl
-    return reference.write_kv_reference(
-        k_pages, v_pages, k_new, v_new, slot_mapping, k_scales, v_scales
+    mesh = data_mesh(k_pages)
+    if mesh is None:
+        return reference.write_kv_reference(
+            k_pages, v_pages, k_new, v_new, slot_mapping, k_scales, v_scales
+        )
+    # Data shards: each writes its own token rows into its own pages (slots are shard-local).
+    quantized = k_scales is not None
+    pages, scales = P(DATA_AXIS, None, MODEL_AXIS, None), P(DATA_AXIS, None, MODEL_AXIS)
+    new = P(DATA_AXIS, MODEL_AXIS, None)
+    out_specs = (pages, pages) + (scales, scales) * quantized
+
+    def local(k_pages, v_pages, k_new, v_new, slot_mapping, *scale_args):
+        ks, vs = scale_args if quantized else (None, None)
+        out = reference.write_kv_reference(k_pages, v_pages, k_new, v_new, slot_mapping, ks, vs)
+        return out if quantized else out[:2]
+
+    in_specs = (pages, pages, new, new, P(DATA_AXIS)) + (scales, scales) * quantized
+    extra = (k_scales, v_scales) if quantized else ()
+    out = _shard_map(local, mesh, in_specs, out_specs)(
+        k_pages, v_pages, k_new, v_new, slot_mapping, *extra
     )
+    return out if quantized else (*out, None, None)

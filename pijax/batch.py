@@ -32,7 +32,7 @@ from pijax.kv_pool import NULL_PAGE
 from pijax.model.metadata import AttentionMetadata
 from pijax.request import PENDING_TOKEN
 from pijax.sampling import SamplingInput
-from pijax.scheduler import StepPlan
+from pijax.scheduler import SeqPlan, StepPlan
 
 MIN_TOKENS = 16
 MIN_SEQS = 4
@@ -113,17 +113,31 @@ def build_step_input(
     vocab_size: int,
     bitmasks: dict[str, np.ndarray] | None = None,
     prev_index: dict[str, int] | None = None,
+    num_shards: int = 1,
 ) -> StepInput:
     """Numpy arrays for one step, from the plan record alone (no block manager, no live
     request). `bitmasks` maps request id -> allowed-token bitmask row; `prev_index` maps the
-    id of a request whose last token is pending on the device to its row in the previous
-    step's results."""
-    seqs = plan.seqs
-    widths = [len(s.block_ids) for s in seqs]
-    T, S, W = buckets.pick(plan.num_tokens, len(seqs), max(widths, default=1))
+    id of a request whose last token is pending on the device to its column in the previous
+    step's results (`result_columns`).
+
+    With `num_shards` data shards, each shard's sequences (`SeqPlan.shard`) are packed into
+    their own ragged batch of one bucket (T, S, W), and the global arrays are the D batches back
+    to back: token rows `[d*T, (d+1)*T)`, sequence rows `[d*S, (d+1)*S)` and `cu_q_lens` rows
+    `[d*(S+1), (d+1)*(S+1))` are shard d's, with offsets, page ids and slots local to the shard
+    (the pool's page axis is split over `data`, so each device sees its shard's pages from 0,
+    its own null page first); `meta.num_seqs` has one entry per shard. `logits_indices` are
+    global rows. One shard is the plain layout (`num_seqs` a scalar)."""
+    per_shard: list[list[SeqPlan]] = [[] for _ in range(num_shards)]
+    for s in plan.seqs:
+        per_shard[s.shard].append(s)
+    T, S, W = buckets.pick(
+        max(sum(s.num_new_tokens for s in seqs) for seqs in per_shard),
+        max(len(seqs) for seqs in per_shard),
+        max((len(s.block_ids) for s in plan.seqs), default=1),
+    )
     words = -(-vocab_size // 32)
 
-    batch = empty_step_input(T, S, W, words)
+    batch = empty_step_input(T, S, W, words, num_shards)
     tokens, positions, logits_indices = batch.tokens, batch.positions, batch.logits_indices
     meta, sp = batch.meta, batch.sampling
     slot_mapping, kv_lens, block_tables, cu_q_lens = (
@@ -135,55 +149,73 @@ def build_step_input(
     temperature, top_k, top_p, seed = sp.temperature, sp.top_k, sp.top_p, sp.seed
     sample_pos, bitmask = sp.position, sp.token_bitmask
 
-    t = 0
-    for i, s in enumerate(seqs):
-        n, start = s.num_new_tokens, s.start
-        table = np.asarray(s.block_ids, np.int32)
-        pos = np.arange(start, start + n, dtype=np.int32)
-        tokens[t : t + n] = s.token_ids
-        if s.token_ids[-1] == PENDING_TOKEN:  # only the last token can be pending
-            batch.prev_index[t + n - 1] = prev_index[s.request_id]
-            tokens[t + n - 1] = 0
-        positions[t : t + n] = pos
-        slot_mapping[t : t + n] = table[pos // page_size] * page_size + pos % page_size
-        kv_lens[i] = start + n
-        width = min(len(table), W)
-        block_tables[i, :width] = table[:width]
-        t += n
-        cu_q_lens[i + 1] = t
-        logits_indices[i] = t - 1
-        p = s.params
-        temperature[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
-        seed[i] = np.uint32(s.seed).view(np.int32)
-        sample_pos[i] = start + n
-        if bitmasks and s.request_id in bitmasks:
-            bitmask[i] = bitmasks[s.request_id]
-    cu_q_lens[len(seqs) + 1 :] = t
-
-    meta.num_seqs = np.asarray(len(seqs), np.int32)
+    for d, seqs in enumerate(per_shard):
+        t = t0 = d * T
+        cu = cu_q_lens[d * (S + 1) : (d + 1) * (S + 1)]
+        for j, s in enumerate(seqs):
+            i = d * S + j
+            n, start = s.num_new_tokens, s.start
+            table = np.asarray(s.block_ids, np.int32)
+            pos = np.arange(start, start + n, dtype=np.int32)
+            tokens[t : t + n] = s.token_ids
+            if s.token_ids[-1] == PENDING_TOKEN:  # only the last token can be pending
+                batch.prev_index[t + n - 1] = prev_index[s.request_id]
+                tokens[t + n - 1] = 0
+            positions[t : t + n] = pos
+            slot_mapping[t : t + n] = table[pos // page_size] * page_size + pos % page_size
+            kv_lens[i] = start + n
+            width = min(len(table), W)
+            block_tables[i, :width] = table[:width]
+            t += n
+            cu[j + 1] = t - t0
+            logits_indices[i] = t - 1
+            p = s.params
+            temperature[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
+            seed[i] = np.uint32(s.seed).view(np.int32)
+            sample_pos[i] = start + n
+            if bitmasks and s.request_id in bitmasks:
+                bitmask[i] = bitmasks[s.request_id]
+        cu[len(seqs) + 1 :] = t - t0
+        if num_shards == 1:
+            meta.num_seqs = np.asarray(len(seqs), np.int32)
+        else:
+            meta.num_seqs[d] = len(seqs)
     return batch
 
 
-def empty_step_input(T: int, S: int, W: int, words: int) -> StepInput:
-    """An all-padding batch of the given bucket: no sequence, every write into the null page."""
+def result_columns(plan: StepPlan, num_shards: int, seqs_per_shard: int) -> list[int]:
+    """The column of each plan sequence (in plan order) in the step's results: shard d's j-th
+    sequence is column `d * seqs_per_shard + j`."""
+    seen = [0] * num_shards
+    cols = []
+    for s in plan.seqs:
+        cols.append(s.shard * seqs_per_shard + seen[s.shard])
+        seen[s.shard] += 1
+    return cols
+
+
+def empty_step_input(T: int, S: int, W: int, words: int, num_shards: int = 1) -> StepInput:
+    """An all-padding batch of the given bucket (per data shard): no sequence, every write into
+    the null page."""
+    D = num_shards
     return StepInput(
-        tokens=np.zeros(T, np.int32),
-        positions=np.zeros(T, np.int32),
-        logits_indices=np.zeros(S, np.int32),
-        prev_index=np.full(T, -1, np.int32),
+        tokens=np.zeros(D * T, np.int32),
+        positions=np.zeros(D * T, np.int32),
+        logits_indices=np.zeros(D * S, np.int32),
+        prev_index=np.full(D * T, -1, np.int32),
         meta=AttentionMetadata(
-            slot_mapping=np.zeros(T, np.int32),
-            kv_lens=np.zeros(S, np.int32),
-            block_tables=np.full((S, W), NULL_PAGE, np.int32),
-            cu_q_lens=np.zeros(S + 1, np.int32),
-            num_seqs=np.asarray(0, np.int32),
+            slot_mapping=np.zeros(D * T, np.int32),
+            kv_lens=np.zeros(D * S, np.int32),
+            block_tables=np.full((D * S, W), NULL_PAGE, np.int32),
+            cu_q_lens=np.zeros(D * (S + 1), np.int32),
+            num_seqs=np.zeros(D, np.int32) if D > 1 else np.asarray(0, np.int32),
         ),
         sampling=SamplingInput(
-            temperature=np.zeros(S, np.float32),
-            top_k=np.zeros(S, np.int32),
-            top_p=np.ones(S, np.float32),
-            seed=np.zeros(S, np.int32),
-            position=np.zeros(S, np.int32),
-            token_bitmask=np.full((S, words), -1, np.int32),
+            temperature=np.zeros(D * S, np.float32),
+            top_k=np.zeros(D * S, np.int32),
+            top_p=np.ones(D * S, np.float32),
+            seed=np.zeros(D * S, np.int32),
+            position=np.zeros(D * S, np.int32),
+            token_bitmask=np.full((D * S, words), -1, np.int32),
         ),
     )

@@ -29,14 +29,14 @@ import jax
 import numpy as np
 
 from pijax.audit import AuditLog
-from pijax.batch import Buckets, StepInput, build_step_input
+from pijax.batch import Buckets, StepInput, build_step_input, result_columns
 from pijax.block_manager import BlockManager
 from pijax.config import EngineConfig, resolve_compilation_cache_dir
 from pijax.distributed import wrap_step
 from pijax.kernels import dispatch
 from pijax.kernels.impl import AttentionImpl
 from pijax.kernels.support import AttentionShape
-from pijax.kv_cache_manager import KVCacheManager
+from pijax.kv_cache_manager import DataShardedKV, KVCacheManager, ShardedBlocks
 from pijax.kv_pool import KVPool, allocate_pool, num_pages_for_budget, pool_sharding, scale_sharding
 from pijax.model.loader import LoadedModel, load_model
 from pijax.model.tokenizer import IncrementalDetokenizer
@@ -84,6 +84,7 @@ class _InFlight:
 
     plan: StepPlan
     packed: jax.Array  # the device result (StepFunction.unpack reads it)
+    columns: list[int]  # each plan sequence's column in `packed` (`batch.result_columns`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,20 +133,40 @@ class Engine:
             config.scheduler.max_model_len, model.config.max_position_embeddings
         )
         cache = config.cache
+        # Data-parallel attention: each of the `data` axis's shards owns `num_pages` pages (the
+        # per-device budget buys them on every shard), its own block manager, prefix cache and
+        # sessions; the scheduler places each request on one (`DataShardedKV`).
+        self.num_data_shards = mesh.shape["data"]
         num_pages = num_pages_for_budget(
             model.mesh_config, cache, config.dtype.jnp, None, kv_shards=mesh.shape["model"]
         )
         # mesh_config: kv heads as the mesh runs them (replicated when fewer than the model axis).
-        self.kv_pool = allocate_pool(model.mesh_config, cache, num_pages, config.dtype.jnp, mesh)
-        _check_attention_supported(config, model.mesh_config, mesh, self.kv_pool)
-        self.blocks = BlockManager(num_pages, cache.page_size)
-        self.kv = KVCacheManager(
-            self.blocks,
-            enable_prefix_reuse=cache.enable_prefix_reuse,
-            audit=AuditLog(cache.audit_log_path),
-            session_ttl_s=cache.session_ttl_s,
-            session_max_pages=int(self.blocks.num_usable_pages * cache.session_max_pages_fraction),
+        self.kv_pool = allocate_pool(
+            model.mesh_config, cache, num_pages * self.num_data_shards, config.dtype.jnp, mesh
         )
+        _check_attention_supported(config, model.mesh_config, mesh, self.kv_pool)
+        audit = AuditLog(cache.audit_log_path)
+        shards = []
+        for _ in range(self.num_data_shards):
+            blocks = BlockManager(num_pages, cache.page_size)
+            shards.append(
+                KVCacheManager(
+                    blocks,
+                    enable_prefix_reuse=cache.enable_prefix_reuse,
+                    audit=audit,
+                    session_ttl_s=cache.session_ttl_s,
+                    session_max_pages=int(
+                        blocks.num_usable_pages * cache.session_max_pages_fraction
+                    ),
+                )
+            )
+        self.kv: KVCacheManager | DataShardedKV
+        if self.num_data_shards == 1:
+            self.kv, self.blocks = shards[0], shards[0].blocks
+        else:
+            self.kv = DataShardedKV(shards)
+            self.blocks = ShardedBlocks([s.blocks for s in shards])  # totals, read-only
+        self._shard_blocks = shards[0].blocks  # every shard's size (`check_fits`)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.buckets = Buckets.for_limits(
             config.scheduler.max_num_batched_tokens,
@@ -167,7 +188,7 @@ class Engine:
                 model.graphdef,
                 mesh,
                 tuple(layer_sh for _ in self.kv_pool),
-                max_seqs=self.buckets.max_seqs,
+                max_seqs=self.buckets.max_seqs * self.num_data_shards,
             )
         )
         self._inflight: _InFlight | None = None  # the dispatched step not yet read back
@@ -185,7 +206,8 @@ class Engine:
         self._schema_compiler: SchemaCompiler | None = None
         self._no_structured: str | None = None  # why structured output is unavailable
         log.info(
-            "engine ready: %d pages of %d tokens, max_model_len=%d, mesh=%s",
+            "engine ready: %d data shard(s) of %d pages of %d tokens, max_model_len=%d, mesh=%s",
+            self.num_data_shards,
             num_pages,
             cache.page_size,
             self.max_model_len,
@@ -360,10 +382,12 @@ class Engine:
                 f"prompt tokens ({num_prompt_tokens}) + max_tokens ({params.max_tokens}) must be "
                 f"<= max_model_len={self.max_model_len}; got {total}"
             )
-        if self.blocks.pages_needed("", total) > self.blocks.num_usable_pages:
+        shard = self._shard_blocks  # a request lives on one data shard
+        if shard.pages_needed("", total) > shard.num_usable_pages:
+            where = " of a data shard" if self.num_data_shards > 1 else ""
             raise InvalidRequestError(
-                f"prompt + max_tokens = {total} tokens exceeds the KV pool "
-                f"({self.blocks.num_usable_pages * self.blocks.page_size} tokens)"
+                f"prompt + max_tokens = {total} tokens exceeds the KV pool{where} "
+                f"({shard.num_usable_pages * shard.page_size} tokens)"
             )
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -404,7 +428,13 @@ class Engine:
             self.buckets,
             self.model_config.vocab_size,
             self._bitmasks(plan),
-            None if prev is None else {s.request_id: i for i, s in enumerate(prev.plan.seqs)},
+            None
+            if prev is None
+            else {s.request_id: c for s, c in zip(prev.plan.seqs, prev.columns, strict=True)},
+            self.num_data_shards,
+        )
+        columns = result_columns(
+            plan, self.num_data_shards, batch.logits_indices.shape[0] // self.num_data_shards
         )
         if probe is None:
             # `prev` only when overlapping (a multi-host leader's step takes three arguments).
@@ -415,7 +445,7 @@ class Engine:
         if self.on_dispatch is not None:
             self.on_dispatch(packed)
         self.scheduler.advance(plan)
-        self._inflight = _InFlight(plan, packed)
+        self._inflight = _InFlight(plan, packed, columns)
         if prev is not None:
             outputs += self._resolve(prev)  # step N's results, read while step N+1 runs
         if probe is not None or not self._overlap:
@@ -437,7 +467,7 @@ class Engine:
         return [] if done is None else self._resolve(done)
 
     def _resolve(self, done: _InFlight) -> list[RequestOutput]:
-        sampled = StepFunction.unpack(np.asarray(done.packed), len(done.plan.seqs))
+        sampled = StepFunction.unpack(np.asarray(done.packed), done.columns)
         return [self._emit(req, i) for req, i in self.scheduler.resolve(done.plan, sampled)]
 
     def _undo_in_flight(self, req: Request) -> None:
@@ -465,7 +495,9 @@ class Engine:
         packed = None
         for T, S, W in shapes:
             packed, self.kv_pool = self._step(
-                self.model.params, self.kv_pool, empty_step_input(T, S, W, words)
+                self.model.params,
+                self.kv_pool,
+                empty_step_input(T, S, W, words, self.num_data_shards),
             )
             if on_shape is not None:
                 on_shape(T, S, W)  # compilation happens at dispatch, so this tracks it
@@ -598,7 +630,7 @@ class Engine:
         return self._step.compile_count
 
     def stats(self) -> EngineStats:
-        pc = self.kv.prefix_cache.stats()
+        pc = self.kv.prefix_stats()
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -607,7 +639,7 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             compile_count=self.compile_count,
             pages_held_by_prefix_cache=self.blocks.num_held_pages(),
-            pages_held_by_sessions=self.kv.sessions.num_pages_held(),
+            pages_held_by_sessions=self.kv.num_session_pages(),
             waste=self._waste(),
             prefix_queries_by_zone=dict(pc.queries_by_zone),
             prefix_hits_by_zone=dict(pc.hits_by_zone),

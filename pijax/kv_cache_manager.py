@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from pijax.audit import AuditLog
 from pijax.block_manager import BlockManager
-from pijax.prefix_cache import BlockInfo, PrefixCache
+from pijax.prefix_cache import BlockInfo, PrefixCache, PrefixCacheStats
 from pijax.request import Request, Scope
 from pijax.sessions import SessionStore
 
@@ -62,6 +62,16 @@ class KVCacheManager:
             else max(1, blocks.num_usable_pages // 4),
         )
         self._state: dict[str, CacheState] = {}
+
+    # --- data shards (one here; `DataShardedKV` has several) ------------------------------------
+
+    num_shards = 1
+
+    def shard_of(self, req: Request) -> int:
+        return 0
+
+    def blocks_of(self, req: Request) -> BlockManager:
+        return self.blocks
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -187,3 +197,212 @@ class KVCacheManager:
 
     def clear(self) -> int:
         return self.prefix_cache.clear()
+
+    def prefix_stats(self) -> PrefixCacheStats:
+        return self.prefix_cache.stats()
+
+    def num_session_pages(self) -> int:
+        return self.sessions.num_pages_held()
+
+
+class DataShardedKV:
+    """KV memory of an engine whose pool is split over the mesh's `data` axis: one
+    `KVCacheManager` (block manager, prefix cache, sessions) per data shard, each over its own
+    page range, and the placement of every request on one of them.
+
+    The scheduler sees the `KVCacheManager` interface; every per-request call goes to the
+    request's shard. Placement (at `register`, fixed for the request's life, preemption
+    included):
+
+    1. a session's turn goes where the session's pinned KV is (or where its other live turns
+       are), so session reuse still hits;
+    2. otherwise the shard caching the longest prefix of the request's blocks (a shared-zone
+       policy prefix, say), when any caches one;
+    3. otherwise the least loaded shard: the fewest tokens of projected demand (prompt +
+       max_tokens) of the requests placed there plus the tokens its sessions pin, ties to the
+       lower index.
+
+    Trusted prefixes are registered (and audited) once; the shards share the registry. The
+    shards share one audit log.
+    """
+
+    def __init__(self, shards: Sequence[KVCacheManager]):
+        if len(shards) < 2:
+            raise ValueError(f"DataShardedKV needs >= 2 shards; got {len(shards)}")
+        self.shards = list(shards)
+        self.num_shards = len(self.shards)
+        self.page_size = shards[0].page_size
+        self.audit = shards[0].audit
+        self.enable_prefix_reuse = shards[0].enable_prefix_reuse
+        for s in self.shards[1:]:
+            s.prefix_cache.share_registry(self.shards[0].prefix_cache)
+        self._placement: dict[str, int] = {}  # live request id -> shard
+        self._load = [0] * self.num_shards  # projected tokens of the requests placed there
+        self._demand: dict[str, int] = {}
+        self._session_turns: dict[str, list[int]] = {}  # store id -> [shard, live turns]
+
+    # --- placement ------------------------------------------------------------------------------
+
+    def shard_of(self, req: Request) -> int:
+        return self._placement[req.request_id]
+
+    def blocks_of(self, req: Request) -> BlockManager:
+        return self.shards[self.shard_of(req)].blocks
+
+    def _place(self, req: Request, segments, permitted_zones: frozenset[str]) -> int:
+        if req.session_id is not None:
+            key = _store_id(req.tenant, req.session_id)
+            for d, s in enumerate(self.shards):
+                if s.has_session(req.tenant, req.session_id):
+                    return d
+            if key in self._session_turns:
+                return self._session_turns[key][0]
+        if self.enable_prefix_reuse:
+            infos = self.shards[0].prefix_cache.resolve_blocks(
+                [(list(t), s) for t, s in segments],
+                tenant=req.tenant,
+                session_id=req.session_id,
+                permitted_zones=permitted_zones,
+            )
+            cached = [s.prefix_cache.num_cached_blocks_of(infos) for s in self.shards]
+            if max(cached) > 0:
+                return max(range(self.num_shards), key=lambda d: (cached[d], -self._load_of(d)))
+        return min(range(self.num_shards), key=lambda d: (self._load_of(d), d))
+
+    def _load_of(self, d: int) -> int:
+        return self._load[d] + self.shards[d].sessions.num_pages_held() * self.page_size
+
+    def register(
+        self,
+        req: Request,
+        segments: Sequence[tuple[Sequence[int], Scope]],
+        permitted_zones: frozenset[str],
+    ) -> None:
+        d = self._place(req, segments, permitted_zones)
+        self.shards[d].register(req, segments, permitted_zones)  # may refuse a bad scope
+        demand = len(req.prompt_token_ids) + req.params.max_tokens
+        self._placement[req.request_id] = d
+        self._demand[req.request_id] = demand
+        self._load[d] += demand
+        if req.session_id is not None:
+            turns = self._session_turns.setdefault(_store_id(req.tenant, req.session_id), [d, 0])
+            turns[1] += 1
+
+    def _unplace(self, req: Request) -> None:
+        d = self._placement.pop(req.request_id, None)
+        if d is None:
+            return
+        self._load[d] -= self._demand.pop(req.request_id)
+        if req.session_id is not None:
+            key = _store_id(req.tenant, req.session_id)
+            turns = self._session_turns[key]
+            turns[1] -= 1
+            if not turns[1]:
+                del self._session_turns[key]
+
+    # --- the scheduler's calls, on the request's shard ------------------------------------------
+
+    def match_prefix(self, req: Request) -> int:
+        return self.shards[self.shard_of(req)].match_prefix(req)
+
+    def can_grow(self, req: Request, num_tokens: int) -> bool:
+        return self.shards[self.shard_of(req)].can_grow(req, num_tokens)
+
+    def grow(self, req: Request, num_tokens: int) -> None:
+        self.shards[self.shard_of(req)].grow(req, num_tokens)
+
+    def commit_computed(self, req: Request) -> None:
+        self.shards[self.shard_of(req)].commit_computed(req)
+
+    def preempt(self, req: Request) -> None:
+        self.shards[self.shard_of(req)].preempt(req)
+
+    def finish(self, req: Request, *, keep_session: bool) -> None:
+        d = self._placement.get(req.request_id)
+        if d is None:
+            return
+        self.shards[d].finish(req, keep_session=keep_session)
+        self._unplace(req)
+
+    # --- engine-level operations, on every shard ------------------------------------------------
+
+    def register_trusted_prefix(self, zone: str, tokens: Sequence[int], source: str) -> None:
+        self.shards[0].register_trusted_prefix(zone, tokens, source)  # the registry is shared
+
+    def end_session(self, tenant: str, session_id: str) -> bool:
+        return any([s.end_session(tenant, session_id) for s in self.shards])
+
+    def has_session(self, tenant: str, session_id: str) -> bool:
+        return any(s.has_session(tenant, session_id) for s in self.shards)
+
+    def housekeeping(self) -> None:
+        for s in self.shards:
+            s.housekeeping()
+
+    def clear(self) -> int:
+        return sum(s.clear() for s in self.shards)
+
+    def prefix_stats(self) -> PrefixCacheStats:
+        stats = [s.prefix_cache.stats() for s in self.shards]
+        merged = stats[0]
+        for st in stats[1:]:
+            merged = merge_prefix_stats(merged, st)
+        return merged
+
+    def num_session_pages(self) -> int:
+        return sum(s.sessions.num_pages_held() for s in self.shards)
+
+
+def merge_prefix_stats(a: PrefixCacheStats, b: PrefixCacheStats) -> PrefixCacheStats:
+    """Two shards' counters as one (the registry is shared, so its count is not summed)."""
+
+    def add(x: dict[str, int], y: dict[str, int]) -> dict[str, int]:
+        return {k: x.get(k, 0) + y.get(k, 0) for k in {**x, **y}}
+
+    return PrefixCacheStats(
+        queries_by_zone=add(a.queries_by_zone, b.queries_by_zone),
+        hits_by_zone=add(a.hits_by_zone, b.hits_by_zone),
+        tokens_saved=a.tokens_saved + b.tokens_saved,
+        num_cached_blocks=a.num_cached_blocks + b.num_cached_blocks,
+        num_held_pages=a.num_held_pages + b.num_held_pages,
+        num_evictions=a.num_evictions + b.num_evictions,
+        num_registered_prefixes=a.num_registered_prefixes,
+    )
+
+
+class ShardedBlocks:
+    """Totals over the data shards' block managers, read-only: what capacity, stats and
+    metrics report for an engine with a data axis (allocation goes through each shard's own
+    manager, `DataShardedKV.blocks_of`)."""
+
+    def __init__(self, managers: Sequence[BlockManager]):
+        self.managers = list(managers)
+        self.page_size = managers[0].page_size
+        self.num_pages = sum(m.num_pages for m in managers)
+        self.num_usable_pages = sum(m.num_usable_pages for m in managers)
+
+    def num_free_pages(self) -> int:
+        return sum(m.num_free_pages() for m in self.managers)
+
+    def num_held_pages(self) -> int:
+        return sum(m.num_held_pages() for m in self.managers)
+
+    def num_used_pages(self) -> int:
+        return sum(m.num_used_pages() for m in self.managers)
+
+    def usage(self) -> float:
+        return self.num_used_pages() / self.num_usable_pages
+
+    def has_seq(self, seq_id: str) -> bool:
+        return any(m.has_seq(seq_id) for m in self.managers)
+
+    def block_table(self, seq_id: str) -> list[int]:
+        """The sequence's pages, numbered within its shard's range."""
+        return next(m for m in self.managers if m.has_seq(seq_id)).block_table(seq_id)
+
+    def num_seqs(self) -> int:
+        return sum(m.num_seqs() for m in self.managers)
+
+    def check_invariants(self) -> None:
+        for m in self.managers:
+            m.check_invariants()

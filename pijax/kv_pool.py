@@ -90,11 +90,13 @@ def bytes_per_token(model: ModelConfig, kv_dtype: KVCacheDType, model_dtype) -> 
 
 
 def pool_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(None, None, "model", None))
+    """Pages split over `data` (each data shard owns a contiguous range of them, its own null
+    page first), kv heads over `model`."""
+    return NamedSharding(mesh, PartitionSpec("data", None, "model", None))
 
 
 def scale_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(None, None, "model"))
+    return NamedSharding(mesh, PartitionSpec("data", None, "model"))
 
 
 @dataclasses.dataclass(frozen=True)

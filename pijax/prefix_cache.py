@@ -211,6 +211,21 @@ class PrefixCache:
                 new=new,
             )
 
+    def share_registry(self, other: PrefixCache) -> None:
+        """Use `other`'s trusted-prefix registry (the data shards of one engine: a prefix is
+        registered, and audited, once, and every shard resolves blocks alike)."""
+        self._registered = other._registered
+
+    def num_cached_blocks_of(self, infos: Sequence[BlockInfo | None]) -> int:
+        """How many leading blocks of `infos` are cached here. Changes nothing (no counters, no
+        LRU): for placing a request where its prefix is, before `match` takes it."""
+        n = 0
+        for info in infos:
+            if info is None or info.hash not in self._page_of:
+                break
+            n += 1
+        return n
+
     def is_registered(self, zone: str, tokens: Sequence[int]) -> bool:
         digests = self._registered.get(zone)
         if not digests:

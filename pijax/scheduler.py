@@ -30,6 +30,12 @@ Policy, each in its own small method:
     re-admitted only when it fits at its full length next to the full projected length of the
     running requests (ratio 1), so it is not recomputed only to be preempted again (thrash).
     A request that could never fit the pool alone is refused by the engine at `add_request`.
+
+Data shards (`DataShardedKV`, a mesh whose `data` axis is > 1): every request lives on one shard
+(placed at registration), and the limits above apply per shard: each shard has its own token
+budget and `max_num_seqs` per step, admission and preemption look only at the request's shard,
+and a head that cannot be admitted closes only its shard for the step. With one shard this is
+exactly the policy above.
 """
 
 from __future__ import annotations
@@ -64,9 +70,12 @@ class SeqPlan:
     # Which request of that id: an id is free again once its request finished, possibly while
     # a step planned for the old one is still in flight (overlapped scheduling).
     arrival_order: int = 0
+    shard: int = 0  # the data shard whose pages `block_ids` name (`DataShardedKV`)
 
     @classmethod
-    def of(cls, req: Request, num_new_tokens: int, table, page_size: int) -> SeqPlan:
+    def of(
+        cls, req: Request, num_new_tokens: int, table, page_size: int, shard: int = 0
+    ) -> SeqPlan:
         start = req.num_computed_tokens
         end = start + num_new_tokens
         return cls(
@@ -79,6 +88,7 @@ class SeqPlan:
             params=req.params,
             seed=req.seed,
             arrival_order=req.arrival_order,
+            shard=shard,
         )
 
 
@@ -184,9 +194,11 @@ class Scheduler:
         self.step_index += 1
         self.growth_ratio = max(GROWTH_RATIO_MIN, self.growth_ratio - GROWTH_RATIO_DECAY)
         plan = SchedulePlan(seqs=[], preempted=[])
-        budget = self._schedule_running(plan, self.config.max_num_batched_tokens)
+        # Limits are per data shard: each shard's part of the step is its own ragged batch.
+        budgets = [self.config.max_num_batched_tokens] * self.kv.num_shards
+        self._schedule_running(plan, budgets)
         if not plan.preempted:
-            self._admit_waiting(plan, budget)
+            self._admit_waiting(plan, budgets)
         now = time.monotonic()
         for s in plan.seqs:
             if s.request.timings.first_scheduled is None:
@@ -194,14 +206,15 @@ class Scheduler:
         return self._record(plan)
 
     def _record(self, plan: SchedulePlan) -> StepPlan:
-        blocks = self.kv.blocks
+        kv = self.kv
         return StepPlan(
             seqs=tuple(
                 SeqPlan.of(
                     s.request,
                     s.num_new_tokens,
-                    blocks.block_table(s.request.request_id),
-                    blocks.page_size,
+                    kv.blocks_of(s.request).block_table(s.request.request_id),
+                    kv.page_size,
+                    kv.shard_of(s.request),
                 )
                 for s in plan.seqs
             ),
@@ -216,19 +229,21 @@ class Scheduler:
             return 0  # without chunking a prefill runs whole or waits
         return min(n, budget)
 
-    def _schedule_running(self, plan: SchedulePlan, budget: int) -> int:
+    def _schedule_running(self, plan: SchedulePlan, budgets: list[int]) -> None:
+        """Each running request's next chunk, out of its data shard's token budget."""
         self.running.sort(key=lambda r: (r.priority, r.arrival_order))
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and any(b > 0 for b in budgets):
             req = self.running[i]
-            n = self._chunk_size(req, budget)
+            d = self.kv.shard_of(req)
+            n = self._chunk_size(req, budgets[d])
             if n == 0:
                 i += 1
                 continue
             total = req.num_computed_tokens + n
             if not self.kv.can_grow(req, total):
                 victim = self._pick_victim(req)
-                budget += sum(s.num_new_tokens for s in plan.seqs if s.request is victim)
+                budgets[d] += sum(s.num_new_tokens for s in plan.seqs if s.request is victim)
                 self._preempt(victim, plan)
                 if victim is req:
                     continue  # `req` left the list; the next request moved into slot i
@@ -237,38 +252,56 @@ class Scheduler:
                 continue  # retry `req` with the freed pages
             self.kv.grow(req, total)
             plan.seqs.append(ScheduledSeq(req, n))
-            budget -= n
+            budgets[d] -= n
             i += 1
-        return budget
 
     def _pick_victim(self, needy: Request) -> Request:
-        """Least urgent, most recently admitted running request; never more urgent than
-        `needy`."""
+        """Least urgent, most recently admitted running request of `needy`'s data shard (only
+        its pages help); never more urgent than `needy`."""
+        d = self.kv.shard_of(needy)
         victim = max(
-            self.running,
+            (r for r in self.running if self.kv.shard_of(r) == d),
             key=lambda r: (r.priority, self._admitted_at.get(r.request_id, 0), r.arrival_order),
         )
         return victim if victim.priority >= needy.priority else needy
 
-    def _admit_waiting(self, plan: SchedulePlan, budget: int) -> None:
+    def _admit_waiting(self, plan: SchedulePlan, budgets: list[int]) -> None:
+        """Admit in queue order. A request that cannot be admitted (no budget, no memory, no
+        sequence slot on its data shard) closes that shard for this step: nobody overtakes the
+        head of a shard's queue."""
         self.waiting.sort(key=self._queue_key)
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+        seqs = [0] * self.kv.num_shards
+        for r in self.running:
+            seqs[self.kv.shard_of(r)] += 1
+        closed = [
+            b <= 0 or n >= self.config.max_num_seqs for b, n in zip(budgets, seqs, strict=True)
+        ]
+        i = 0
+        while i < len(self.waiting) and not all(closed):
+            req = self.waiting[i]
+            d = self.kv.shard_of(req)
+            if closed[d]:
+                i += 1
+                continue
             if req.num_computed_tokens == 0:
                 req.num_computed_tokens = req.num_cached_prompt_tokens = self.kv.match_prefix(req)
-            n = self._chunk_size(req, budget)
+            n = self._chunk_size(req, budgets[d])
             reserve = self._admission_reservation(req, n)
             if n == 0 or not self._can_admit(req, reserve):
-                break  # the head waits for memory; nobody overtakes it
+                closed[d] = True  # the head waits for memory; nobody overtakes it
+                i += 1
+                continue
             self.kv.grow(req, reserve)
-            self.waiting.pop(0)
+            self.waiting.pop(i)
             self._requeued.discard(req.request_id)
             self._admissions += 1
             self._admitted_at[req.request_id] = self._admissions
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             plan.seqs.append(ScheduledSeq(req, n))
-            budget -= n
+            budgets[d] -= n
+            seqs[d] += 1
+            closed[d] = budgets[d] <= 0 or seqs[d] >= self.config.max_num_seqs
 
     def _can_admit(self, req: Request, reserve: int) -> bool:
         """The pool holds `req`'s next chunk (`reserve` tokens), and, when anything runs, also
@@ -277,11 +310,12 @@ class Scheduler:
         request is projected at ratio 1: it comes back only when everyone fits in full."""
         if not self.kv.can_grow(req, reserve):
             return False
-        peers = [r for r in self.running if r.priority <= req.priority]
+        d = self.kv.shard_of(req)
+        peers = [r for r in self.running if r.priority <= req.priority and self.kv.shard_of(r) == d]
         if not peers or self.config.reserve_full_length:
             return True
         ratio = 1.0 if req.request_id in self._requeued else self.growth_ratio
-        blocks = self.kv.blocks
+        blocks = self.kv.blocks_of(req)
         pages = blocks.pages_needed(req.request_id, self._projected(req, reserve, ratio))
         for r in peers:
             held = blocks.num_tokens(r.request_id) if blocks.has_seq(r.request_id) else 0

@@ -65,6 +65,7 @@ def _step_impl(
     graphdef: nnx.GraphDef,
     params_def,
     logits_sharding,
+    row_sharding,
     param_leaves,
     kv_pool: KVPool,
     prev: Int[Array, "2 SM"],
@@ -81,6 +82,8 @@ def _step_impl(
     tokens = jnp.where(
         batch.prev_index >= 0, prev[0, jnp.maximum(batch.prev_index, 0)], batch.tokens
     )
+    if row_sharding is not None:  # data shards: each computes its own rows (weights replicated)
+        tokens = jax.lax.with_sharding_constraint(tokens, row_sharding)
     logits, kv_pool = model(tokens, batch.positions, kv_pool, batch.meta, batch.logits_indices)
     # The LM head is vocab-parallel: gather the logits once, then sample on every device alike.
     logits = jax.lax.with_sharding_constraint(logits, logits_sharding)
@@ -111,6 +114,8 @@ class StepFunction:
         self._mesh = mesh
         self._pool_shardings = pool_shardings
         self._replicated = NamedSharding(mesh, PartitionSpec())
+        # Token rows split over `data` (the batch is laid out shard by shard, `batch.py`).
+        self._rows = NamedSharding(mesh, PartitionSpec("data")) if mesh.shape["data"] > 1 else None
         self._params = None  # the params object last flattened, and its leaves
         self._leaves: list = []
         self._jitted = None
@@ -127,7 +132,9 @@ class StepFunction:
         )
         if key not in _JITTED:
             _JITTED[key] = jax.jit(
-                functools.partial(_step_impl, self._graphdef, params_def, self._replicated),
+                functools.partial(
+                    _step_impl, self._graphdef, params_def, self._replicated, self._rows
+                ),
                 donate_argnums=(1,),
                 static_argnums=(4,),
                 out_shardings=(self._replicated, self._pool_shardings),
@@ -193,9 +200,12 @@ class StepFunction:
         return out
 
     @staticmethod
-    def unpack(packed: np.ndarray, num_seqs: int) -> list[tuple[int, float]]:
-        tokens = packed[0, :num_seqs]
-        logprobs = packed[1, :num_seqs].view(np.float32)
+    def unpack(packed: np.ndarray, columns: int | list[int]) -> list[tuple[int, float]]:
+        """(token, log-prob) per sequence: of the first `columns` columns, or of the listed ones
+        (`batch.result_columns`, for a step with data shards)."""
+        cols = slice(0, columns) if isinstance(columns, int) else np.asarray(columns, np.intp)
+        tokens = packed[0, cols]
+        logprobs = np.ascontiguousarray(packed[1, cols]).view(np.float32)
         return list(zip(tokens.tolist(), logprobs.tolist(), strict=True))
 
 

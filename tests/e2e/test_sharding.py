@@ -57,7 +57,7 @@ def test_mesh_1x2_and_1x4_match_one_device():
     one = r["(1, 1)"]
     for mesh, n in [("(1, 2)", 2), ("(1, 4)", 4)]:
         assert r[mesh]["tokens"] == one["tokens"], mesh
-        assert r[mesh]["pool_spec"] == ["None", "None", "model", "None"]
+        assert r[mesh]["pool_spec"] == ["data", "None", "model", "None"]
         assert r[mesh]["pool_spec_after"] == r[mesh]["pool_spec"], "a step changed the layout"
         assert r[mesh]["pool_devices"] == n
         assert r[mesh]["pool_shard_heads"] == 4 // n

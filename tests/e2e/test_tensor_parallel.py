@@ -100,7 +100,7 @@ def test_model_axis_beyond_kv_heads_matches_one_device():
         # Each kv head on n // kv devices: the pool stores n heads, one per device.
         assert tp["kv_heads"] == kv and tp["replicas"] == n // kv
         assert tp["pool_heads"] == n and tp["pool_shard_heads"] == 1
-        assert tp["pool_spec"] == ["None", "None", "model", "None"]
+        assert tp["pool_spec"] == ["data", "None", "model", "None"]
         assert tp["k_proj_shard"] == [128, tp["head_dim"]]
         assert tp["copies_equal"]
         # Vocabulary-parallel embedding and LM head (vocab 320).

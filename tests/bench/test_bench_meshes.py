@@ -1,8 +1,9 @@
 """`scripts/bench.py --mesh_shapes`: the full engine on several (data, model) meshes of fake CPU
 devices at one per-device KV budget, the model loaded onto each. The script itself asks XLA for
 the devices (the test's environment has no XLA_FLAGS). Asserted: the report's structure, and that
-capacity follows the mesh: the `model` axis splits each page over tiny-random's 2 kv heads, so
-(1, 2) holds twice the tokens of (1, 1) in the same bytes per device. No timing is asserted."""
+capacity follows the mesh in the same bytes per device: the `model` axis splits each page over
+tiny-random's 2 kv heads and the `data` axis gives each shard pages of its own, so (1, 2) and
+(2, 1) each hold twice the tokens of (1, 1). No timing is asserted."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from pijax.bench.suite import PAGED
 from pijax.config import ConfigError
 
 SCRIPT = pathlib.Path(__file__).parents[2] / "scripts" / "bench.py"
-MESHES = ((1, 1), (1, 2))
+MESHES = ((1, 1), (2, 1), (1, 2))
 
 
 def test_mesh_shapes_parse_and_name():
@@ -115,3 +116,17 @@ def test_capacity_follows_model_axis(mesh_run):
     assert 2 * one["capacity_tokens"] <= tp2["capacity_tokens"] <= 2 * one["capacity_tokens"] + ps
     assert tp2["capacity_over_first"] >= 2
     assert one["kv_heads_on_mesh"] == tp2["kv_heads_on_mesh"] == 2
+
+
+@pytest.mark.slow
+def test_capacity_follows_data_axis(mesh_run):
+    results, _ = mesh_run
+    by_mesh = {tuple(r["mesh_shape"]): r for r in results["meshes"]}
+    one, dp2 = by_mesh[(1, 1)], by_mesh[(2, 1)]
+    # Each data shard has pages of its own in the same bytes per device: twice the tokens.
+    assert 2 * one["capacity_tokens"] <= dp2["capacity_tokens"]
+    assert dp2["capacity_tokens"] <= 2 * one["capacity_tokens"] + one["page_size"]
+    assert dp2["pool_bytes_per_device"] == one["pool_bytes_per_device"]
+    goals = {g["goal"]: g for g in results["goals"]}
+    row = goals["data axis: KV capacity, mesh (2, 1) / (1, 1) at one per-device budget"]
+    assert row["met"] is True and row["measured"] >= 2

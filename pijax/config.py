@@ -281,7 +281,9 @@ def _sliding_window(cfg: dict, arch: str, get, source: str) -> tuple[int | None,
 class CacheConfig:
     """The paged KV pool, sized by `num_pages`, else by an explicit byte budget
     (`kv_cache_memory_bytes`, per device), else by a `memory_fraction` of free device memory.
-    A byte budget buys more pages of a smaller `kv_cache_dtype` (see `kv_pool`)."""
+    A byte budget buys more pages of a smaller `kv_cache_dtype` (see `kv_pool`). On a mesh with
+    a `data` axis of D, every data shard gets that many pages (`num_pages` is per shard; a byte
+    budget is per device), so the pool holds D times the KV of one shard."""
 
     page_size: int = 16
     num_pages: int | None = None
@@ -342,7 +344,9 @@ class CacheConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    """Per-step budgets. `max_model_len` caps prompt + generated tokens of one request."""
+    """Per-step budgets (per data shard: on a mesh with a `data` axis of D, each shard runs
+    its own `max_num_seqs` sequences and `max_num_batched_tokens` tokens a step).
+    `max_model_len` caps prompt + generated tokens of one request."""
 
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 256

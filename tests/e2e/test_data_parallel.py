@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -141,3 +142,68 @@ def test_data_axis_splits_the_pool_and_matches_one_device():
     (h1, c1), (h2, c2) = r["session"]
     assert h2 == h1 and c1 == 0 and c2 >= 32  # the first turn's full pages, kept by the session
     assert r["hits"]["policy"] == 3
+
+
+SERVE_KEYS = {"key-ops": {"tenant": "ops", "zones": ["*"], "admin": True}}
+
+
+@pytest.mark.slow
+def test_serve_on_a_2x1_mesh_holds_twice_the_kv_and_serves(tmp_path):
+    """`serve.py --mesh=2,1` at the same per-device budget as one device: twice the pages
+    (ModelInfo), and a served greedy request gives one device's tokens."""
+    import grpc
+
+    from pijax import LLM, SamplingParams
+    from pijax.serving.proto.pijax.v1 import inference_pb2 as pb
+    from pijax.serving.proto.pijax.v1 import inference_pb2_grpc as pb_grpc
+
+    root = Path(__file__).resolve().parents[2]
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(SERVE_KEYS))
+    fraction = 1 / 1024  # of the 1 GiB a CPU device is budgeted: 1 MiB of KV per device
+    engine = dict(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256)
+    one = LLM("tiny-random", memory_fraction=fraction, **engine)
+    prompt = list(range(30, 70))
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    expected = one.generate([prompt], params)[0].token_ids
+    one_pages = one.engine.blocks.num_usable_pages
+
+    cmd = [sys.executable, str(root / "scripts" / "serve.py"), "--model=tiny-random"]
+    cmd += ["--mesh=2,1", "--port=0", "--metrics_port=-1", "--http_port=0", "--warmup=off"]
+    cmd += [f"--api_keys={keys}", f"--memory_fraction={fraction}"]
+    cmd += [f"--{k}={v}" for k, v in engine.items()]
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(root),
+    )
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        lines = []
+        for line in proc.stdout:  # ends at exit, so a failed start cannot hang here
+            lines.append(line)
+            if "pijax server ready on" in line:
+                port = int(line.rsplit(":", 1)[1].split()[0])
+                break
+        else:
+            pytest.fail("serve.py exited before it was ready:\n" + "".join(lines[-30:]))
+        auth = (("authorization", "Bearer key-ops"),)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            info = stub.ModelInfo(pb.ModelInfoRequest(), metadata=auth, timeout=120)
+            assert list(info.mesh_shape) == [2, 1]
+            assert info.num_pages == 2 * one_pages
+            req = pb.GenerateRequest(
+                prompt=[pb.PromptSegment(token_ids=pb.TokenIds(ids=prompt))],
+                sampling=pb.SamplingParams(temperature=0.0),
+                max_tokens=8,
+                ignore_eos=True,
+            )
+            got = [t for r in stub.Generate(req, metadata=auth, timeout=300) for t in r.token_ids]
+        assert got == expected
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)

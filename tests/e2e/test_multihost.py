@@ -145,7 +145,7 @@ def _serve_cmd(pid: int, coord: int, channel: int, keys: Path) -> list[str]:
         sys.executable,
         str(ROOT / "scripts" / "serve.py"),
         "--model=tiny-random",
-        "--mesh=1,4",
+        "--mesh=2,2",  # one data shard per process, kv heads split over each process's two
         "--port=0",
         "--metrics_port=-1",
         "--http_port=0",
@@ -199,6 +199,9 @@ def test_served_request_matches_and_a_dead_worker_stops_the_leader(tmp_path):
             check = health_pb2.HealthCheckRequest(service="pijax.v1.Inference")
             assert health.Check(check, timeout=60).status == health_pb2.HealthCheckResponse.SERVING
             stub = pb_grpc.InferenceStub(ch)
+            info = stub.ModelInfo(pb.ModelInfoRequest(), metadata=auth, timeout=60)
+            assert list(info.mesh_shape) == [2, 2]
+            assert info.num_pages == 2 * 63  # 64 pages per data shard, each with a null page
             served = []
             for prompt in PROMPTS:
                 req = pb.GenerateRequest(

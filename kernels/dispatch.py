@@ -42,6 +42,7 @@ plain XLA computation that GSPMD partitions itself.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
@@ -217,25 +218,22 @@ def kv_head_mesh(k_pages):
     axes). A `model` axis that is already manual (we are inside someone's shard_map) is left
     alone: the arrays are per-device there.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        mesh = getattr(getattr(jax.typeof(k_pages), "sharding", None), "mesh", None)
-    if mesh is None or mesh.empty or MODEL_AXIS not in mesh.axis_names:
-        return None
-    if mesh.shape[MODEL_AXIS] == 1 or MODEL_AXIS in mesh.manual_axes:
-        return None
-    return mesh
+    return _mesh_splitting(k_pages, MODEL_AXIS)
 
 
 def data_mesh(k_pages):
     """The mesh whose `data` axis (size > 1) splits the pool's pages in this trace, or None
     (found as `kv_head_mesh` finds its mesh; None inside a shard_map over `data`)."""
+    return _mesh_splitting(k_pages, DATA_AXIS)
+
+
+def _mesh_splitting(k_pages, axis: str):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         mesh = getattr(getattr(jax.typeof(k_pages), "sharding", None), "mesh", None)
-    if mesh is None or mesh.empty or DATA_AXIS not in mesh.axis_names:
+    if mesh is None or mesh.empty or axis not in mesh.axis_names:
         return None
-    if mesh.shape[DATA_AXIS] == 1 or DATA_AXIS in mesh.manual_axes:
+    if mesh.shape[axis] == 1 or axis in mesh.manual_axes:
         return None
     return mesh
 
@@ -244,30 +242,14 @@ def _shard_over_data(fn, mesh, args, k_scales, v_scales, kwargs):
     """Data-parallel attention: `fn` runs per (data, model) device on its shard's token rows,
     sequences and pages (the batch builder laid the arrays out shard by shard, with page ids
     local to the shard) and on its kv heads. Nothing crosses shards, so no collective."""
-    quantized = k_scales is not None
-    heads = P(DATA_AXIS, MODEL_AXIS, None)
-    pages, scales = P(DATA_AXIS, None, MODEL_AXIS, None), P(DATA_AXIS, None, MODEL_AXIS)
     rows = P(DATA_AXIS)
-
-    def local(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *scale_args):
-        ks, vs = scale_args if quantized else (None, None)
-        return fn(
-            q,
-            k_pages,
-            v_pages,
-            kv_lens,
-            block_tables,
-            cu_q_lens,
-            num_seqs[0],  # this shard's
-            k_scales=ks,
-            v_scales=vs,
-            **kwargs,
-        )
-
-    in_specs = (heads, pages, pages, rows, P(DATA_AXIS, None), rows, rows)
-    in_specs += (scales, scales) * quantized
-    extra = (k_scales, v_scales) if quantized else ()
-    return _shard_map(local, mesh, in_specs, heads)(*args, *extra)
+    specs = _AttentionSpecs(
+        heads=P(DATA_AXIS, MODEL_AXIS, None),
+        pages=P(DATA_AXIS, None, MODEL_AXIS, None),
+        scales=P(DATA_AXIS, None, MODEL_AXIS),
+        meta=(rows, P(DATA_AXIS, None), rows, rows),
+    )
+    return _shard_attention(fn, mesh, specs, args, k_scales, v_scales, kwargs, per_shard=True)
 
 
 def _shard_over_kv_heads(kernel, mesh, args, k_scales, v_scales, kwargs):
@@ -278,28 +260,47 @@ def _shard_over_kv_heads(kernel, mesh, args, k_scales, v_scales, kwargs):
             f"mesh axis {MODEL_AXIS!r} of size {devices} must divide the kv heads "
             f"({k_pages.shape[2]}) and query heads ({q.shape[1]})"
         )
-    heads, rep = P(None, MODEL_AXIS, None), P()
-    pages, scales = P(None, None, MODEL_AXIS, None), P(None, None, MODEL_AXIS)
+    specs = _AttentionSpecs(
+        heads=P(None, MODEL_AXIS, None),
+        pages=P(None, None, MODEL_AXIS, None),
+        scales=P(None, None, MODEL_AXIS),
+        meta=(P(),) * 4,  # lengths, block tables, query offsets: replicated
+    )
+    return _shard_attention(kernel, mesh, specs, args, k_scales, v_scales, kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _AttentionSpecs:
+    heads: P  # q and the output
+    pages: P
+    scales: P
+    meta: tuple[P, P, P, P]  # kv_lens, block_tables, cu_q_lens, num_seqs
+
+
+def _shard_attention(fn, mesh, specs, args, k_scales, v_scales, kwargs, per_shard=False):
+    """`fn` under shard_map with `specs`; `per_shard`: `num_seqs` has one entry per data
+    shard, and each device passes on its own."""
     quantized = k_scales is not None
 
     def local(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *scale_args):
         ks, vs = scale_args if quantized else (None, None)
-        return kernel(
+        return fn(
             q,
             k_pages,
             v_pages,
             kv_lens,
             block_tables,
             cu_q_lens,
-            num_seqs,
+            num_seqs[0] if per_shard else num_seqs,
             k_scales=ks,
             v_scales=vs,
             **kwargs,
         )
 
-    in_specs = (heads, pages, pages, rep, rep, rep, rep) + (scales, scales) * quantized
+    in_specs = (specs.heads, specs.pages, specs.pages, *specs.meta)
+    in_specs += (specs.scales, specs.scales) * quantized
     extra = (k_scales, v_scales) if quantized else ()
-    return _shard_map(local, mesh, in_specs, heads)(*args, *extra)
+    return _shard_map(local, mesh, in_specs, specs.heads)(*args, *extra)
 
 
 def _shard_map(fn, mesh, in_specs, out_specs):

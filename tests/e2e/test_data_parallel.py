@@ -72,6 +72,12 @@ SCRIPT = textwrap.dedent("""
         r["free_after"] = eng.blocks.num_free_pages() == eng.blocks.num_usable_pages
         result[str(mesh)] = r
 
+    # Quantized pages (scales split like the pages) and the interpreted Pallas kernel, per shard.
+    for mesh, impl in [((1, 1), "reference"), ((2, 2), "auto"), ((2, 1), "pallas_interpret")]:
+        llm = LLM("tiny-random", mesh_shape=mesh, attention_impl=impl, kv_cache_dtype="int8",
+                  skip_kv_quant_gate=True, num_pages=64, **opts)
+        result[f"int8 {mesh}"] = [o.token_ids for o in llm.generate(prompts[:3], params)]
+
     # Prefix reuse and sessions on (2, 2).
     llm = LLM("tiny-random", mesh_shape=(2, 2), num_pages=64, **opts)
     eng = llm.engine
@@ -135,6 +141,9 @@ def test_data_axis_splits_the_pool_and_matches_one_device():
         assert m["each_shard_holds_its_own"] == [True, True]
         assert m["free_after"]
     assert base["each_shard_holds_its_own"] == [True]
+
+    assert r["int8 (2, 2)"] == r["int8 (1, 1)"]
+    assert r["int8 (2, 1)"] == r["int8 (1, 1)"]
 
     (s0, cached0), (s1, cached1) = r["reuse"]
     assert cached0 == 0 and cached1 == 48  # the policy's 3 full pages

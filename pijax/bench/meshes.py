@@ -109,6 +109,7 @@ def mesh_rows(configs: dict) -> list[dict]:
                 "pool_bytes_per_device": pool["device_bytes"],
                 "kv_heads_on_mesh": pool["kv_heads_on_mesh"],
                 "page_size": pool["page_size"],
+                "num_pages": pool["num_pages"],
                 "capacity_tokens": pool["capacity_tokens"],
                 "output_tokens_per_s": s["throughput"]["output_tokens_per_s"],
                 "peak_concurrency": s["concurrency"]["peak"],
@@ -135,9 +136,9 @@ def mesh_table(rows: list[dict]) -> str:
     first = rows[0]["mesh_shape"]
     rows_md = [
         "| mesh (data, model) | devices | KV budget / device | pool bytes / device | kv heads "
-        f"on mesh | capacity (tokens) | × ({first[0]}, {first[1]}) | output tok/s | × "
+        f"on mesh | pages | capacity (tokens) | × ({first[0]}, {first[1]}) | output tok/s | × "
         f"({first[0]}, {first[1]}) | peak conc. | preempt. |",
-        "|---|" + "---|" * 10,
+        "|---|" + "---|" * 11,
     ]
     for r in rows:
         d, m = r["mesh_shape"]
@@ -145,6 +146,7 @@ def mesh_table(rows: list[dict]) -> str:
         rows_md.append(
             f"| ({d}, {m}) | {r['devices']} | {r['budget_bytes_per_device'] / 2**20:.2f} MiB "
             f"| {r['pool_bytes_per_device'] / 2**20:.2f} MiB | {r['kv_heads_on_mesh']} "
+            f"| {r['num_pages']} "
             f"| {r['capacity_tokens']:,} | {r['capacity_over_first']:.2f}× "
             f"| {'–' if tps is None else f'{tps:.3g}'} | {'–' if rel is None else f'{rel:.2f}×'} "
             f"| {r['peak_concurrency']} | {r['preemptions']} |"

@@ -335,7 +335,8 @@ def markdown(results: dict) -> str:
             "",
             meshes.mesh_table(results["meshes"]),
             "",
-            "Capacity = `Engine.kv_capacity_tokens`, over every data shard. The `model` axis "
+            "Capacity = `Engine.kv_capacity_tokens`, over every data shard; pages = the pool's, "
+            "every shard's null page included. The `model` axis "
             "splits each page over the kv heads (up to their number; beyond it kv heads are "
             "replicated); the `data` axis gives each shard pages of its own. Fake CPU devices "
             "share the cores: there, tokens/s is no performance figure.",

@@ -121,9 +121,9 @@ def pool_info(engine: Engine) -> dict:
         "bytes_per_token": bytes_per_token(
             engine.model_config, cache.kv_cache_dtype, engine.config.dtype.jnp
         ),
-        "num_pages": engine.blocks.num_usable_pages + 1,
-        "page_size": engine.blocks.page_size,
-        "tokens": engine.blocks.num_usable_pages * engine.blocks.page_size,
+        "num_pages": int(engine.kv_pool[0].k.shape[0]),  # every shard's, null pages included
+        "page_size": cache.page_size,
+        "tokens": engine.kv_capacity_tokens,
     }
 
 

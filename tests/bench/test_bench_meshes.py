@@ -114,7 +114,7 @@ def test_capacity_follows_model_axis(mesh_run):
     # 2 kv heads over 2 devices: each device holds half of every page, so twice the pages fit
     # (the pool's one null page aside).
     assert 2 * one["capacity_tokens"] <= tp2["capacity_tokens"] <= 2 * one["capacity_tokens"] + ps
-    assert tp2["capacity_over_first"] >= 2
+    assert tp2["capacity_over_first"] >= 2 and tp2["num_pages"] == 2 * one["num_pages"]
     assert one["kv_heads_on_mesh"] == tp2["kv_heads_on_mesh"] == 2
 
 
@@ -127,6 +127,7 @@ def test_capacity_follows_data_axis(mesh_run):
     assert 2 * one["capacity_tokens"] <= dp2["capacity_tokens"]
     assert dp2["capacity_tokens"] <= 2 * one["capacity_tokens"] + one["page_size"]
     assert dp2["pool_bytes_per_device"] == one["pool_bytes_per_device"]
+    assert dp2["num_pages"] == 2 * one["num_pages"]  # every shard its own null page
     goals = {g["goal"]: g for g in results["goals"]}
     row = goals["data axis: KV capacity, mesh (2, 1) / (1, 1) at one per-device budget"]
     assert row["met"] is True and row["measured"] >= 2

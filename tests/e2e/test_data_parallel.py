@@ -79,8 +79,9 @@ SCRIPT = textwrap.dedent("""
         result[f"int8 {mesh}"] = [o.token_ids for o in llm.generate(prompts[:3], params)]
 
     # Prefix reuse and sessions on (2, 2).
-    llm = LLM("tiny-random", mesh_shape=(2, 2), num_pages=64, **opts)
+    llm = LLM("tiny-random", mesh_shape=(2, 2), num_pages=64, warmup=True, **opts)
     eng = llm.engine
+    warm = eng.compile_count
     policy = rng.integers(0, 256, 48).tolist()
     eng.register_trusted_prefix("policy", policy, source="test")
 
@@ -107,6 +108,7 @@ SCRIPT = textwrap.dedent("""
     result["reuse"] = reuse
     result["session"] = [s1, s2]
     result["hits"] = eng.stats().prefix_hits_by_zone
+    result["compiles_after_warmup"] = eng.compile_count - warm
     print("RESULT" + json.dumps(result))
 """)
 
@@ -151,6 +153,7 @@ def test_data_axis_splits_the_pool_and_matches_one_device():
     (h1, c1), (h2, c2) = r["session"]
     assert h2 == h1 and c1 == 0 and c2 >= 32  # the first turn's full pages, kept by the session
     assert r["hits"]["policy"] == 3
+    assert r["compiles_after_warmup"] == 0  # warm-up covers every per-shard bucket
 
 
 SERVE_KEYS = {"key-ops": {"tenant": "ops", "zones": ["*"], "admin": True}}

@@ -66,6 +66,7 @@ def _step_impl(
     params_def,
     logits_sharding,
     row_sharding,
+    vocab_sharding,
     param_leaves,
     kv_pool: KVPool,
     prev: Int[Array, "2 SM"],
@@ -85,7 +86,12 @@ def _step_impl(
     if row_sharding is not None:  # data shards: each computes its own rows (weights replicated)
         tokens = jax.lax.with_sharding_constraint(tokens, row_sharding)
     logits, kv_pool = model(tokens, batch.positions, kv_pool, batch.meta, batch.logits_indices)
-    # The LM head is vocab-parallel: gather the logits once, then sample on every device alike.
+    # The LM head is vocab-parallel: each device computes its slice of the vocabulary, then the
+    # logits are gathered once and every device samples alike. Without the first constraint
+    # GSPMD would satisfy the second by gathering the LM head's weights instead (all of them,
+    # every step: a GB for a 128k vocabulary) and computing the logits replicated.
+    if vocab_sharding is not None and logits.shape[-1] % vocab_sharding.mesh.shape["model"] == 0:
+        logits = jax.lax.with_sharding_constraint(logits, vocab_sharding)
     logits = jax.lax.with_sharding_constraint(logits, logits_sharding)
     tokens, logprobs = sample(logits, batch.sampling)
     packed = jnp.stack([tokens, jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
@@ -116,6 +122,9 @@ class StepFunction:
         self._replicated = NamedSharding(mesh, PartitionSpec())
         # Token rows split over `data` (the batch is laid out shard by shard, `batch.py`).
         self._rows = NamedSharding(mesh, PartitionSpec("data")) if mesh.shape["data"] > 1 else None
+        self._vocab = (
+            NamedSharding(mesh, PartitionSpec(None, "model")) if mesh.shape["model"] > 1 else None
+        )
         self._params = None  # the params object last flattened, and its leaves
         self._leaves: list = []
         self._jitted = None
@@ -133,7 +142,12 @@ class StepFunction:
         if key not in _JITTED:
             _JITTED[key] = jax.jit(
                 functools.partial(
-                    _step_impl, self._graphdef, params_def, self._replicated, self._rows
+                    _step_impl,
+                    self._graphdef,
+                    params_def,
+                    self._replicated,
+                    self._rows,
+                    self._vocab,
                 ),
                 donate_argnums=(1,),
                 static_argnums=(4,),
@@ -159,6 +173,18 @@ class StepFunction:
         out = self._jitted(self._leaves, kv_pool, prev, buf, layout)
         self.compile_count += _TRACE_COUNT - before
         return out
+
+    def compiled_text(self, params, kv_pool: KVPool, batch: StepInput) -> str:
+        """The optimized HLO of the step compiled for `batch`'s shapes (what runs on the device:
+        its collectives, fusions). Compiles; runs nothing and donates nothing."""
+        if params is not self._params:
+            self._bind(params)
+        cols = self._max_seqs or batch.logits_indices.shape[0]
+        prev = jax.device_put(np.zeros((2, cols), np.int32), self._replicated)
+        buf, layout = pack_step_input(batch)
+        buf = jax.device_put(buf, self._replicated)
+        lowered = self._jitted.lower(self._leaves, kv_pool, prev, buf, layout)
+        return lowered.compile().as_text()
 
     def compare_pools(
         self, params, kv_pool: KVPool, ref_pool: KVPool, probe_pool: KVPool, batch: StepInput

@@ -283,3 +283,33 @@ def dense_logits(graphdef: nnx.GraphDef, params: nnx.State, tokens) -> np.ndarra
     """`forward_dense` logits as numpy. Jitted: one program compiles far faster than the eager
     op-by-op path, and is cached per graphdef and shape."""
     return np.asarray(_dense_logits(graphdef, params, jnp.asarray(tokens)))
+
+
+def run_on_cpu_devices(
+    script: str, num_devices: int, *args: str, timeout: float = 600
+) -> dict[str, Any]:
+    """Run `script` (Python source) in a fresh interpreter on `num_devices` fake CPU devices and
+    return the JSON it printed after `RESULT` (JAX fixes its device count at start-up, so a
+    test that needs a mesh runs in a subprocess). Fails the calling test with the script's
+    stderr tail if it exits non-zero or prints no result."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+        JAX_PLATFORMS="cpu",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert lines, f"the script printed no RESULT line; stderr:\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len("RESULT") :])

@@ -7,16 +7,13 @@ forces chunked prefill beside running decodes: steps mix prefill chunks and deco
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 import pijax.engine
 from pijax import LLM, SamplingParams
+from pijax.testing import run_on_cpu_devices
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 # A short prompt that starts decoding at once, a long one prefilled in chunks of the 32-token
@@ -80,15 +77,7 @@ SHARDED = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_pallas_interpret_on_1x4_mesh_matches_reference_on_one_device():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    r = json.loads(line[len("RESULT") :])
+    r = run_on_cpu_devices(SHARDED, 4)
     assert r["devices"] == 4
     assert r["sharded_calls"] > 0, "the kernels ran without shard_map on a 1x4 mesh"
     assert r["pallas_interpret"] == r["reference"]

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from pijax.testing import run_on_cpu_devices
+
 SCRIPT = textwrap.dedent("""
     import json
     import jax
@@ -115,15 +117,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_data_axis_splits_the_pool_and_matches_one_device():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=800
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    r = json.loads(line[len("RESULT") :])
+    r = run_on_cpu_devices(SCRIPT, 4, timeout=800)
     assert r["devices"] == 4
 
     one = r["capacity (1, 1)"]

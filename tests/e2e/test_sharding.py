@@ -6,13 +6,11 @@ JAX fixes its device count at start-up, so the check runs in a subprocess with
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from pijax.testing import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent("""
     import json
@@ -44,15 +42,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_mesh_1x2_and_1x4_match_one_device():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    r = json.loads(line[len("RESULT") :])
+    r = run_on_cpu_devices(SCRIPT, 4)
     assert r["devices"] == 4
     one = r["(1, 1)"]
     for mesh, n in [("(1, 2)", 2), ("(1, 4)", 4)]:

@@ -5,13 +5,11 @@ CPU devices, since JAX fixes its device count at start-up."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from pijax.testing import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent("""
     import json, re
@@ -39,15 +37,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_tp_step_gathers_logits_not_weights_and_all_reduces_twice_a_layer():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    r = json.loads(line[len("RESULT") :])
+    r = run_on_cpu_devices(SCRIPT, 4)
     for mesh, data in [("(1, 2)", 1), ("(2, 2)", 2)]:
         m = r[mesh]
         h, v, n = m["hidden"], m["vocab"], m["layers"]

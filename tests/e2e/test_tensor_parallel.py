@@ -9,13 +9,11 @@ in a subprocess.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from pijax.testing import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent("""
     import json
@@ -80,15 +78,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_model_axis_beyond_kv_heads_matches_one_device():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    r = json.loads(line[len("RESULT") :])
+    r = run_on_cpu_devices(SCRIPT, 8, timeout=900)
     assert r["devices"] == 8
     for model, mesh, kv, n in [
         ("tiny-random", "(1, 4)", 2, 4),

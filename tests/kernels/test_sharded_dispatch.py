@@ -7,13 +7,11 @@ JAX fixes its device count at start-up, so the check runs in a subprocess with
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from pijax.testing import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent("""
     import json
@@ -62,15 +60,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_pallas_under_mesh_shards_over_kv_heads_and_matches_reference():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    for quantized, r in json.loads(line[len("RESULT") :]).items():
+    for quantized, r in run_on_cpu_devices(SCRIPT, 4).items():
         assert r["kernel_shard_map"], quantized
         assert not r["reference_shard_map"], quantized  # GSPMD partitions the reference itself
         assert r["err"] < 1e-5 and r["err_ctx"] < 1e-5, (quantized, r)

@@ -10,6 +10,7 @@ import pytest
 from pijax.kernels import dispatch
 from pijax.kernels.paged_attention import reference, tiled
 from pijax.kernels.paged_attention.cases import make_case, mixed_seqs, padded_tokens
+from pijax.testing import run_on_cpu_devices
 
 _STATIC = ("sm_scale", "soft_cap", "sliding_window")
 tiled_jit = jax.jit(tiled.ragged_paged_attention_tiled, static_argnames=_STATIC)
@@ -244,19 +245,6 @@ print("RESULT" + json.dumps(out))
 
 @pytest.mark.slow
 def test_engine_tiled_on_1x4_mesh_matches_reference():
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    result = json.loads(line[len("RESULT") :])
+    result = run_on_cpu_devices(SHARDED, 4)
     assert result["tiled"] == result["reference"]
     assert result["sharded_calls"] > 0, "the tiled path was not wrapped in shard_map"

@@ -124,6 +124,7 @@ def test_greedy_identical_with_and_without_reuse_and_across_chunk_sizes():
     assert all(r == results[0] for r in results[1:])
 
 
+@pytest.mark.slow  # 20 s; overlap's preemption case covers the fast lane
 def test_greedy_identical_under_forced_preemption(monkeypatch):
     # Admission that projects no growth, so the pool runs out and preemption happens.
     monkeypatch.setattr("pijax.scheduler.GROWTH_RATIO_INIT", 0.0)

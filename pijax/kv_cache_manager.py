@@ -80,12 +80,16 @@ class KVCacheManager:
         req: Request,
         segments: Sequence[tuple[Sequence[int], Scope]],
         permitted_zones: frozenset[str],
+        infos: list[BlockInfo | None] | None = None,
     ) -> None:
-        """Resolve a new request's block scopes (validates session scopes; raises on misuse)."""
+        """Resolve a new request's block scopes (validates session scopes; raises on misuse).
+        `infos`: the blocks already resolved (`DataShardedKV`, which resolved them to place the
+        request; resolving is a pure function of the request and the shared registry)."""
         segs = [(list(t), s) for t, s in segments]
-        infos = self.prefix_cache.resolve_blocks(
-            segs, tenant=req.tenant, session_id=req.session_id, permitted_zones=permitted_zones
-        )
+        if infos is None:
+            infos = self.prefix_cache.resolve_blocks(
+                segs, tenant=req.tenant, session_id=req.session_id, permitted_zones=permitted_zones
+            )
         self._state[req.request_id] = CacheState(segs, permitted_zones, infos)
         if req.session_id is not None:
             self.sessions.touch(
@@ -249,7 +253,7 @@ class DataShardedKV:
     def blocks_of(self, req: Request) -> BlockManager:
         return self.shards[self.shard_of(req)].blocks
 
-    def _place(self, req: Request, segments, permitted_zones: frozenset[str]) -> int:
+    def _place(self, req: Request, infos: list[BlockInfo | None]) -> int:
         if req.session_id is not None:
             key = _store_id(req.tenant, req.session_id)
             for d, s in enumerate(self.shards):
@@ -258,12 +262,6 @@ class DataShardedKV:
             if key in self._session_turns:
                 return self._session_turns[key][0]
         if self.enable_prefix_reuse:
-            infos = self.shards[0].prefix_cache.resolve_blocks(
-                [(list(t), s) for t, s in segments],
-                tenant=req.tenant,
-                session_id=req.session_id,
-                permitted_zones=permitted_zones,
-            )
             cached = [s.prefix_cache.num_cached_blocks_of(infos) for s in self.shards]
             if max(cached) > 0:
                 return max(range(self.num_shards), key=lambda d: (cached[d], -self._load_of(d)))
@@ -278,8 +276,14 @@ class DataShardedKV:
         segments: Sequence[tuple[Sequence[int], Scope]],
         permitted_zones: frozenset[str],
     ) -> None:
-        d = self._place(req, segments, permitted_zones)
-        self.shards[d].register(req, segments, permitted_zones)  # may refuse a bad scope
+        infos = self.shards[0].prefix_cache.resolve_blocks(  # may refuse a bad scope
+            [(list(t), s) for t, s in segments],
+            tenant=req.tenant,
+            session_id=req.session_id,
+            permitted_zones=permitted_zones,
+        )
+        d = self._place(req, infos)
+        self.shards[d].register(req, segments, permitted_zones, infos)
         demand = len(req.prompt_token_ids) + req.params.max_tokens
         self._placement[req.request_id] = d
         self._demand[req.request_id] = demand

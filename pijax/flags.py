@@ -69,7 +69,11 @@ ENGINE_FLAGS: tuple[_Flag, ...] = (
         enum_values=_values(AttentionImpl),
     ),
     _Flag("page_size", flags.DEFINE_integer, "KV page size in tokens."),
-    _Flag("num_pages", flags.DEFINE_integer, "KV pool pages per data shard (default: a memory fraction)."),
+    _Flag(
+        "num_pages",
+        flags.DEFINE_integer,
+        "KV pool pages per data shard (default: a memory fraction).",
+    ),
     _Flag("memory_fraction", flags.DEFINE_float, "Share of free device memory for the KV pool."),
     _Flag(
         "kv_cache_dtype",
@@ -80,7 +84,9 @@ ENGINE_FLAGS: tuple[_Flag, ...] = (
     _Flag("enable_prefix_reuse", flags.DEFINE_bool, "Reuse cached prompt prefixes."),
     _Flag("enable_chunked_prefill", flags.DEFINE_bool, "Split long prompts over steps."),
     _Flag("max_num_seqs", flags.DEFINE_integer, "Sequences per step (per data shard)."),
-    _Flag("max_num_batched_tokens", flags.DEFINE_integer, "Token budget per step (per data shard)."),
+    _Flag(
+        "max_num_batched_tokens", flags.DEFINE_integer, "Token budget per step (per data shard)."
+    ),
     _Flag("max_model_len", flags.DEFINE_integer, "Prompt + completion tokens per request."),
     _Flag("max_waiting", flags.DEFINE_integer, "Queued requests before refusing new ones."),
     _Flag(

@@ -91,22 +91,22 @@ def llm():
 # the shipped model's figures on it (greedy, constrained: deterministic), each threshold a
 # little under the measured figure (README.md has the 64-claim figures and the goals).
 HELDOUT_SET = 32
-# Measured (32 claims): schema-valid 1.0, claim id 1.0, flags 0.5, action 0.7812, exact 0.4375,
-# narrative cites 0.3478 (8 of 23 flagged claims); UNBUNDLING precision and recall 6/7,
-# MODIFIER_MISUSE precision 10/12 and recall 10/13.
+# Measured (32 claims): schema-valid 1.0, claim id 1.0, flags 0.5, action 0.8125, exact 0.4688,
+# narrative cites 0.3043 (7 of 23 flagged claims); UNBUNDLING precision and recall 6/7,
+# MODIFIER_MISUSE precision 12/12 and recall 12/13.
 THRESHOLDS = {
     "schema_valid_share": 1.0,
     "claim_id_share": 0.96,
     "flags_match_share": 0.45,
-    "action_match_share": 0.72,
+    "action_match_share": 0.75,
     "exact_match_share": 0.4,
-    "narrative_cites_share": 0.3,
+    "narrative_cites_share": 0.25,
 }
 PER_FLAG_THRESHOLDS = {
     ("UNBUNDLING", "precision"): 0.8,
     ("UNBUNDLING", "recall"): 0.8,
-    ("MODIFIER_MISUSE", "precision"): 0.75,
-    ("MODIFIER_MISUSE", "recall"): 0.7,
+    ("MODIFIER_MISUSE", "precision"): 0.9,
+    ("MODIFIER_MISUSE", "recall"): 0.85,
 }
 
 

@@ -9,8 +9,9 @@ For each claim (synthetic, from the `pijax.claims` generator, or `--claims FILE`
 1. asks for structured findings: the policy scaffold as a `shared:policy` segment (computed once
    and reused across claims and tenants permitted the zone), the claim as a `private` segment,
    constrained by the findings JSON schema;
-2. opens a session and runs a tool-calling investigation: the model asks for lookups, the agent
-   answers with FAKE policy and fee-schedule lookups (clearly labelled: synthetic tables, no real
+2. opens a session and runs a tool-calling investigation (`pijax.claims.agent`, the turns the
+   default model is trained on): the model calls tools (`policy(FLAG_TYPE)`, `fee(CODE)`), the
+   agent runs the calls it parsed as FAKE lookups (clearly labelled: synthetic tables, no real
    data), and the model writes the investigator's narrative; the second turn reuses the first
    turn's KV (see "cached" in the summary);
 3. prints the findings, the narrative and a latency summary; for generated claims (whose truth
@@ -38,8 +39,7 @@ import grpc
 import jsonschema
 from absl import app, flags
 
-from pijax.claims import evaluate
-from pijax.claims.codes import POLICIES, PROCEDURES, FlagCode
+from pijax.claims import agent, evaluate
 from pijax.claims.corpus import Example, generate_examples
 from pijax.claims.prompt import policy_scaffold, render_claim_segment, render_policy_segment
 from pijax.serving.client import Completion, InferenceClient, pb
@@ -65,14 +65,13 @@ flags.DEFINE_string(
     "Findings JSON schema file (default: the packaged configs/schemas/findings.schema.json).",
 )
 flags.DEFINE_integer("max_tokens", 768, "Token budget of the findings answer.")
-flags.DEFINE_integer("tool_call_tokens", 32, "Token budget of the model's tool-call turn.")
-flags.DEFINE_integer("narrative_tokens", 96, "Token budget of the narrative turn.")
+flags.DEFINE_integer("tool_call_tokens", 64, "Token budget of the model's tool-call turn.")
+flags.DEFINE_integer("narrative_tokens", 160, "Token budget of the narrative turn.")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 flags.DEFINE_integer("concurrency", 1, "Claims reviewed at the same time.")
 flags.DEFINE_float("timeout_s", 300.0, "Deadline of each RPC.")
 
 POLICY_ZONE = "policy"
-FAKE_TOOL_BANNER = "[FAKE TOOL OUTPUT: synthetic demo lookups, not real policy or fee data]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +84,8 @@ class Options:
     seed: int = 7
     schema_file: str | None = None
     max_tokens: int = 768
-    tool_call_tokens: int = 32
-    narrative_tokens: int = 96
+    tool_call_tokens: int = 64
+    narrative_tokens: int = 160
     temperature: float = 0.0
     concurrency: int = 1
     timeout_s: float = 300.0
@@ -126,7 +125,9 @@ class Result:
     findings_text: str = ""
     findings: dict | None = None
     schema_valid: bool | None = None
+    findings_token_ids: list[int] = dataclasses.field(default_factory=list)
     narrative: str = ""
+    tool_calls: str = ""
     tool_output: str = ""
     session_id: str = ""
     calls: list[CallStats] = dataclasses.field(default_factory=list)
@@ -254,6 +255,7 @@ def _findings(client, case, scope, schema, opts, index, res: Result) -> None:
     c = client.generate(request)
     res.calls.append(call_stats(CallKind.REVIEW, c))
     res.findings_text = c.text
+    res.findings_token_ids = list(c.token_ids)
     try:
         res.findings = json.loads(c.text)
     except json.JSONDecodeError:
@@ -263,21 +265,19 @@ def _findings(client, case, scope, schema, opts, index, res: Result) -> None:
 
 
 def _investigate(client, case, scope, opts, index, res: Result) -> None:
-    """Two session turns: the model calls tools, the agent answers with FAKE lookups, the model
-    writes the narrative. Everything after the policy is in the session's scope, so turn two
-    prefills only what turn one did not already compute."""
+    """Two session turns (`pijax.claims.agent`): the model calls tools, the agent runs the calls
+    it parsed as FAKE lookups, the model writes the narrative. Everything after the policy is in
+    the session's scope, so turn two prefills only what turn one did not already compute."""
     findings = (
-        json.dumps(res.findings, separators=(",", ":"))
-        if res.findings is not None
-        else "(no findings parsed)"
+        pb.PromptSegment(token_ids=pb.TokenIds(ids=res.findings_token_ids), scope="session")
+        if res.findings_token_ids
+        else pb.PromptSegment(text="(no findings)", scope="session")
     )
     history = [
         pb.PromptSegment(text=case.policy_text, scope=scope),
         pb.PromptSegment(text=case.claim_text, scope="session"),
-        pb.PromptSegment(
-            text=f"{findings}\n[investigator] Which lookups confirm these findings? Call tools.\n",
-            scope="session",
-        ),
+        findings,
+        pb.PromptSegment(text=agent.TOOL_REQUEST, scope="session"),
     ]
     turn1 = pb.GenerateRequest(
         request_id=f"tools-{index}-{_safe(case.claim_id)}",
@@ -289,14 +289,13 @@ def _investigate(client, case, scope, opts, index, res: Result) -> None:
     c = client.generate(turn1)
     res.calls.append(call_stats(CallKind.TOOL_CALL, c))
     res.session_id = c.last.session_id
-    res.tool_output = fake_tools(case, res.findings)
+    res.tool_calls = c.text
+    calls = agent.parse_tool_calls(c.text)
+    res.tool_output = agent.tool_output(calls)
     history = [
         *history,
         pb.PromptSegment(token_ids=pb.TokenIds(ids=c.token_ids), scope="session"),
-        pb.PromptSegment(
-            text=f"\n{res.tool_output}\n[investigator] Narrative for the case file:\n",
-            scope="session",
-        ),
+        pb.PromptSegment(text=agent.tool_output_segment(calls), scope="session"),
     ]
     turn2 = pb.GenerateRequest(
         request_id=f"narrative-{index}-{_safe(case.claim_id)}",
@@ -311,26 +310,6 @@ def _investigate(client, case, scope, opts, index, res: Result) -> None:
         res.calls.append(call_stats(CallKind.NARRATIVE, c))
     finally:
         client.end_session(res.session_id)
-
-
-def fake_tools(case: Case, findings: dict | None) -> str:
-    """FAKE lookups over the synthetic code tables of `pijax.claims`, standing in for a payer's
-    policy and fee systems."""
-    lines = [FAKE_TOOL_BANNER]
-    codes = list(dict.fromkeys(re.findall(r"\b(\d{5}|[A-Z]\d{4})\b", case.claim_text)))[:3]
-    for code in codes:
-        proc = PROCEDURES.get(code)
-        fee = f"{proc.fee:.2f} per unit" if proc else "not in the demo table"
-        lines.append(f"fee_schedule_lookup({code}) -> allowed amount {fee}")
-    flags_ = [f for f in (findings or {}).get("flags", []) if isinstance(f, dict)]
-    for flag in flags_[:3]:
-        code = str(flag.get("code", ""))
-        known = code in FlagCode.__members__
-        ref = POLICIES[FlagCode[code]].reference if known else "no such policy in the demo index"
-        lines.append(f"policy_lookup({code}) -> {ref}")
-    if not flags_:
-        lines.append("policy_lookup(none) -> no flags to look up")
-    return "\n".join(lines)
 
 
 def _safe(text: str) -> str:
@@ -373,6 +352,7 @@ def print_result(res: Result, n: int, total: int, out) -> None:
             )
     if res.session_id:
         print(f"investigation (session {res.session_id}):", file=out)
+        print(f"tool calls: {res.tool_calls.strip() or '(none)'}", file=out)
         print(res.tool_output, file=out)
         print(f"narrative: {res.narrative.strip() or '(empty)'}", file=out)
 

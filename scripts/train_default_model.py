@@ -29,7 +29,15 @@ from flax import nnx
 from pijax.claims import evaluate, train
 from pijax.claims.chat_template import write_chat_template
 from pijax.claims.corpus import generate_examples
-from pijax.claims.prompt import BOS, END, PAD, policy_scaffold, render_prompt
+from pijax.claims.prompt import (
+    BOS,
+    END,
+    PAD,
+    policy_scaffold,
+    render_claim_segment,
+    render_policy_segment,
+    render_prompt,
+)
 from pijax.model.hf_io import save_hf_checkpoint
 
 FLAGS = flags.FLAGS
@@ -90,6 +98,20 @@ flags.DEFINE_integer(
     "Steps between intermediate checkpoints written to --checkpoint_dir (0: none), so a run "
     "stopped early still leaves a model.",
 )
+flags.DEFINE_float(
+    "agent_share",
+    0.2,
+    "Share of the training claims that also carry the review agent's investigation turns "
+    "(tool calls, FAKE lookups, narrative; pijax.claims.agent).",
+)
+flags.DEFINE_list(
+    "focus_flags",
+    [],
+    "Flag types to oversample (e.g. DUPLICATE_BILLING,DIAGNOSIS_MISMATCH); see --focus_share.",
+)
+flags.DEFINE_float(
+    "focus_share", 0.0, "Least share of training claims with one of --focus_flags (0: natural)."
+)
 flags.DEFINE_string(
     "checkpoint_dir", None, "Where intermediate checkpoints go (default --out_dir)."
 )
@@ -139,12 +161,32 @@ def run_eval(out: Path, seed: int, num_claims: int, max_new_tokens: int, constra
         result["constrained"] = {"skipped": "--noconstrained_eval"}
         return result
     t = time.monotonic()
-    report = evaluate.evaluate_constrained(llm, prompts, examples, max_new_tokens)
+    report, outs = evaluate.evaluate_constrained_outputs(llm, prompts, examples, max_new_tokens)
     result["constrained"] = report.to_json()
     result["constrained"]["goals"] = report.goals()
     print("eval constrained:\n" + evaluate.format_report(report))
     result["constrained"]["seconds"] = round(time.monotonic() - t, 1)
+    t = time.monotonic()
+    agent = evaluate.evaluate_agent(
+        llm,
+        render_policy_segment(policy_scaffold()),
+        [render_claim_segment(ex.claim) for ex in examples],
+        outs,
+        examples,
+    )
+    result["agent"] = agent.to_json()
+    result["agent"]["seconds"] = round(time.monotonic() - t, 1)
+    print(f"eval agent turns (after the constrained findings): {agent_summary(result['agent'])}")
     return result
+
+
+def agent_summary(r: dict) -> str:
+    return (
+        f"well-formed tool calls {_pct(r['calls_share'])}, the calls the findings call for "
+        f"{_pct(r['calls_match_share'])}, narrative cites flagged lines "
+        f"{_pct(r['narrative_cites_share'])}, narrative repeats the findings' "
+        f"{_pct(r['narrative_follows_findings_share'])}"
+    )
 
 
 def main(argv):
@@ -172,6 +214,9 @@ def main(argv):
         log_every=FLAGS.log_every,
         checkpoint_every=FLAGS.checkpoint_every,
         curriculum_steps=FLAGS.curriculum_steps,
+        agent_share=FLAGS.agent_share,
+        focus_flags=tuple(FLAGS.focus_flags),
+        focus_share=FLAGS.focus_share,
     )
     out = Path(FLAGS.out_dir)
     with tempfile.TemporaryDirectory() as staging:
@@ -216,6 +261,7 @@ def main(argv):
         "steps": result.steps_done,
         "stopped_by": result.stopped_by,
         "examples_seen": result.examples_seen,
+        "data_end": result.data_end,
         "tokens_seen": result.tokens_seen,
         "answer_tokens_seen": result.target_tokens_seen,
         "final_loss": result.losses[-1][1] if result.losses else None,
@@ -342,6 +388,12 @@ def model_card(report: dict, ev: dict | None) -> str:
                     f"- {code}: {f['support']} / {f['predicted']}, {_pct(f['precision'])}, "
                     f"{_pct(f['recall'])}"
                 )
+        if "calls_share" in ev.get("agent", {}):
+            lines += [
+                "",
+                "Review-agent turns after the constrained findings (`pijax.claims.agent`; "
+                "tool calls, FAKE lookups, narrative; greedy): " + agent_summary(ev["agent"]),
+            ]
         if "goals" in r:
             lines += ["", "Goals (held-out, greedy, constrained):", ""]
             for name, g in r["goals"].items():

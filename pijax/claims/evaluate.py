@@ -28,12 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pijax.claims import agent
 from pijax.claims.codes import FlagCode
 from pijax.claims.corpus import Example
 from pijax.claims.prompt import answer_text, render_findings_json
 from pijax.claims.schema import findings_schema, is_valid_findings
 from pijax.model.llama import LlamaModel
-from pijax.request import SamplingParams
+from pijax.request import PromptSegment, SamplingParams
 
 
 def dense_greedy(
@@ -243,20 +244,25 @@ def format_report(report: EvalReport) -> str:
     return "\n".join(lines)
 
 
-def engine_texts(
+def engine_outputs(
     llm,
-    prompts: Sequence[str],
+    prompts: Sequence,
     max_new_tokens: int,
     *,
     constrained: bool = False,
     params: SamplingParams | None = None,
-) -> list[str]:
-    """Completions from a `pijax.LLM`; greedy unless `params` says otherwise (it then sets the
-    token budget too). `constrained`: the findings schema as structured output."""
+) -> list:
+    """Completions (`CompletionOutput`: token ids and text) from a `pijax.LLM`; greedy unless
+    `params` says otherwise (it then sets the token budget too). `constrained`: the findings
+    schema as structured output."""
     params = params or SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
     if constrained:
         params = dataclasses.replace(params, json_schema=json.dumps(findings_schema()))
-    return [out.text for out in llm.generate(list(prompts), params)]
+    return llm.generate(list(prompts), params)
+
+
+def engine_texts(llm, prompts: Sequence, max_new_tokens: int, **kwargs) -> list[str]:
+    return [out.text for out in engine_outputs(llm, prompts, max_new_tokens, **kwargs)]
 
 
 def evaluate_unconstrained(
@@ -269,4 +275,107 @@ def evaluate_constrained(
     llm, prompts: Sequence[str], examples: Sequence[Example], max_new_tokens: int
 ) -> EvalReport:
     """The same evaluation with the findings schema as structured output."""
-    return summarize(engine_texts(llm, prompts, max_new_tokens, constrained=True), examples)
+    return evaluate_constrained_outputs(llm, prompts, examples, max_new_tokens)[0]
+
+
+def evaluate_constrained_outputs(
+    llm, prompts: Sequence[str], examples: Sequence[Example], max_new_tokens: int
+) -> tuple[EvalReport, list]:
+    """`evaluate_constrained`, with the completions (the agent evaluation continues them)."""
+    outs = engine_outputs(llm, prompts, max_new_tokens, constrained=True)
+    return summarize([o.text for o in outs], examples), outs
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentReport:
+    """The review agent's investigation after the findings (`pijax.claims.agent`), run offline
+    on the same claims: turn one's tool calls, the FAKE lookups, turn two's narrative."""
+
+    num_claims: int
+    calls_share: float  # turn one made at least one well-formed tool call
+    calls_match_share: float  # ... exactly the calls the findings call for (`agent.tool_calls`)
+    narrative_cites_share: float | None  # turn two cites each truly flagged line's policy
+    narrative_follows_findings_share: float  # turn two repeats the findings' own narrative
+    samples: list[dict]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def evaluate_agent(
+    llm,
+    policy_segment: str,
+    claim_segments: Sequence[str],
+    findings: Sequence,
+    examples: Sequence[Example],
+    *,
+    call_tokens: int = 64,
+    narrative_tokens: int = 160,
+    num_samples: int = 2,
+) -> AgentReport:
+    """Continue each findings completion (`findings`: `CompletionOutput`s) with the agent's two
+    session turns, greedy, as `scripts/review_claims.py` does over gRPC, and score them."""
+    base = [
+        [
+            PromptSegment(policy_segment),
+            PromptSegment(claim),
+            PromptSegment(tuple(f.token_ids)),
+            PromptSegment(agent.TOOL_REQUEST),
+        ]
+        for claim, f in zip(claim_segments, findings, strict=True)
+    ]
+    turn1 = engine_outputs(llm, base, call_tokens)
+    calls = [agent.parse_tool_calls(t.text) for t in turn1]
+    turn2 = engine_outputs(
+        llm,
+        [
+            [*b, PromptSegment(tuple(t.token_ids)), PromptSegment(agent.tool_output_segment(c))]
+            for b, t, c in zip(base, turn1, calls, strict=True)
+        ],
+        narrative_tokens,
+    )
+    narratives = [answer_text(t.text) for t in turn2]
+    wanted = []
+    follows = []
+    for f, ex in zip(findings, examples, strict=True):
+        obj = _json_object(answer_text(f.text))
+        flags = obj.get("flags") if obj else None
+        wanted.append(_wanted_calls(flags, ex))
+        follows.append(obj.get("narrative") if obj else None)
+    cites = [narrative_cites(n, ex) for n, ex in zip(narratives, examples, strict=True)]
+    cites = [c for c in cites if c is not None]
+    n = max(len(examples), 1)
+    return AgentReport(
+        num_claims=len(examples),
+        calls_share=round(sum(bool(c) for c in calls) / n, 4),
+        calls_match_share=round(
+            sum(w is not None and c == w for c, w in zip(calls, wanted, strict=True)) / n, 4
+        ),
+        narrative_cites_share=round(sum(cites) / len(cites), 4) if cites else None,
+        narrative_follows_findings_share=round(
+            sum(a == b for a, b in zip(narratives, follows, strict=True)) / n, 4
+        ),
+        samples=[
+            {"claim_id": ex.claim.claim_id, "tool_calls": t.text, "narrative": nar}
+            for ex, t, nar in list(zip(examples, turn1, narratives, strict=True))[:num_samples]
+        ],
+    )
+
+
+def _json_object(text: str) -> dict | None:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _wanted_calls(flags: object, example: Example) -> list[tuple[str, str]] | None:
+    """The calls `agent.tool_calls` makes for the model's own flags (None if they do not parse)."""
+    codes = {line.number: line.code for line in example.claim.lines}
+    if not isinstance(flags, list) or not all(
+        isinstance(f, dict) and f.get("line") in codes for f in flags
+    ):
+        return None
+    pairs = [(str(f.get("code")), f["line"]) for f in flags]
+    return agent.parse_tool_calls(agent.tool_calls(pairs, codes))

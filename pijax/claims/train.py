@@ -35,8 +35,10 @@ import tokenizers
 from flax import nnx
 from tqdm import tqdm
 
+from pijax.claims import agent
 from pijax.claims.bpe import special_token_ids, train_tokenizer, training_texts
-from pijax.claims.corpus import Example, generate_examples
+from pijax.claims.codes import FlagCode
+from pijax.claims.corpus import Example, generate_example, generate_examples
 from pijax.claims.prompt import (
     BOS,
     END,
@@ -77,6 +79,11 @@ class TrainConfig:
     log_every: int = 10
     curriculum_steps: int = 150  # the first steps train on the shorter half of the claims
     checkpoint_every: int = 0  # steps between `on_checkpoint` calls (0: none before the end)
+    agent_share: float = 0.2  # share of the claims trained with the agent's investigation turns
+    # Oversampling: claims with one of these flag types make up at least `focus_share` of the
+    # training claims (the others are skipped as needed; see `training_examples`).
+    focus_flags: tuple[str, ...] = ()
+    focus_share: float = 0.0
 
     def __post_init__(self):
         for name in (
@@ -100,6 +107,14 @@ class TrainConfig:
             raise ValueError(
                 f"context_loss_weight must be in [0, 1]; got {self.context_loss_weight}"
             )
+        for name in ("agent_share", "focus_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)}")
+        unknown = sorted(set(self.focus_flags) - set(FlagCode.__members__))
+        if unknown:
+            raise ValueError(
+                f"focus_flags must be flag types of {sorted(FlagCode.__members__)}; got {unknown}"
+            )
         if not 0 <= self.decay_fraction < 1:
             raise ValueError(f"decay_fraction must be in [0, 1); got {self.decay_fraction}")
 
@@ -120,6 +135,7 @@ class TrainResult:
     train_seconds: float
     losses: list[tuple[int, float]]  # (step, mean answer-token loss over the last log interval)
     stopped_by: str  # "steps" or "time_budget"
+    data_end: int = 0  # index after the last training claim drawn (a continued run starts here)
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -128,7 +144,12 @@ class TrainResult:
 @dataclasses.dataclass(frozen=True)
 class Encoded:
     ids: np.ndarray  # claim segment + answer token ids (the sequence after the shared prefix)
-    answer_start: int  # index in `ids` of the first answer token
+    targets: np.ndarray  # bool per token of `ids`: the model's own turns (loss weight 1)
+
+    @property
+    def answer_start(self) -> int:
+        """Index in `ids` of the first answer token (the findings JSON)."""
+        return int(np.argmax(self.targets))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,20 +158,78 @@ class EncodedCorpus:
     rows: list[Encoded]
 
 
-def encode_examples(tok: tokenizers.Tokenizer, examples: Sequence[Example]) -> EncodedCorpus:
+def training_examples(cfg: TrainConfig) -> tuple[list[Example], int]:
+    """`cfg.total_examples` training claims from index `cfg.data_offset` on, and the index after
+    the last one drawn (where a continued run should start).
+
+    With `focus_flags`, the claims are drawn in index order and a claim without any of those flag
+    types is skipped whenever keeping it would bring the focus claims' share below
+    `focus_share`: the hard flag types get more of the gradient, and nothing is repeated.
+    """
+    if not cfg.focus_flags or cfg.focus_share == 0:
+        end = cfg.data_offset + cfg.total_examples
+        return generate_examples(cfg.seed, cfg.total_examples, "train", cfg.data_offset), end
+    out: list[Example] = []
+    others = 0
+    index = cfg.data_offset
+    while len(out) < cfg.total_examples:
+        ex = generate_example(cfg.seed, index, "train")
+        index += 1
+        if any(f.code.value in cfg.focus_flags for f in ex.findings.flags):
+            out.append(ex)
+        elif others + 1 <= (1 - cfg.focus_share) * (len(out) + 1):
+            out.append(ex)
+            others += 1
+    return out, index
+
+
+def transcript(example: Example, agent_turns: bool) -> list[tuple[str, bool]]:
+    """The text pieces after the policy segment, each with whether it is the model's own turn.
+
+    Plain: the claim segment, then the findings JSON and `<|end|>`. With `agent_turns`, the
+    review agent's investigation follows (`pijax.claims.agent`): the tool request, the model's
+    tool calls, the FAKE lookups' output, the narrative request, the narrative. Each piece is
+    one prompt segment of the agent's session, tokenized on its own as the server does.
+    """
+    pieces = [
+        (render_claim_segment(example.claim), False),
+        (render_target(example.findings, example.narrative), True),
+    ]
+    if agent_turns:
+        codes = {line.number: line.code for line in example.claim.lines}
+        calls = agent.findings_calls(example.findings, codes)
+        pieces += [
+            (agent.TOOL_REQUEST, False),
+            (calls + END, True),
+            (agent.tool_output_segment(agent.parse_tool_calls(calls)), False),
+            (example.narrative + END, True),
+        ]
+    return pieces
+
+
+def encode_examples(
+    tok: tokenizers.Tokenizer,
+    examples: Sequence[Example],
+    agent_share: float = 0.0,
+    seed: int = 0,
+) -> EncodedCorpus:
+    """Token ids and target masks; a seeded `agent_share` of the claims carry the agent turns."""
     # The policy segment is the same for every claim and ends before a special token, so it is
     # encoded once (prefix + row is exactly the whole prompt's encoding; see prompt.py).
     policy = tok.encode(render_policy_segment(policy_scaffold()), add_special_tokens=False).ids
-    claims = tok.encode_batch(
-        [render_claim_segment(ex.claim) for ex in examples], add_special_tokens=False
-    )
-    answers = tok.encode_batch(
-        [render_target(ex.findings, ex.narrative) for ex in examples], add_special_tokens=False
-    )
-    rows = [
-        Encoded(np.asarray(c.ids + a.ids, np.int32), len(c.ids))
-        for c, a in zip(claims, answers, strict=True)
-    ]
+    rng = random.Random(f"agent-turns/{seed}")
+    pieces = [transcript(ex, rng.random() < agent_share) for ex in examples]
+    flat = [text for p in pieces for text, _ in p]
+    encoded = iter(tok.encode_batch(flat, add_special_tokens=False))
+    rows = []
+    for p in pieces:
+        ids: list[int] = []
+        targets: list[bool] = []
+        for _, is_target in p:
+            piece = next(encoded).ids
+            ids += piece
+            targets += [is_target] * len(piece)
+        rows.append(Encoded(np.asarray(ids, np.int32), np.asarray(targets, bool)))
     return EncodedCorpus(np.asarray(policy, np.int32), rows)
 
 
@@ -159,7 +238,8 @@ def batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Endless (tokens, loss mask) batches of similar length, in a seeded order per epoch.
 
-    `mask[b, t] = 1` where token t is an answer token, i.e. predicted from position t-1.
+    `mask[b, t] = 1` where token t is a target (the model's own turns: the findings, and the
+    agent turns' tool calls and narrative), i.e. predicted from position t-1.
     `short_first`: a curriculum; the first epoch opens with up to this many batches of the
     shorter half of the lengths (fewer lines: the answer format and the copying of the claim id
     and codes are learned on cheap steps before the long claims come).
@@ -193,7 +273,7 @@ def batches(
             for row, i in enumerate(idx):
                 ex = data[i]
                 tokens[row, : len(ex.ids)] = ex.ids
-                mask[row, ex.answer_start : len(ex.ids)] = 1.0
+                mask[row, : len(ex.ids)] = ex.targets
             yield tokens, mask
 
 
@@ -307,23 +387,21 @@ def train(
     `on_checkpoint(step, model, tokenizer)` is called every `cfg.checkpoint_every` steps with the
     model holding the weights so far (so a run stopped early still leaves a checkpoint).
     """
-    examples = generate_examples(cfg.seed, cfg.total_examples, split="train", start=cfg.data_offset)
+    examples, data_end = training_examples(cfg)
     if init_from is None:
         tok = train_tokenizer(training_texts(examples[: cfg.tokenizer_examples]), cfg.vocab_size)
     else:
         tok = tokenizers.Tokenizer.from_file(str(Path(init_from) / "tokenizer.json"))
     Path(tokenizer_path).parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(tokenizer_path))
-    corpus = encode_examples(tok, examples)
+    corpus = encode_examples(tok, examples, cfg.agent_share, cfg.seed)
     data, prefix_len = corpus.rows, len(corpus.prefix)
     lengths = prefix_len + np.array([len(d.ids) for d in data])
-    answer_share = np.mean(
-        [(len(d.ids) - d.answer_start) / (prefix_len + len(d.ids)) for d in data]
-    )
+    answer_share = np.mean([d.targets.sum() / (prefix_len + len(d.ids)) for d in data])
     log(
         f"corpus: {len(data)} claims, sequence length mean {lengths.mean():.0f} max "
         f"{lengths.max()} (shared policy prefix {prefix_len}), answer share {answer_share:.2f}"
-        f"; vocab {tok.get_vocab_size()}"
+        f"; vocab {tok.get_vocab_size()}; claims {cfg.data_offset}..{data_end - 1}"
     )
     if lengths.max() > cfg.max_position_embeddings:
         raise ValueError(
@@ -413,6 +491,7 @@ def train(
         seconds,
         losses,
         stopped_by,
+        data_end,
     )
 
 

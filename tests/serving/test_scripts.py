@@ -89,15 +89,6 @@ def test_review_agent_end_to_end(server, tmp_path):
     assert "reviewed claims/hour" in text
 
 
-def test_fake_tools_are_labelled_and_use_the_findings():
-    agent = load_script("review_claims")
-    case = agent.Case("C1", "policy", "C1 | 99213 x2 | 83036")
-    output = agent.fake_tools(case, {"flags": [{"code": "DUPLICATE_BILLING", "line": 2}]})
-    assert output.splitlines()[0] == agent.FAKE_TOOL_BANNER
-    assert "fee_schedule_lookup(99213)" in output and "fee_schedule_lookup(83036)" in output
-    assert "policy_lookup(DUPLICATE_BILLING) -> PI-DUP-01" in output
-
-
 @pytest.mark.slow
 def test_serve_script_becomes_ready_and_drains_on_sigterm(tmp_path):
     keys = tmp_path / "keys.json"

@@ -9,19 +9,7 @@ import numpy as np
 import pytest
 
 from pijax.claims import agent, train
-from pijax.claims.bpe import train_tokenizer, training_texts
-from pijax.claims.corpus import generate_examples
 from pijax.claims.prompt import END, render_claim_segment, render_target
-
-
-@pytest.fixture(scope="module")
-def examples():
-    return generate_examples(seed=4, count=60)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(examples):
-    return train_tokenizer(training_texts(examples), vocab_size=500)
 
 
 def test_tool_calls_ask_for_each_flag_policy_and_line_fee_once():
@@ -98,7 +86,7 @@ def test_agent_share_is_seeded_and_plain_rows_end_with_the_findings(tokenizer, e
 
     a = agent_rows(0.5, 1)
     assert a == agent_rows(0.5, 1)
-    assert 10 < sum(a) < 50
+    assert 5 < sum(a) < 35
     assert sum(agent_rows(0.0, 1)) == 0
     plain = train.encode_examples(tokenizer, examples[:3], 0.0).rows
     for ex, row in zip(examples, plain, strict=False):

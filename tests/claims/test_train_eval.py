@@ -10,8 +10,6 @@ import pytest
 from flax import nnx
 
 from pijax.claims import train
-from pijax.claims.bpe import train_tokenizer, training_texts
-from pijax.claims.corpus import generate_examples
 from pijax.claims.evaluate import (
     GOALS,
     format_report,
@@ -20,16 +18,6 @@ from pijax.claims.evaluate import (
     summarize,
 )
 from pijax.claims.prompt import policy_scaffold, render_findings_json, render_prompt, render_target
-
-
-@pytest.fixture(scope="module")
-def examples():
-    return generate_examples(seed=9, count=40)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(examples):
-    return train_tokenizer(training_texts(examples), vocab_size=500)
 
 
 def test_encoded_sequence_is_prompt_then_answer(tokenizer, examples):

@@ -360,7 +360,9 @@ def model_card(report: dict, ev: dict | None) -> str:
         "",
         "Prompt format (`pijax.claims.prompt`): `<bos><|policy|>{policy}\\n<|claim|>{claim}\\n"
         "<|review|>`; the answer is the findings JSON (`configs/schemas/findings.schema.json`)",
-        "followed by `<|end|>`.",
+        "followed by `<|end|>`. In a share of the training rows (`--agent_share`) the review",
+        "agent's investigation follows (`pijax.claims.agent`): the model's tool calls, the FAKE",
+        "lookups' output, and the narrative it then writes.",
     ]
     if ev is not None:
         lines += [

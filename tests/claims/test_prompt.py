@@ -162,7 +162,12 @@ def test_claim_lines_carry_their_codes_edit_data(examples):
             data = line_edit_data(line.code)
             assert f"max {proc.max_units}" in data and ("E/M" in data) == proc.is_em
             tag = GROUP_TAGS[DIAGNOSES[line.diagnosis].group]
-            assert f"| {line.diagnosis} {tag} | {data}" in text
+            # The diagnosis and its group close the row, right after the code's edit data.
+            row = f"{line.number} | {line.date} | "
+            assert any(
+                r.startswith(row) and r.endswith(f"| {data} | {line.diagnosis} {tag}")
+                for r in text.splitlines()
+            ), (row, text)
     # The claim id closes the claim too, right before <|review|>: the answer's first copy.
     claim = examples[0].claim
     assert render_claim(claim).splitlines()[-1].endswith(f" | claim {claim.claim_id}")

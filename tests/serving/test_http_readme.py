@@ -40,6 +40,16 @@ def test_readme_example_block_names_the_documented_url():
     compile(code, "README example", "exec")
 
 
+def test_readme_example_claim_is_the_sample_claim_as_rendered():
+    """The claim the example sends is the default model's prompt format, as `render_claim`
+    writes it today (the model was trained on that column order)."""
+    from pijax.claims.prompt import render_claim
+    from pijax.claims.samples import sample_example
+
+    claim = re.search(r'claim = """(.*?)"""', readme_example(), re.DOTALL).group(1)
+    assert claim == render_claim(sample_example().claim)
+
+
 @pytest.mark.slow
 def test_readme_openai_example_on_the_default_model(tmp_path):
     http_port = free_port()

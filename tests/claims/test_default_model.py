@@ -91,32 +91,32 @@ def llm():
 # the shipped model's figures on it (greedy, constrained: deterministic), each threshold a
 # little under the measured figure (README.md has the 64-claim figures and the goals).
 HELDOUT_SET = 32
-# Measured (32 claims): schema-valid 1.0, claim id 1.0, flags 0.6562, action 0.8125, exact
-# 0.5938, narrative cites 0.4783 (11 of 23 flagged claims); UNBUNDLING precision and recall 7/7,
-# MODIFIER_MISUSE 13/13 and 13/13, DIAGNOSIS_MISMATCH recall 5/7.
+# Measured (32 claims): schema-valid 1.0, claim id 1.0, flags 0.7188, action 0.8438, exact
+# 0.6875, narrative cites 0.5652 (13 of 23 flagged claims); UNBUNDLING precision and recall 7/7,
+# MODIFIER_MISUSE 13/13 and 13/13, DIAGNOSIS_MISMATCH 6/7 and 6/7.
 THRESHOLDS = {
     "schema_valid_share": 1.0,
     "claim_id_share": 0.96,
-    "flags_match_share": 0.6,
-    "action_match_share": 0.75,
-    "exact_match_share": 0.55,
-    "narrative_cites_share": 0.42,
+    "flags_match_share": 0.65,
+    "action_match_share": 0.78,
+    "exact_match_share": 0.62,
+    "narrative_cites_share": 0.5,
 }
 PER_FLAG_THRESHOLDS = {
     ("UNBUNDLING", "precision"): 0.85,
     ("UNBUNDLING", "recall"): 0.85,
     ("MODIFIER_MISUSE", "precision"): 0.9,
     ("MODIFIER_MISUSE", "recall"): 0.9,
-    ("DIAGNOSIS_MISMATCH", "recall"): 0.55,
+    ("DIAGNOSIS_MISMATCH", "recall"): 0.7,
 }
 # The review agent's turns after the constrained findings on the same claims (measured, greedy):
-# well-formed tool calls 1.0, exactly the calls its findings call for 0.8438, the narrative
-# repeats the findings' own 1.0, and cites each truly flagged line 0.4783 (as the findings do).
+# well-formed tool calls 1.0, exactly the calls its findings call for 0.9062, the narrative
+# repeats the findings' own 0.9688, and cites each truly flagged line 0.5652 (as the findings do).
 AGENT_THRESHOLDS = {
     "calls_share": 0.95,
-    "calls_match_share": 0.78,
-    "narrative_follows_findings_share": 0.95,
-    "narrative_cites_share": 0.42,
+    "calls_match_share": 0.84,
+    "narrative_follows_findings_share": 0.9,
+    "narrative_cites_share": 0.5,
 }
 
 

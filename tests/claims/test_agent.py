@@ -99,7 +99,9 @@ def test_agent_share_is_seeded_and_plain_rows_end_with_the_findings(tokenizer, e
 
 def test_focus_flags_oversample_without_repeating():
     base = dict(num_examples=300, data_offset=500, seed=2)
-    plain, plain_end = train.training_examples(train.TrainConfig(**base))
+    plain, plain_end = train.training_examples(
+        train.TrainConfig(**base, focus_flags=(), focus_share=0.0)
+    )
     focus = ("DUPLICATE_BILLING", "DIAGNOSIS_MISMATCH")
     chosen, end = train.training_examples(
         train.TrainConfig(**base, focus_flags=focus, focus_share=0.6)
